@@ -1,0 +1,114 @@
+"""The loader is strict: every error names the file and the tensor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from engine.config import ModelConfig
+from engine.loader import CheckpointError, expected_tensors, load_weights
+from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
+
+BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_NAMES)
+def test_bundled_checkpoints_load_completely(name):
+    cfg = ModelConfig.from_hf(checkpoint_dir(name))
+    weights = load_weights(checkpoint_dir(name), cfg)
+    absent = set(expected_tensors(cfg)) - set(weights)
+    assert absent == ({BIAS, BIAS.replace("layers.1", "layers.2")} if name == "glm4_moe_nobias" else set())
+    assert all(w.dtype == np.float32 for w in weights.values())
+
+
+def edit(model_dir, change):
+    """Apply `change(tensors)` to a checkpoint copy's model.safetensors."""
+    tensors = load_file(model_dir / "model.safetensors")
+    change(tensors)
+    save_file(tensors, model_dir / "model.safetensors")
+    return model_dir
+
+
+def load(model_dir):
+    return load_weights(model_dir, ModelConfig.from_hf(model_dir))
+
+
+def test_sharded_checkpoint_loads_the_same(copy_checkpoint):
+    model = copy_checkpoint("glm4_moe")
+    tensors = load_file(model / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, members in shards.items():
+        save_file({n: tensors[n] for n in members}, model / shard)
+    weight_map = {n: shard for shard, members in shards.items() for n in members}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (model / "model.safetensors").unlink()
+    sharded, single = load(model), load(checkpoint_dir("glm4_moe"))
+    assert sharded.keys() == single.keys()
+    assert all(np.array_equal(sharded[k], single[k]) for k in single)
+
+
+def test_missing_shard_is_named(copy_checkpoint):
+    model = copy_checkpoint("glm4_moe")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00009.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-00009.safetensors"):
+        load(model)
+
+
+def test_missing_safetensors(copy_checkpoint):
+    model = copy_checkpoint("glm4_moe")
+    (model / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load(model)
+
+
+def test_truncated_safetensors(copy_checkpoint):
+    model = copy_checkpoint("glm4_moe")
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load(model)
+
+
+BAD_TENSORS = [
+    ("missing", lambda t: t.pop("model.layers.2.mlp.experts.7.up_proj.weight"),
+     "tensor model.layers.2.mlp.experts.7.up_proj.weight is missing"),
+    ("unexpected", lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}),
+     "unexpected tensor model.layers.0.mlp.extra.weight"),
+    ("misshaped", lambda t: t.update({"model.norm.weight": np.ones(65, np.float32)}),
+     r"tensor model.norm.weight has shape \[65\]; the config implies \[64\]"),
+    ("nonfinite", lambda t: t["model.layers.1.self_attn.q_proj.weight"].__setitem__((3, 5), np.inf),
+     r"tensor model.layers.1.self_attn.q_proj.weight has a non-finite value at index \(3, 5\)"),
+    ("wrong_dtype", lambda t: t.update({BIAS: np.zeros(16, np.int32)}), f"tensor {BIAS} has dtype I32"),
+]
+
+
+@pytest.mark.parametrize("change,message", [b[1:] for b in BAD_TENSORS], ids=[b[0] for b in BAD_TENSORS])
+def test_bad_tensor_is_named(copy_checkpoint, change, message):
+    model = edit(copy_checkpoint("glm4_moe"), change)
+    with pytest.raises(CheckpointError, match=message):
+        load(model)
+
+
+def test_half_precision_checkpoints_widen_exactly(copy_checkpoint):
+    """Real GLM checkpoints are bfloat16; values representable in bf16 must load unchanged."""
+    import paddle
+    from safetensors.paddle import save_file as save_paddle
+
+    model = copy_checkpoint("glm4_moe")
+    tensors = load_file(model / "model.safetensors")
+    as_bf16 = {k: paddle.to_tensor(v).astype("bfloat16") for k, v in tensors.items()}
+    save_paddle(as_bf16, str(model / "model.safetensors"))
+    loaded = load(model)
+    for name, value in as_bf16.items():
+        assert np.array_equal(loaded[name], value.astype("float32").numpy()), name
+
+
+def test_mtp_layers_are_skipped(copy_checkpoint):
+    """GLM-4.5 stores its multi-token-prediction layer after the decoder; it is not part of the model."""
+    model = edit(copy_checkpoint("glm4_moe"),
+                 lambda t: t.update({"model.layers.3.eh_proj.weight": np.zeros((64, 128), np.float32)}))
+    assert "model.layers.3.eh_proj.weight" not in load(model)

@@ -1,0 +1,26 @@
+"""Root pytest configuration: hypothesis profiles and the shared fixtures.
+
+Profiles (choose with `--hypothesis-profile NAME`):
+  ci       the default: deterministic (derandomized), sized to keep the whole gate a few minutes on 2 cores
+  dev      random seeds, more examples, for local exploration
+  nightly  thousands of examples; run it on purpose, never in CI
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("dev", max_examples=100, **_COMMON)
+settings.register_profile("nightly", max_examples=2000, **_COMMON)
+settings.load_profile("ci")
+
+pytest_plugins = ["fixtures.pytest_fixtures"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--failpoints", default="", metavar="NAMES",
+                     help="plant these engine failpoints (comma-separated) in every engine the cases "
+                          "build; the gate must then fail (see engine/failpoints.py)")

@@ -1,0 +1,67 @@
+"""The `.npz` dump of a run: the data every mode-vs-mode comparison reads. No pickle, ever.
+
+Keys for prompt index i (L is the absolute index of a MoE decoder layer):
+  input_ids_p{i}              [T] int64
+  logits_p{i}                 [T, V] float32, logits at every prompt position (prefill)
+  greedy_p{i}                 [N] int64, the greedy tokens
+  greedy_logits_p{i}          [N, V] float32, the logits each greedy token was chosen from
+  topk_ids_p{i}_layer{L}      [T, k] int64, routed experts per prompt token, ascending per row
+  decode_topk_ids_p{i}_layer{L} [N-1, k] int64, the same for the decode steps
+  names                       [P] unicode, the prompt names
+The file is written to a temporary name in the same folder and renamed, so a reader never sees a
+half-written dump.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from engine.llm import RequestOutput
+
+
+def dump_arrays(outputs: list[RequestOutput], moe_layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {"names": np.asarray([o.name for o in outputs], dtype=np.str_)}
+    for i, out in enumerate(outputs):
+        arrays[f"input_ids_p{i}"] = out.input_ids.astype(np.int64)
+        arrays[f"logits_p{i}"] = out.logits().astype(np.float32)
+        arrays[f"greedy_p{i}"] = np.asarray(out.greedy, dtype=np.int64)
+        arrays[f"greedy_logits_p{i}"] = np.stack(out.greedy_logits).astype(np.float32)
+        for layer in moe_layers:
+            arrays[f"topk_ids_p{i}_layer{layer}"] = out.topk_ids(layer).astype(np.int64)
+            arrays[f"decode_topk_ids_p{i}_layer{layer}"] = _decode_ids(out, layer)
+    return arrays
+
+
+def _decode_ids(out: RequestOutput, layer: int) -> np.ndarray:
+    ids = out.topk_ids(layer, decode=True)
+    if ids.size == 0:  # one new token means no decode step
+        return np.zeros((0, out.topk_ids(layer).shape[1]), dtype=np.int64)
+    return ids.astype(np.int64)
+
+
+def write_dump(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write atomically: temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"dump path {path} must end in .npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_dump(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}

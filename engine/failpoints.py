@@ -1,0 +1,49 @@
+"""Named, off-by-default fault injections that reproduce real bug classes.
+
+A failpoint is a deliberate bug the gate must catch. Each one is switched on
+by name through a `Failpoints` value that is handed down explicitly (from the
+CLI or a test), never read from a global, so two tests in one process can run
+with different faults. `python -m verifier selftest` (later) runs the gate with
+each failpoint on and requires at least one case to fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# name -> the bug it plants. Add an entry here before using a new name.
+KNOWN: dict[str, str] = {
+    # MoE routing (engine/moe/router.py)
+    "router.bias_in_weights": "noaux_tc gathers weights from the biased scores instead of the unbiased ones",
+    "router.group_score_max": "noaux_tc scores each group by its max instead of the sum of its top-2 scores",
+    "router.mask_fill_zero": "noaux_tc fills masked groups with 0 instead of -inf",
+    "router.skip_renorm": "top-k weights are not renormalised even when norm_topk_prob is set",
+    # Attention (engine/models/moe_decoder.py)
+    "attention.drop_cached_prefix": "a prefill chunk attends only to its own tokens, not to the cached prefix",
+}
+
+
+@dataclass(frozen=True)
+class Failpoints:
+    """The set of faults switched on for one engine (empty by default)."""
+
+    active: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.active) - KNOWN.keys())
+        if unknown:
+            raise ValueError(f"unknown failpoint(s) {unknown}; known: {sorted(KNOWN)}")
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Failpoints":
+        """Build from a comma-separated list such as "router.skip_renorm,a.b"."""
+        names = [n.strip() for n in (text or "").split(",") if n.strip()]
+        return cls(frozenset(names))
+
+    def on(self, name: str) -> bool:
+        if name not in KNOWN:
+            raise KeyError(f"failpoint {name!r} is not declared in engine/failpoints.py")
+        return name in self.active
+
+
+NO_FAULTS = Failpoints()

@@ -1,0 +1,23 @@
+"""Linear projections. Weights are stored as [in, out] so a projection is one matmul."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+
+def weight_param(hf_weight: np.ndarray) -> paddle.Tensor:
+    """A Hugging Face [out, in] weight as a frozen [in, out] tensor."""
+    return frozen(np.ascontiguousarray(hf_weight.T))
+
+
+def frozen(array: np.ndarray) -> paddle.Tensor:
+    tensor = paddle.to_tensor(np.asarray(array, dtype=np.float32))
+    tensor.stop_gradient = True
+    return tensor
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None = None) -> paddle.Tensor:
+    """x [T, in] @ weight [in, out] (+ bias [out]) -> [T, out]."""
+    out = paddle.matmul(x, weight)
+    return out if bias is None else out + bias

@@ -1,0 +1,122 @@
+"""The engine's front door: load a checkpoint, run a set of prompts to completion, collect outputs.
+
+`LLM.generate` drives scheduler and runner step by step and gathers, per request, everything the
+gate compares: prompt logits, greedy tokens with the logits they came from, and the experts each
+MoE layer routed every token to (prefill and decode separately).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import EngineConfig, ModelConfig
+from engine.loader import load_weights
+from engine.models.moe_decoder import MoEDecoder
+from engine.runner import ModelRunner, StepResult
+from engine.scheduler import Batch, Request, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot run; the message names the prompt."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    input_ids: tuple[int, ...]
+    name: str = ""
+
+
+@dataclass
+class RequestOutput:
+    """Everything one request produced. Arrays are copies that stay valid after the run."""
+
+    name: str
+    input_ids: np.ndarray  # [T] int64
+    max_new_tokens: int
+    prompt_logits: list[np.ndarray] = field(default_factory=list)  # chunks of [rows, V]
+    greedy_logits: list[np.ndarray] = field(default_factory=list)  # [V] each
+    greedy: list[int] = field(default_factory=list)
+    prefill_routing: dict[int, list[np.ndarray]] = field(default_factory=dict)  # layer -> chunks of [rows, k]
+    decode_routing: dict[int, list[np.ndarray]] = field(default_factory=dict)  # layer -> [1, k] per step
+
+    def logits(self) -> np.ndarray:
+        """Logits at every prompt position, [T, V] (only when prompt logits were recorded)."""
+        return np.concatenate(self.prompt_logits)
+
+    def topk_ids(self, layer: int, decode: bool = False) -> np.ndarray:
+        chunks = (self.decode_routing if decode else self.prefill_routing).get(layer, [])
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.int64)
+
+
+class LLM:
+    """A decoder, its runner and a scheduler, built from a Hugging Face checkpoint directory."""
+
+    def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None):
+        self.engine = engine or EngineConfig()
+        self.model_config = ModelConfig.from_hf(model_dir)
+        weights = load_weights(model_dir, self.model_config)
+        self.model = MoEDecoder(self.model_config, weights, self.engine.faults)
+        self.runner = ModelRunner(self.model, self.engine)
+        self.max_model_len = self.engine.max_model_len or self.model_config.max_position_embeddings
+
+    def generate(self, prompts: list[Prompt], max_new_tokens: int,
+                 record_prompt_logits: bool = True) -> list[RequestOutput]:
+        """Run all prompts as one workload (continuous batching) and return outputs in prompt order."""
+        self._validate(prompts, max_new_tokens)
+        scheduler = Scheduler(self.engine.max_num_batched_tokens, self.engine.max_num_seqs,
+                              self.runner.cache.allocator, self.engine.block_size)
+        outputs = {}
+        for i, prompt in enumerate(prompts):
+            scheduler.add(Request(i, prompt.input_ids, max_new_tokens, prompt.name))
+            outputs[i] = RequestOutput(prompt.name, np.asarray(prompt.input_ids, np.int64), max_new_tokens)
+        steps = 0
+        while scheduler.has_work:
+            batch = scheduler.schedule()
+            result = self.runner.step(batch, all_prompt_logits=record_prompt_logits)
+            _collect(batch, result, outputs)
+            scheduler.update(batch, result.next_tokens)
+            steps += 1
+            log.debug("step %d: %d tokens in %d segments", steps, batch.num_tokens, len(batch.segments))
+        return [outputs[i] for i in range(len(prompts))]
+
+    def _validate(self, prompts: list[Prompt], max_new_tokens: int) -> None:
+        if max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not prompts:
+            raise PromptError("no prompts given")
+        for i, prompt in enumerate(prompts):
+            _validate_prompt(prompt, f"prompt {i}" + (f" ({prompt.name})" if prompt.name else ""),
+                             self.model_config.vocab_size, self.max_model_len, max_new_tokens)
+
+
+def _validate_prompt(prompt: Prompt, label: str, vocab: int, max_len: int, max_new: int) -> None:
+    ids = prompt.input_ids
+    if not ids:
+        raise PromptError(f"{label} is empty")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise PromptError(f"{label}: token id {bad} is outside the vocabulary [0, {vocab})")
+    # The last generated token is never fed back, so positions reach len + max_new - 2.
+    if len(ids) + max_new - 1 > max_len:
+        raise PromptError(f"{label}: {len(ids)} prompt tokens + {max_new} new tokens exceed the model's "
+                          f"{max_len} positions")
+
+
+def _collect(batch: Batch, result: StepResult, outputs: dict[int, RequestOutput]) -> None:
+    for i, seg in enumerate(batch.segments):
+        out = outputs[seg.seq.request.request_id]
+        logits = result.logits[i]
+        if seg.is_prefill and len(logits) == seg.num_tokens:
+            out.prompt_logits.append(logits)
+        if seg.samples:
+            out.greedy_logits.append(logits[-1])
+            out.greedy.append(result.next_tokens[seg.seq.request.request_id])
+        target = out.prefill_routing if seg.is_prefill else out.decode_routing
+        for layer, rows in result.routing.items():
+            target.setdefault(layer, []).append(rows[i])

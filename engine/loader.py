@@ -1,0 +1,174 @@
+"""Hugging Face safetensors checkpoints -> float32 NumPy arrays under their Hub names.
+
+Strict by design: every tensor the architecture needs must be present with the right shape,
+a floating dtype and finite values; anything unexpected is an error. Each error names the file
+and the tensor. The one optional tensor is GLM's `mlp.gate.e_score_correction_bias`: a checkpoint
+without it routes exactly as one whose bias is all zeros.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from engine.config import GLM4_MOE, ModelConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names the file and tensor."""
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hub tensor name -> shape for every tensor of `cfg`'s architecture (optional ones included)."""
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+              "model.norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for layer in range(cfg.num_layers):
+        prefix = f"model.layers.{layer}."
+        shapes.update({prefix + k: v for k, v in _attention_tensors(cfg).items()})
+        mlp = _moe_tensors(cfg) if cfg.is_moe_layer(layer) else _mlp_tensors(cfg, cfg.intermediate_size, "mlp.")
+        shapes.update({prefix + k: v for k, v in mlp.items()})
+    return shapes
+
+
+def optional_tensors(cfg: ModelConfig) -> set[str]:
+    """Names that may be absent: GLM's correction bias (absent means zero bias)."""
+    if cfg.architecture != GLM4_MOE:
+        return set()
+    return {f"model.layers.{layer}.mlp.gate.e_score_correction_bias" for layer in cfg.moe_layers}
+
+
+def _attention_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+    out = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+           "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+           "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q)}
+    if cfg.attention_bias:
+        out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if cfg.o_proj_bias:
+        out["self_attn.o_proj.bias"] = (h,)
+    if cfg.use_qk_norm:
+        out.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
+    return out
+
+
+def _mlp_tensors(cfg: ModelConfig, inter: int, prefix: str) -> dict[str, tuple[int, ...]]:
+    h = cfg.hidden_size
+    return {f"{prefix}gate_proj.weight": (inter, h), f"{prefix}up_proj.weight": (inter, h),
+            f"{prefix}down_proj.weight": (h, inter)}
+
+
+def _moe_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    out = {"mlp.gate.weight": (cfg.num_experts, cfg.hidden_size)}
+    for e in range(cfg.num_experts):
+        out.update(_mlp_tensors(cfg, cfg.moe_intermediate_size, f"mlp.experts.{e}."))
+    if cfg.architecture == GLM4_MOE:
+        out["mlp.gate.e_score_correction_bias"] = (cfg.num_experts,)
+        if cfg.n_shared_experts:
+            inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+            out.update(_mlp_tensors(cfg, inter, "mlp.shared_experts."))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Read and check every tensor; returns Hub name -> float32 array."""
+    files = checkpoint_files(Path(model_dir))
+    expected = expected_tensors(cfg)
+    handles = {path: _open(path) for path in files}
+    found = {name: path for name, path in _tensor_locations(handles).items() if not _is_mtp(name, cfg)}
+    _check_names(found, expected, optional_tensors(cfg), Path(model_dir))
+    return {name: _read_tensor(handles[path], path, name, expected[name]) for name, path in found.items()}
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: one `model.safetensors`, or the shards an index lists."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        return _shards_from_index(index)
+    single = model_dir / SINGLE_FILE
+    if not single.is_file():
+        raise CheckpointError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} is present")
+    return [single]
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+    shards = sorted({index.parent / shard for shard in weight_map.values()})
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{index}: lists shard {shard.name}, which is missing")
+    return shards
+
+
+def _tensor_locations(handles: dict) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path, handle in handles.items():
+        for name in handle.keys():
+            if name in found:
+                raise CheckpointError(f"{path}: tensor {name} is also stored in {found[name]}")
+            found[name] = path
+    return found
+
+
+def _is_mtp(name: str, cfg: ModelConfig) -> bool:
+    """GLM checkpoints store their multi-token-prediction layers after the decoder; skip them."""
+    parts = name.split(".")
+    if not cfg.num_mtp_layers or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        return False
+    return cfg.num_layers <= int(parts[2]) < cfg.num_layers + cfg.num_mtp_layers
+
+
+def _check_names(found: dict[str, Path], expected: dict, optional: set[str], where: Path) -> None:
+    missing = sorted(set(expected) - set(found) - optional)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: tensor {missing[0]} is missing{more}")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{found[unexpected[0]]}: unexpected tensor {unexpected[0]}{more} "
+                              f"for this config")
+
+
+def _read_tensor(handle, path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    info = handle.get_slice(name)
+    dtype, got = info.get_dtype(), tuple(info.get_shape())
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; expected one of {FLOAT_DTYPES}")
+    if got != shape:
+        raise CheckpointError(f"{path}: tensor {name} has shape {list(got)}; the config implies {list(shape)}")
+    array = _as_float32(handle, path, name, dtype)
+    if not np.isfinite(array).all():
+        bad = np.argwhere(~np.isfinite(array))[0]
+        raise CheckpointError(f"{path}: tensor {name} has a non-finite value at index {tuple(bad.tolist())}")
+    return array
+
+
+def _as_float32(handle, path: Path, name: str, dtype: str) -> np.ndarray:
+    if dtype in ("F32", "F16", "F64"):
+        return np.ascontiguousarray(handle.get_tensor(name), dtype=np.float32)
+    # NumPy has no bfloat16; Paddle reads it and widens it exactly.
+    with safe_open(str(path), framework="paddle") as wide:
+        return wide.get_tensor(name).astype("float32").numpy()
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="np")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None

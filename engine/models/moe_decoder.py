@@ -1,0 +1,223 @@
+"""The decoder of GLM-4.5 (`Glm4MoeForCausalLM`) and Qwen3-MoE (`Qwen3MoeForCausalLM`), as pieces.
+
+Both architectures are the same pre-norm decoder; they differ only in facts the config carries
+(router kind, shared experts, q/k norm, q/k/v bias, partial rotary), so one class serves both.
+
+The stack is an explicit list cut at attention: `piece_0, attn_0, piece_1, ..., attn_{L-1}, piece_L`.
+
+  piece_0      embed, input norm of layer 0, q/k/v projection, q/k norm, rotary
+  piece_i      o-proj of layer i-1, residual add, post-attention norm, MLP or MoE, residual add,
+               input norm of layer i and its q/k/v (or, for i = L, the final norm)
+  attn_i       paged causal attention, eager (it reads per-sequence metadata and writes the cache)
+
+Every piece is a pure function of fixed-shape tensors, so the graph runner can compile it once
+per padded size; called directly, it is the eager path. `num_real` ([1] int64) tells the router
+which rows are padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import paddle
+
+from engine.config import ModelConfig
+from engine.failpoints import NO_FAULTS, Failpoints
+from engine.kv_cache import KVCache
+from engine.layers.attention import AttentionMetadata, paged_attention
+from engine.layers.embedding import embed, lm_head
+from engine.layers.linear import frozen, linear, weight_param
+from engine.layers.norm import add_rms_norm, rms_norm
+from engine.layers.rotary import apply_rotary, rope_table
+from engine.moe import router
+from engine.moe.experts import dense_mlp, routed_experts
+
+Tensors = tuple[paddle.Tensor, ...]
+PieceFn = Callable[[int, Tensors], Tensors]
+
+
+@dataclass(frozen=True)
+class MLPWeights:
+    gate_up: paddle.Tensor  # [H, 2I]
+    down: paddle.Tensor  # [I, H]
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    gate: paddle.Tensor  # [H, E]
+    bias: paddle.Tensor | None  # [E]; None when the checkpoint has no correction bias
+    gate_up: paddle.Tensor  # [E, H, 2I]
+    down: paddle.Tensor  # [E, I, H]
+    shared: MLPWeights | None
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: paddle.Tensor
+    post_norm: paddle.Tensor
+    qkv: paddle.Tensor  # [H, Q + 2 KV]
+    qkv_bias: paddle.Tensor | None
+    q_norm: paddle.Tensor | None
+    k_norm: paddle.Tensor | None
+    o_proj: paddle.Tensor  # [Q, H]
+    o_bias: paddle.Tensor | None
+    mlp: MLPWeights | MoEWeights
+
+
+class MoEDecoder:
+    """Weights plus the pieces and attention ops of one decoder. Holds no per-step state."""
+
+    def __init__(self, cfg: ModelConfig, hub: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS):
+        self.cfg = cfg
+        self.faults = faults
+        self.embed_table = frozen(hub["model.embed_tokens.weight"])  # [V, H]
+        self.head_table = self.embed_table if cfg.tie_word_embeddings else frozen(hub["lm_head.weight"])
+        self.final_norm = frozen(hub["model.norm.weight"])
+        self.layers = [_layer_weights(cfg, hub, i) for i in range(cfg.num_layers)]
+        cos, sin = rope_table(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        self.cos, self.sin = frozen(cos), frozen(sin)
+        self.scale = cfg.head_dim ** -0.5
+
+    @property
+    def num_pieces(self) -> int:
+        return self.cfg.num_layers + 1
+
+    def piece_has_moe(self, index: int) -> bool:
+        """Piece i (i >= 1) finishes layer i - 1; it routes when that layer is a MoE layer."""
+        return index >= 1 and self.cfg.is_moe_layer(index - 1)
+
+    # ---- pieces ---------------------------------------------------------------------------
+
+    def piece(self, index: int, *inputs: paddle.Tensor) -> Tensors:
+        """Run piece `index`. Inputs: piece 0 (token_ids, positions, num_real); others
+        (attn_out, residual, positions, num_real). Outputs: (q, k, v, residual) for a piece
+        followed by attention, (hidden,) for the last; a MoE piece appends (topk_ids, nonfinite)."""
+        if index == 0:
+            token_ids, positions, _ = inputs
+            hidden = embed(token_ids, self.embed_table)  # [T, H]
+            normed = rms_norm(hidden, self.layers[0].input_norm, self.cfg.rms_norm_eps)
+            return self._qkv(0, normed, positions) + (hidden,)
+        attn_out, residual, positions, num_real = inputs
+        hidden, residual, routing = self._finish_layer(index - 1, attn_out, residual, num_real)
+        if index == self.cfg.num_layers:
+            return (rms_norm(hidden + residual, self.final_norm, self.cfg.rms_norm_eps),) + routing
+        normed, residual = add_rms_norm(hidden, residual, self.layers[index].input_norm, self.cfg.rms_norm_eps)
+        return self._qkv(index, normed, positions) + (residual,) + routing
+
+    def _qkv(self, layer: int, x: paddle.Tensor, positions: paddle.Tensor) -> Tensors:
+        cfg, w = self.cfg, self.layers[layer]
+        qkv = linear(x, w.qkv, w.qkv_bias)  # [T, Q + 2 KV]
+        q, k, v = paddle.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], axis=-1)
+        q = q.reshape([-1, cfg.num_heads, cfg.head_dim])  # [T, Hq, D]
+        k = k.reshape([-1, cfg.num_kv_heads, cfg.head_dim])  # [T, Hkv, D]
+        v = v.reshape([-1, cfg.num_kv_heads, cfg.head_dim])
+        if w.q_norm is not None:
+            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        cos, sin = paddle.gather(self.cos, positions), paddle.gather(self.sin, positions)  # [T, rd]
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _finish_layer(self, layer: int, attn_out: paddle.Tensor, residual: paddle.Tensor,
+                      num_real: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, Tensors]:
+        """o-proj, residual add, post-attention norm, MLP/MoE; returns (mlp_out, residual, routing)."""
+        w = self.layers[layer]
+        attn = linear(attn_out, w.o_proj, w.o_bias)  # [T, H]
+        normed, residual = add_rms_norm(attn, residual, w.post_norm, self.cfg.rms_norm_eps)
+        if isinstance(w.mlp, MLPWeights):
+            return dense_mlp(normed, w.mlp.gate_up, w.mlp.down), residual, ()
+        out, ids, nonfinite = self._moe(w.mlp, normed, num_real)
+        return out, residual, (ids, nonfinite)
+
+    def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor) -> Tensors:
+        logits = paddle.matmul(x, w.gate)  # [T, E]
+        ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
+        out = routed_experts(x, ids, weights, w.gate_up, w.down)
+        if w.shared is not None:
+            out = out + dense_mlp(x, w.shared.gate_up, w.shared.down)
+        return out, ids, router.nonfinite_rows(logits, num_real)
+
+    def _route(self, logits: paddle.Tensor, bias: paddle.Tensor | None, num_real: paddle.Tensor) -> Tensors:
+        cfg = self.cfg
+        if cfg.router == "softmax_topk":
+            return router.softmax_topk(logits, top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob,
+                                       num_real=num_real, faults=self.faults)
+        return router.noaux_tc(logits, bias, top_k=cfg.top_k, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                               norm_topk_prob=cfg.norm_topk_prob,
+                               routed_scaling_factor=cfg.routed_scaling_factor, num_real=num_real,
+                               faults=self.faults)
+
+    # ---- the eager ops between pieces -------------------------------------------------------
+
+    def attention(self, layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
+                  cache: KVCache, meta: AttentionMetadata) -> paddle.Tensor:
+        if self.faults.on("attention.drop_cached_prefix"):
+            meta = _without_cached_prefix(meta)
+        return paged_attention(layer, q, k, v, cache, meta, self.scale)
+
+    def logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
+        """Final hidden rows [N, H] -> logits [N, V]."""
+        return lm_head(hidden, self.head_table)
+
+    def forward(self, token_ids: paddle.Tensor, positions: paddle.Tensor, num_real: paddle.Tensor,
+                cache: KVCache, meta: AttentionMetadata, run_piece: PieceFn | None = None) -> "ForwardOutput":
+        """Run the whole stack. `run_piece(i, inputs)` executes piece i; the default runs it eagerly,
+        the graph runner passes one that replays a captured piece."""
+        run_piece = run_piece or (lambda i, inputs: self.piece(i, *inputs))
+        out = run_piece(0, (token_ids, positions, num_real))
+        routing: dict[int, Tensors] = {}
+        for layer in range(self.cfg.num_layers):
+            q, k, v, residual = out[:4]
+            attn = self.attention(layer, q, k, v, cache, meta)
+            out = run_piece(layer + 1, (attn, residual, positions, num_real))
+            if self.piece_has_moe(layer + 1):
+                routing[layer] = out[-2:]
+        return ForwardOutput(hidden=out[0], routing=routing)
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    hidden: paddle.Tensor  # [P, H] final-normed hidden states (P = padded rows)
+    routing: dict[int, Tensors]  # MoE layer -> (topk_ids [P, k], nonfinite [P])
+
+
+def _without_cached_prefix(meta: AttentionMetadata) -> AttentionMetadata:
+    """The planted bug: every sequence sees only this step's tokens, as if nothing were cached."""
+    spans = tuple(replace(s, context_len=0, slots=s.slots[s.context_len:]) for s in meta.spans)
+    return replace(meta, spans=spans)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub tensors -> weights
+
+
+def _layer_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], layer: int) -> LayerWeights:
+    p = f"model.layers.{layer}."
+    qkv = np.concatenate([hub[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
+    bias = np.concatenate([hub[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]) if cfg.attention_bias else None
+    return LayerWeights(
+        input_norm=frozen(hub[p + "input_layernorm.weight"]), post_norm=frozen(hub[p + "post_attention_layernorm.weight"]),
+        qkv=weight_param(qkv), qkv_bias=None if bias is None else frozen(bias),
+        q_norm=frozen(hub[p + "self_attn.q_norm.weight"]) if cfg.use_qk_norm else None,
+        k_norm=frozen(hub[p + "self_attn.k_norm.weight"]) if cfg.use_qk_norm else None,
+        o_proj=weight_param(hub[p + "self_attn.o_proj.weight"]),
+        o_bias=frozen(hub[p + "self_attn.o_proj.bias"]) if cfg.o_proj_bias else None,
+        mlp=_moe_weights(cfg, hub, p + "mlp.") if cfg.is_moe_layer(layer) else _mlp_weights(hub, p + "mlp."),
+    )
+
+
+def _mlp_weights(hub: dict[str, np.ndarray], prefix: str) -> MLPWeights:
+    gate_up = np.concatenate([hub[prefix + "gate_proj.weight"], hub[prefix + "up_proj.weight"]], axis=0)
+    return MLPWeights(gate_up=weight_param(gate_up), down=weight_param(hub[prefix + "down_proj.weight"]))
+
+
+def _moe_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], prefix: str) -> MoEWeights:
+    experts = [f"{prefix}experts.{e}." for e in range(cfg.num_experts)]
+    gate_up = np.stack([np.concatenate([hub[e + "gate_proj.weight"], hub[e + "up_proj.weight"]]).T
+                        for e in experts])  # [E, H, 2I]
+    down = np.stack([hub[e + "down_proj.weight"].T for e in experts])  # [E, I, H]
+    bias = hub.get(prefix + "gate.e_score_correction_bias")
+    shared = _mlp_weights(hub, prefix + "shared_experts.") if cfg.n_shared_experts else None
+    return MoEWeights(gate=weight_param(hub[prefix + "gate.weight"]), bias=None if bias is None else frozen(bias),
+                      gate_up=frozen(gate_up), down=frozen(down), shared=shared)

@@ -1,0 +1,102 @@
+"""ModelRunner: one scheduled batch -> device tensors -> forward -> logits -> greedy tokens.
+
+The runner owns the KV cache and turns a `Batch` into the flat tensors and attention metadata
+the decoder needs. What it returns per step is plain NumPy, copied off the device, so a caller
+can keep it across steps (unlike graph output buffers, which the next replay overwrites).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache import KVCache, blocks_needed, slots_for
+from engine.layers.attention import AttentionMetadata, SequenceSpan
+from engine.models.moe_decoder import MoEDecoder
+from engine.moe.router import check_finite
+from engine.scheduler import Batch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step produced, per segment of the batch (same order)."""
+
+    next_tokens: dict[int, int]  # request id -> greedy token, for segments that sample
+    logits: list[np.ndarray]  # per segment: [rows, V] for the rows asked for (see ModelRunner.step)
+    routing: dict[int, list[np.ndarray]]  # MoE layer -> per segment [num_tokens, k], ids sorted ascending
+
+
+def default_num_blocks(model: ModelConfig, engine: EngineConfig) -> int:
+    max_len = engine.max_model_len or model.max_position_embeddings
+    return engine.num_kv_blocks or engine.max_num_seqs * blocks_needed(max_len, engine.block_size)
+
+
+class ModelRunner:
+    """Runs steps of one decoder against the KV cache it owns."""
+
+    def __init__(self, model: MoEDecoder, engine: EngineConfig):
+        self.model = model
+        self.engine = engine
+        cfg = model.cfg
+        self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
+                             cfg.num_kv_heads, cfg.head_dim)
+
+    def prepare(self, batch: Batch) -> tuple[paddle.Tensor, paddle.Tensor, AttentionMetadata]:
+        """Token ids [T], positions [T] and attention metadata for a batch."""
+        token_ids = paddle.to_tensor(np.asarray(batch.token_ids(), dtype=np.int64))
+        positions = paddle.to_tensor(np.asarray(batch.positions(), dtype=np.int64))
+        slots = paddle.to_tensor(np.asarray(batch.slot_mapping(self.cache.block_size), dtype=np.int64))
+        return token_ids, positions, AttentionMetadata(self._spans(batch), slots, batch.num_tokens)
+
+    def _spans(self, batch: Batch) -> tuple[SequenceSpan, ...]:
+        spans, row = [], 0
+        for seg in batch.segments:
+            end = seg.start + seg.num_tokens
+            slots = slots_for(seg.seq.block_table, 0, end, self.cache.block_size)
+            spans.append(SequenceSpan(row, seg.num_tokens, seg.start, paddle.to_tensor(slots, dtype="int64")))
+            row += seg.num_tokens
+        return tuple(spans)
+
+    def step(self, batch: Batch, all_prompt_logits: bool = False) -> StepResult:
+        """Run one step. Logits come back for each sampling row; with `all_prompt_logits`, for every
+        prefill row as well (what a dump of prompt logits needs)."""
+        token_ids, positions, meta = self.prepare(batch)
+        num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
+        out = self.model.forward(token_ids, positions, num_real, self.cache, meta)
+        self._check_routing(out.routing, batch.num_tokens)
+        rows = _logit_rows(batch, all_prompt_logits)
+        logits = self.model.logits(paddle.gather(out.hidden, paddle.to_tensor(np.concatenate(rows)))).numpy()
+        per_segment = np.split(logits, np.cumsum([len(r) for r in rows])[:-1])
+        return StepResult(_greedy(batch, per_segment), per_segment, _routing_rows(batch, out.routing))
+
+    def _check_routing(self, routing: dict, num_tokens: int) -> None:
+        for layer, (_, nonfinite) in routing.items():
+            check_finite(nonfinite[:num_tokens].numpy(), layer)
+
+
+def _logit_rows(batch: Batch, all_prompt_logits: bool) -> list[np.ndarray]:
+    rows, row = [], 0
+    for seg in batch.segments:
+        keep_all = all_prompt_logits and seg.is_prefill
+        first = row if keep_all else row + seg.num_tokens - 1
+        wanted = keep_all or seg.samples
+        rows.append(np.arange(first, row + seg.num_tokens) if wanted else np.zeros(0, dtype=np.int64))
+        row += seg.num_tokens
+    return rows
+
+
+def _greedy(batch: Batch, per_segment: list[np.ndarray]) -> dict[int, int]:
+    return {seg.seq.request.request_id: int(np.argmax(logits[-1]))
+            for seg, logits in zip(batch.segments, per_segment) if seg.samples}
+
+
+def _routing_rows(batch: Batch, routing: dict) -> dict[int, list[np.ndarray]]:
+    bounds = np.cumsum([0] + [seg.num_tokens for seg in batch.segments])
+    out = {}
+    for layer, (ids, _) in routing.items():
+        real = np.sort(ids[: batch.num_tokens].numpy(), axis=-1)
+        out[layer] = [real[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return out

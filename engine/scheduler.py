@@ -1,0 +1,150 @@
+"""Requests -> steps: continuous batching with chunked prefill.
+
+Each step has a token budget (`max_num_batched_tokens`). Sequences that are decoding get one
+token each first; the rest of the budget goes to prompt chunks, oldest request first, so one step
+may mix decodes with prefill chunks of several sequences. A sequence only samples when its step
+covers the last prompt token or it is decoding. Sampling is greedy, and every request generates
+exactly `max_new_tokens` tokens (no stop tokens), so runs are comparable token for token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.kv_cache import BlockAllocator, blocks_needed, slots_for
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: int
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    name: str = ""
+
+
+@dataclass
+class Sequence:
+    """A request's state while it runs: its tokens so far and where their KV entries live."""
+
+    request: Request
+    tokens: list[int]
+    num_computed: int = 0  # tokens whose KV entries are in the cache
+    block_table: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self.num_generated >= self.request.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's share of a step: tokens [start, start + num_tokens) of its token list."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    samples: bool  # the last row's logits choose the sequence's next token
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.start < self.seq.prompt_len
+
+
+@dataclass(frozen=True)
+class Batch:
+    segments: tuple[Segment, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.segments)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(not s.is_prefill for s in self.segments)
+
+    def token_ids(self) -> list[int]:
+        return [t for s in self.segments for t in s.seq.tokens[s.start: s.start + s.num_tokens]]
+
+    def positions(self) -> list[int]:
+        return [p for s in self.segments for p in range(s.start, s.start + s.num_tokens)]
+
+    def slot_mapping(self, block_size: int) -> list[int]:
+        return [slot for s in self.segments
+                for slot in slots_for(s.seq.block_table, s.start, s.start + s.num_tokens, block_size)]
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the KV block allocator."""
+
+    def __init__(self, max_num_batched_tokens: int, max_num_seqs: int, allocator: BlockAllocator,
+                 block_size: int):
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.allocator = allocator
+        self.block_size = block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, request: Request) -> Sequence:
+        seq = Sequence(request, list(request.prompt))
+        self.waiting.append(seq)
+        return seq
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        """Pick the next step's segments and reserve cache blocks for them."""
+        budget = self.max_num_batched_tokens
+        segments = []
+        for seq in self.running:  # decodes first: one token each, oldest first
+            if not seq.in_prefill and budget > 0:
+                segments.append(self._reserve(seq, 1))
+                budget -= 1
+        self._admit()
+        for seq in self.running:  # then prompt chunks with what is left
+            if seq.in_prefill and budget > 0:
+                chunk = min(seq.prompt_len - seq.num_computed, budget)
+                segments.append(self._reserve(seq, chunk))
+                budget -= chunk
+        return Batch(tuple(segments))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            self.running.append(self.waiting.popleft())
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> Segment:
+        end = seq.num_computed + num_tokens
+        missing = blocks_needed(end, self.block_size) - len(seq.block_table)
+        if missing > 0:
+            seq.block_table.extend(self.allocator.allocate(missing))
+        samples = end >= seq.prompt_len
+        return Segment(seq, seq.num_computed, num_tokens, samples)
+
+    def update(self, batch: Batch, next_tokens: dict[int, int]) -> list[Sequence]:
+        """Record the step: advance computed counts, append sampled tokens (keyed by request id),
+        and retire finished sequences (their blocks return to the pool). Returns the finished."""
+        for seg in batch.segments:
+            seg.seq.num_computed = seg.start + seg.num_tokens
+            if seg.samples:
+                seg.seq.tokens.append(next_tokens[seg.seq.request.request_id])
+        done = [seq for seq in self.running if seq.finished]
+        for seq in done:
+            self.allocator.release(seq.block_table)
+            seq.block_table = []
+        self.running = [seq for seq in self.running if not seq.finished]
+        return done
