@@ -34,14 +34,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token budget of one step; smaller values force chunked prefill (default 8192)")
     run.add_argument("--max-num-seqs", type=int, default=64, metavar="S",
                      help="sequences running at once (default 64)")
+    run.add_argument("--graph", choices=("eager", "piecewise", "full_and_piecewise"), default="eager",
+                     help="eager: no graphs; piecewise: replay the pieces between attention ops, captured per "
+                          "padded token count; full_and_piecewise: pure-decode steps replay one whole-model "
+                          "graph (default eager)")
+    run.add_argument("--capture-sizes", type=_sizes, metavar="S1,S2,...",
+                     help="prefill/mixed capture sizes (default: a 4..8192 ladder cut at the token budget)")
+    run.add_argument("--decode-capture-sizes", type=_sizes, metavar="S1,S2,...",
+                     help="decode capture sizes (default: 1,2,4,8,16,... up to --max-num-seqs)")
+    run.add_argument("--graph-backend", choices=("auto", "static", "cudagraph", "uncompiled"), default="auto",
+                     help="auto: CUDA graphs on a CUDA build, else static programs (default auto)")
+    run.add_argument("--capture", choices=("lazy", "eager"), default="lazy",
+                     help="capture each size on first use (lazy) or all sizes at start-up (eager)")
     run.add_argument("--failpoints", default=os.environ.get("ENGINE_FAILPOINTS", ""), metavar="NAMES",
                      help="comma-separated faults to plant, for testing the gate (default: $ENGINE_FAILPOINTS)")
     run.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return parser
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from engine.config import EngineConfig
+    from engine.config import EngineConfig, GraphConfig
     from engine.dump import dump_arrays, write_dump
     from engine.failpoints import Failpoints
     from engine.llm import LLM
@@ -54,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ConfigError(f"--failpoints: {err}") from None
     prompts = read_prompts(args.prompts)
+    graph = GraphConfig(mode=args.graph, backend=args.graph_backend, prefill_capture_sizes=args.capture_sizes,
+                        decode_capture_sizes=args.decode_capture_sizes, capture=args.capture)
     engine = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                          faults=faults)
+                          graph=graph, faults=faults)
     start = time.perf_counter()
     llm = LLM(args.model, engine)
     outputs = llm.generate(prompts, args.max_new_tokens, record_prompt_logits=bool(args.dump))
@@ -66,18 +87,22 @@ def run(args: argparse.Namespace) -> int:
         path = write_dump(args.dump, dump_arrays(outputs, llm.model_config.moe_layers))
         print(f"wrote {path}", file=sys.stderr)
     print(f"{len(outputs)} prompts, {args.max_new_tokens} new tokens each, {elapsed:.2f} s", file=sys.stderr)
+    if args.graph != "eager":
+        print(f"graphs: {llm.runner.stats.summary()}", file=sys.stderr)
     return 0
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input: reported as one line, no traceback."""
     from engine.config import ConfigError
+    from engine.graph.backends import GraphBackendError
     from engine.kv_cache import CacheFullError
     from engine.llm import PromptError
     from engine.loader import CheckpointError
     from engine.moe.router import RouterError
     from engine.prompts import PromptsFileError
-    return ConfigError, CheckpointError, PromptError, PromptsFileError, RouterError, CacheFullError
+    return (ConfigError, CheckpointError, PromptError, PromptsFileError, RouterError, CacheFullError,
+            GraphBackendError)
 
 
 def main(argv: list[str] | None = None) -> int:

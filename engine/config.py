@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.failpoints import NO_FAULTS, Failpoints
+from engine.graph.capture_sizes import CaptureSizes, default_decode_sizes, default_prefill_sizes
 
 GLM4_MOE = "Glm4MoeForCausalLM"
 QWEN3_MOE = "Qwen3MoeForCausalLM"
@@ -106,15 +107,42 @@ class ModelConfig:
             raise ConfigError(f"{path}: {err}") from None
 
 
+GRAPH_MODES = ("eager", "piecewise", "full_and_piecewise")
+GRAPH_BACKENDS = ("auto", "static", "cudagraph", "uncompiled")
+CAPTURE_TIMING = ("lazy", "eager")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """Graph execution. `piecewise`: prefill, mixed and decode steps replay the pieces between
+    attention ops; `full_and_piecewise`: pure-decode steps replay one whole-model graph instead.
+    Capture sizes of None take the defaults, cut to the engine's limits."""
+
+    mode: str = "eager"
+    backend: str = "auto"  # see engine/graph/backends.py
+    prefill_capture_sizes: tuple[int, ...] | None = None
+    decode_capture_sizes: tuple[int, ...] | None = None
+    capture: str = "lazy"  # lazy: a size is captured on first use; eager: all at start-up
+
+    def __post_init__(self) -> None:
+        if self.mode not in GRAPH_MODES:
+            raise ConfigError(f"graph mode {self.mode!r} is not one of {GRAPH_MODES}")
+        if self.backend not in GRAPH_BACKENDS:
+            raise ConfigError(f"graph backend {self.backend!r} is not one of {GRAPH_BACKENDS}")
+        if self.capture not in CAPTURE_TIMING:
+            raise ConfigError(f"graph capture {self.capture!r} is not one of {CAPTURE_TIMING}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine batches and caches. Graph and parallel settings join here in later issues."""
+    """How the engine batches, caches and runs graphs."""
 
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 64
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: enough for max_num_seqs full-length sequences
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    graph: GraphConfig = field(default_factory=GraphConfig)
     faults: Failpoints = field(default=NO_FAULTS)
 
     def __post_init__(self) -> None:
@@ -123,6 +151,19 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if self.graph.mode != "eager":
+            try:
+                self.capture_sizes()
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+
+    def capture_sizes(self) -> dict[str, CaptureSizes]:
+        """Validated capture sizes per phase ("prefill" covers mixed steps too)."""
+        g, limit = self.graph, self.max_num_batched_tokens
+        prefill = g.prefill_capture_sizes or default_prefill_sizes(limit)
+        decode = g.decode_capture_sizes or default_decode_sizes(min(self.max_num_seqs, limit))
+        return {"prefill": CaptureSizes(tuple(prefill), limit, "prefill_capture_sizes"),
+                "decode": CaptureSizes(tuple(decode), limit, "decode_capture_sizes")}
 
 
 # ---------------------------------------------------------------------------------------------

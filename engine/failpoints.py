@@ -18,8 +18,13 @@ KNOWN: dict[str, str] = {
     "router.group_score_max": "noaux_tc scores each group by its max instead of the sum of its top-2 scores",
     "router.mask_fill_zero": "noaux_tc fills masked groups with 0 instead of -inf",
     "router.skip_renorm": "top-k weights are not renormalised even when norm_topk_prob is set",
-    # Attention (engine/models/moe_decoder.py)
+    # MoE block and attention (engine/models/moe_decoder.py)
+    "moe.route_padding": "the router is not told which rows are padding, so padded rows pick real experts",
     "attention.drop_cached_prefix": "a prefill chunk attends only to its own tokens, not to the cached prefix",
+    # Graph runner (engine/graph/runner.py)
+    "graph.round_down": "a step is padded to the largest capture size below its token count, not above",
+    "graph.copy_outputs": "replays hand out fresh copies instead of the static output buffers",
+    "graph.stale_padding": "padded rows of the input buffers keep whatever the previous step left there",
 }
 
 

@@ -13,9 +13,14 @@ import numpy as np
 import paddle
 
 from engine.config import EngineConfig, ModelConfig
+from engine.forward_context import ForwardContext
+from engine.graph.backends import make_backend
+from engine.graph.guard import DECODE, PREFILL, CaptureGuard
+from engine.graph.runner import GraphRunner
+from engine.graph.stats import CaptureStats
 from engine.kv_cache import KVCache, blocks_needed, slots_for
-from engine.layers.attention import AttentionMetadata, SequenceSpan
-from engine.models.moe_decoder import MoEDecoder
+from engine.layers.attention import AttentionMetadata, DecodeTables, SequenceSpan
+from engine.models.moe_decoder import ForwardOutput, MoEDecoder
 from engine.moe.router import check_finite
 from engine.scheduler import Batch
 
@@ -43,13 +48,46 @@ class ModelRunner:
         cfg = model.cfg
         self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
                              cfg.num_kv_heads, cfg.head_dim)
+        max_len = engine.max_model_len or cfg.max_position_embeddings
+        self.decode_table_width = blocks_needed(max_len, engine.block_size) * engine.block_size
+        self.guard = CaptureGuard()
+        self.stats = CaptureStats()
+        self.graphs = self._graph_runner()
 
-    def prepare(self, batch: Batch) -> tuple[paddle.Tensor, paddle.Tensor, AttentionMetadata]:
-        """Token ids [T], positions [T] and attention metadata for a batch."""
+    def _graph_runner(self) -> GraphRunner | None:
+        graph = self.engine.graph
+        if graph.mode == "eager":
+            return None
+        full = (self.cache, self.decode_table_width) if graph.mode == "full_and_piecewise" else None
+        runner = GraphRunner(self.model, make_backend(graph.backend), self.engine.capture_sizes(), self.guard,
+                             self.stats, self.engine.faults, full_decode=full)
+        if graph.capture == "eager":
+            runner.capture_all()
+        return runner
+
+    def prepare(self, batch: Batch) -> ForwardContext:
+        """The step's tensors and attention metadata, and the graph-or-eager decision."""
+        phase = DECODE if batch.is_decode_only else PREFILL
         token_ids = paddle.to_tensor(np.asarray(batch.token_ids(), dtype=np.int64))
         positions = paddle.to_tensor(np.asarray(batch.positions(), dtype=np.int64))
         slots = paddle.to_tensor(np.asarray(batch.slot_mapping(self.cache.block_size), dtype=np.int64))
-        return token_ids, positions, AttentionMetadata(self._spans(batch), slots, batch.num_tokens)
+        size = self.graphs.padded_size(phase, batch.num_tokens) if self.graphs else None
+        tables = self._decode_tables(batch) if size is not None and self._replays_full_decode(phase) else None
+        meta = AttentionMetadata(self._spans(batch), slots, batch.num_tokens, tables)
+        num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
+        return ForwardContext(token_ids, positions, num_real, meta, phase, size, self.guard)
+
+    def _replays_full_decode(self, phase: str) -> bool:
+        return phase == DECODE and self.engine.graph.mode == "full_and_piecewise"
+
+    def _decode_tables(self, batch: Batch) -> DecodeTables:
+        width, bs = self.decode_table_width, self.cache.block_size
+        slots = np.zeros((batch.num_tokens, width), dtype=np.int64)
+        for row, seg in enumerate(batch.segments):
+            filled = len(seg.seq.block_table) * bs
+            slots[row, :filled] = slots_for(seg.seq.block_table, 0, filled, bs)
+        context = np.asarray([seg.start for seg in batch.segments], dtype=np.int64)
+        return DecodeTables(paddle.to_tensor(slots), paddle.to_tensor(context))
 
     def _spans(self, batch: Batch) -> tuple[SequenceSpan, ...]:
         spans, row = [], 0
@@ -63,14 +101,25 @@ class ModelRunner:
     def step(self, batch: Batch, all_prompt_logits: bool = False) -> StepResult:
         """Run one step. Logits come back for each sampling row; with `all_prompt_logits`, for every
         prefill row as well (what a dump of prompt logits needs)."""
-        token_ids, positions, meta = self.prepare(batch)
-        num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
-        out = self.model.forward(token_ids, positions, num_real, self.cache, meta)
+        out = self.forward(self.prepare(batch))
         self._check_routing(out.routing, batch.num_tokens)
         rows = _logit_rows(batch, all_prompt_logits)
         logits = self.model.logits(paddle.gather(out.hidden, paddle.to_tensor(np.concatenate(rows)))).numpy()
         per_segment = np.split(logits, np.cumsum([len(r) for r in rows])[:-1])
         return StepResult(_greedy(batch, per_segment), per_segment, _routing_rows(batch, out.routing))
+
+    def forward(self, ctx: ForwardContext) -> ForwardOutput:
+        """Eager, or a replay of the graphs captured at `ctx.padded_size`. In the replay case the
+        returned tensors are the graph's output buffers, overwritten by the next replay."""
+        if ctx.padded_size is None:
+            if self.graphs is not None:
+                self.stats.record_fallback(ctx.phase, ctx.num_tokens)
+            return self.model.forward(ctx, self.cache)
+        with self.guard.scope(ctx.phase, ctx.padded_size):
+            if ctx.attention.decode is not None:
+                return self.graphs.run_full_decode(ctx)
+            run_piece = self.graphs.piece_fn(ctx.phase, ctx.padded_size, ctx.num_tokens)
+            return self.model.forward(ctx, self.cache, run_piece)
 
     def _check_routing(self, routing: dict, num_tokens: int) -> None:
         for layer, (_, nonfinite) in routing.items():

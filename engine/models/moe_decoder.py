@@ -25,8 +25,9 @@ import paddle
 
 from engine.config import ModelConfig
 from engine.failpoints import NO_FAULTS, Failpoints
+from engine.forward_context import ForwardContext
 from engine.kv_cache import KVCache
-from engine.layers.attention import AttentionMetadata, paged_attention
+from engine.layers.attention import AttentionMetadata, paged_attention, static_decode_attention
 from engine.layers.embedding import embed, lm_head
 from engine.layers.linear import frozen, linear, weight_param
 from engine.layers.norm import add_rms_norm, rms_norm
@@ -140,6 +141,8 @@ class MoEDecoder:
 
     def _route(self, logits: paddle.Tensor, bias: paddle.Tensor | None, num_real: paddle.Tensor) -> Tensors:
         cfg = self.cfg
+        if self.faults.on("moe.route_padding"):
+            num_real = None
         if cfg.router == "softmax_topk":
             return router.softmax_topk(logits, top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob,
                                        num_real=num_real, faults=self.faults)
@@ -160,20 +163,38 @@ class MoEDecoder:
         """Final hidden rows [N, H] -> logits [N, V]."""
         return lm_head(hidden, self.head_table)
 
-    def forward(self, token_ids: paddle.Tensor, positions: paddle.Tensor, num_real: paddle.Tensor,
-                cache: KVCache, meta: AttentionMetadata, run_piece: PieceFn | None = None) -> "ForwardOutput":
+    def forward(self, ctx: ForwardContext, cache: KVCache, run_piece: PieceFn | None = None) -> "ForwardOutput":
         """Run the whole stack. `run_piece(i, inputs)` executes piece i; the default runs it eagerly,
-        the graph runner passes one that replays a captured piece."""
+        the graph runner passes one that replays a captured piece (outputs then have padded rows)."""
         run_piece = run_piece or (lambda i, inputs: self.piece(i, *inputs))
-        out = run_piece(0, (token_ids, positions, num_real))
+        out = run_piece(0, (ctx.token_ids, ctx.positions, ctx.num_real))
         routing: dict[int, Tensors] = {}
         for layer in range(self.cfg.num_layers):
             q, k, v, residual = out[:4]
-            attn = self.attention(layer, q, k, v, cache, meta)
-            out = run_piece(layer + 1, (attn, residual, positions, num_real))
+            attn = self.attention(layer, q, k, v, cache, ctx.attention)
+            out = run_piece(layer + 1, (attn, residual, ctx.positions, ctx.num_real))
             if self.piece_has_moe(layer + 1):
                 routing[layer] = out[-2:]
         return ForwardOutput(hidden=out[0], routing=routing)
+
+
+    def full_decode(self, token_ids: paddle.Tensor, positions: paddle.Tensor, num_real: paddle.Tensor,
+                    slots: paddle.Tensor, context_lens: paddle.Tensor, caches: list[paddle.Tensor]) -> Tensors:
+        """The whole stack for a decode-only step as one fixed-shape function (what full_and_piecewise
+        captures). `caches` is [k_0, v_0, k_1, v_1, ...], read only. Returns (hidden, k_0, v_0, ...,
+        then (topk_ids, nonfinite) per MoE layer): the caller writes each layer's k/v to the cache."""
+        out = self.piece(0, token_ids, positions, num_real)
+        new_kv: list[paddle.Tensor] = []
+        routing: list[paddle.Tensor] = []
+        for layer in range(self.cfg.num_layers):
+            q, k, v, residual = out[:4]
+            attn = static_decode_attention(q, k, v, caches[2 * layer], caches[2 * layer + 1], slots, context_lens,
+                                           self.scale)
+            new_kv += [k, v]
+            out = self.piece(layer + 1, attn, residual, positions, num_real)
+            if self.piece_has_moe(layer + 1):
+                routing += list(out[-2:])
+        return (out[0], *new_kv, *routing)
 
 
 @dataclass(frozen=True)
