@@ -107,6 +107,22 @@ class ModelConfig:
             raise ConfigError(f"{path}: {err}") from None
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """tp ranks (the world size); ep is 1 (experts split by intermediate dimension across the TP
+    ranks) or tp (experts placed on ranks). Steps of up to `fused_allreduce_max_tokens` tokens take
+    the fused all-reduce + residual + RMSNorm path; larger ones the unfused path."""
+
+    tp: int = 1
+    ep: int = 1
+    fused_allreduce_max_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "tp", "ep", "fused_allreduce_max_tokens")
+        if self.ep not in (1, self.tp):
+            raise ConfigError(f"ep={self.ep} must be 1 or equal to tp={self.tp}")
+
+
 GRAPH_MODES = ("eager", "piecewise", "full_and_piecewise")
 GRAPH_BACKENDS = ("auto", "static", "cudagraph", "uncompiled")
 CAPTURE_TIMING = ("lazy", "eager")
@@ -143,6 +159,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: enough for max_num_seqs full-length sequences
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     graph: GraphConfig = field(default_factory=GraphConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     faults: Failpoints = field(default=NO_FAULTS)
 
     def __post_init__(self) -> None:

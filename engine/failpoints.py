@@ -25,6 +25,11 @@ KNOWN: dict[str, str] = {
     "graph.round_down": "a step is padded to the largest capture size below its token count, not above",
     "graph.copy_outputs": "replays hand out fresh copies instead of the static output buffers",
     "graph.stale_padding": "padded rows of the input buffers keep whatever the previous step left there",
+    # Tensor / expert parallelism (engine/models/moe_decoder.py, engine/runner.py)
+    "dist.skip_allreduce": "the all-reduce after the attention output projection is skipped",
+    "dist.wrong_expert_map": "each EP rank computes its experts as if it held the next rank's experts",
+    "dist.double_scale": "the routed_scaling_factor is applied again when experts' shares are combined",
+    "dist.rank_disagrees": "rank 1 runs a step eagerly while the other ranks replay a graph",
 }
 
 

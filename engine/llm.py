@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import EngineConfig, ModelConfig
+from engine.distributed import init_parallel
 from engine.loader import load_weights
 from engine.models.moe_decoder import MoEDecoder
 from engine.runner import ModelRunner, StepResult
@@ -59,9 +60,11 @@ class LLM:
 
     def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None):
         self.engine = engine or EngineConfig()
-        self.model_config = ModelConfig.from_hf(model_dir)
-        weights = load_weights(model_dir, self.model_config)
-        self.model = MoEDecoder(self.model_config, weights, self.engine.faults)
+        self.model_config = cfg = ModelConfig.from_hf(model_dir)
+        partition, comm = init_parallel(self.engine.parallel)
+        weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))
+        self.model = MoEDecoder(cfg, weights, self.engine.faults, partition, comm,
+                                self.engine.parallel.fused_allreduce_max_tokens)
         self.runner = ModelRunner(self.model, self.engine)
         self.max_model_len = self.engine.max_model_len or self.model_config.max_position_embeddings
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -82,14 +83,22 @@ def _moe_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 # Reading
 
 
-def load_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Read and check every tensor; returns Hub name -> float32 array."""
+Selection = Callable[[str], "tuple[slice, ...] | None"]
+
+
+def load_weights(model_dir: str | Path, cfg: ModelConfig, select: Selection | None = None) -> dict[str, np.ndarray]:
+    """Read and check every tensor; returns Hub name -> float32 array. `select(name)` says how much of
+    a tensor this rank reads (slices per axis, () for all, None for none), so a tensor-parallel rank
+    reads only its share; names and full shapes are checked either way."""
     files = checkpoint_files(Path(model_dir))
     expected = expected_tensors(cfg)
     handles = {path: _open(path) for path in files}
     found = {name: path for name, path in _tensor_locations(handles).items() if not _is_mtp(name, cfg)}
     _check_names(found, expected, optional_tensors(cfg), Path(model_dir))
-    return {name: _read_tensor(handles[path], path, name, expected[name]) for name, path in found.items()}
+    select = select or (lambda name: ())
+    wanted = {name: (path, select(name)) for name, path in found.items()}
+    return {name: _read_tensor(handles[path], path, name, expected[name], part)
+            for name, (path, part) in wanted.items() if part is not None}
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -145,26 +154,30 @@ def _check_names(found: dict[str, Path], expected: dict, optional: set[str], whe
                               f"for this config")
 
 
-def _read_tensor(handle, path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _read_tensor(handle, path: Path, name: str, shape: tuple[int, ...], part: tuple[slice, ...]) -> np.ndarray:
     info = handle.get_slice(name)
     dtype, got = info.get_dtype(), tuple(info.get_shape())
     if dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; expected one of {FLOAT_DTYPES}")
     if got != shape:
         raise CheckpointError(f"{path}: tensor {name} has shape {list(got)}; the config implies {list(shape)}")
-    array = _as_float32(handle, path, name, dtype)
+    array = _as_float32(handle, path, name, dtype, part)
     if not np.isfinite(array).all():
         bad = np.argwhere(~np.isfinite(array))[0]
         raise CheckpointError(f"{path}: tensor {name} has a non-finite value at index {tuple(bad.tolist())}")
     return array
 
 
-def _as_float32(handle, path: Path, name: str, dtype: str) -> np.ndarray:
+def _as_float32(handle, path: Path, name: str, dtype: str, part: tuple[slice, ...]) -> np.ndarray:
     if dtype in ("F32", "F16", "F64"):
-        return np.ascontiguousarray(handle.get_tensor(name), dtype=np.float32)
+        return np.ascontiguousarray(_read_part(handle, name, part), dtype=np.float32)
     # NumPy has no bfloat16; Paddle reads it and widens it exactly.
     with safe_open(str(path), framework="paddle") as wide:
-        return wide.get_tensor(name).astype("float32").numpy()
+        return _read_part(wide, name, part).astype("float32").numpy()
+
+
+def _read_part(handle, name: str, part: tuple[slice, ...]):
+    return handle.get_slice(name)[part] if part else handle.get_tensor(name)
 
 
 def _open(path: Path):

@@ -34,6 +34,9 @@ class StepResult:
     routing: dict[int, list[np.ndarray]]  # MoE layer -> per segment [num_tokens, k], ids sorted ascending
 
 
+PHASE_CODES = {PREFILL: 1, DECODE: 2}
+
+
 def default_num_blocks(model: ModelConfig, engine: EngineConfig) -> int:
     max_len = engine.max_model_len or model.max_position_embeddings
     return engine.num_kv_blocks or engine.max_num_seqs * blocks_needed(max_len, engine.block_size)
@@ -47,7 +50,7 @@ class ModelRunner:
         self.engine = engine
         cfg = model.cfg
         self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
-                             cfg.num_kv_heads, cfg.head_dim)
+                             model.kv_heads, cfg.head_dim)
         max_len = engine.max_model_len or cfg.max_position_embeddings
         self.decode_table_width = blocks_needed(max_len, engine.block_size) * engine.block_size
         self.guard = CaptureGuard()
@@ -71,11 +74,21 @@ class ModelRunner:
         token_ids = paddle.to_tensor(np.asarray(batch.token_ids(), dtype=np.int64))
         positions = paddle.to_tensor(np.asarray(batch.positions(), dtype=np.int64))
         slots = paddle.to_tensor(np.asarray(batch.slot_mapping(self.cache.block_size), dtype=np.int64))
-        size = self.graphs.padded_size(phase, batch.num_tokens) if self.graphs else None
+        size = self._agreed_size(phase, batch.num_tokens)
         tables = self._decode_tables(batch) if size is not None and self._replays_full_decode(phase) else None
         meta = AttentionMetadata(self._spans(batch), slots, batch.num_tokens, tables)
         num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
         return ForwardContext(token_ids, positions, num_real, meta, phase, size, self.guard)
+
+    def _agreed_size(self, phase: str, num_tokens: int) -> int | None:
+        """The padded size to replay (None: eager), checked to be the same on every rank: a rank
+        that decided otherwise would wait in a different collective, so disagreement is an error."""
+        size = self.graphs.padded_size(phase, num_tokens) if self.graphs else None
+        if self.engine.faults.on("dist.rank_disagrees") and self.model.partition.rank == 1:
+            size = None
+        decision = [PHASE_CODES[phase], num_tokens, size or 0]
+        self.model.comm.agree(decision, "the step (phase, tokens, padded size; 0 = eager)")
+        return size
 
     def _replays_full_decode(self, phase: str) -> bool:
         return phase == DECODE and self.engine.graph.mode == "full_and_piecewise"

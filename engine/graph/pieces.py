@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import paddle
 
-from engine.config import ModelConfig
-
 
 @dataclass(frozen=True)
 class PieceInput:
@@ -37,9 +35,10 @@ def full_decode_inputs(max_len: int) -> tuple[PieceInput, ...]:
             PieceInput("context_lens", "int64", ()))
 
 
-def piece_inputs(cfg: ModelConfig, index: int) -> tuple[PieceInput, ...]:
-    """The inputs of piece `index`, in the order `MoEDecoder.piece` takes them."""
+def piece_inputs(index: int, attn_width: int, hidden_size: int) -> tuple[PieceInput, ...]:
+    """The inputs of piece `index`, in the order `MoEDecoder.piece` takes them. `attn_width` is this
+    rank's attention output width (its query heads x head_dim)."""
     if index == 0:
         return PieceInput("token_ids", "int64", ()), POSITIONS, NUM_REAL
-    return (PieceInput("attn_out", "float32", (cfg.q_size,)), PieceInput("residual", "float32", (cfg.hidden_size,)),
+    return (PieceInput("attn_out", "float32", (attn_width,)), PieceInput("residual", "float32", (hidden_size,)),
             POSITIONS, NUM_REAL)

@@ -82,7 +82,8 @@ class GraphRunner:
                 self.capture(phase, size)
 
     def _capture_piece(self, index: int, size: int) -> GraphEntry:
-        slots = piece_inputs(self.model.cfg, index)
+        cfg = self.model.cfg
+        slots = piece_inputs(index, self.model.heads * cfg.head_dim, cfg.hidden_size)
         inputs = [slot.buffer(size) for slot in slots]
         return GraphEntry(slots, inputs, self.backend.capture(_bound_piece(self.model, index), inputs))
 

@@ -1,6 +1,16 @@
-"""RMSNorm, written out by hand: Paddle's fused rms-norm kernels are missing or crash on this CPU."""
+"""RMSNorm, written out by hand: Paddle's fused rms-norm kernels are missing or crash on this CPU.
+
+Also the tensor-parallel step that ends every row-parallel projection: all-reduce the partial
+sums, add the residual, normalise. Up to a token bound it runs fused, folding the residual into
+the reduction (each rank adds residual / W to its partial sum, so one pass over the data does
+both), as fused all-reduce kernels do within their workspace; above the bound it runs the plain
+all-reduce, then the add. Both give the same answer within float32 rounding; with one rank they
+are bitwise identical.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import paddle
 
@@ -15,4 +25,15 @@ def add_rms_norm(x: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tenso
                  eps: float) -> tuple[paddle.Tensor, paddle.Tensor]:
     """The pre-norm step of a decoder layer: returns (norm(x + residual), x + residual)."""
     summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def all_reduce_add_rms_norm(partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float,
+                            all_reduce: Callable[[paddle.Tensor], paddle.Tensor], world: int,
+                            max_token_num: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """partial [T, H] (this rank's share of a sum over ranks) -> (norm(sum + residual), sum + residual)."""
+    if partial.shape[0] <= max_token_num:
+        summed = all_reduce(partial + residual / world if world > 1 else partial + residual)
+    else:
+        summed = all_reduce(partial) + residual
     return rms_norm(summed, weight, eps), summed

@@ -13,6 +13,10 @@ The stack is an explicit list cut at attention: `piece_0, attn_0, piece_1, ..., 
 Every piece is a pure function of fixed-shape tensors, so the graph runner can compile it once
 per padded size; called directly, it is the eager path. `num_real` ([1] int64) tells the router
 which rows are padding.
+
+Under tensor parallelism the weights are this rank's `Partition` (engine/distributed.py) and the
+pieces hold the all-reduces: after the vocabulary-parallel embedding, after each row-parallel
+projection (o-proj, MLP down, experts), the latter fused with the residual add and the next norm.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import numpy as np
 import paddle
 
 from engine.config import ModelConfig
+from engine.distributed import Collectives, Partition
 from engine.failpoints import NO_FAULTS, Failpoints
 from engine.forward_context import ForwardContext
 from engine.kv_cache import KVCache
 from engine.layers.attention import AttentionMetadata, paged_attention, static_decode_attention
-from engine.layers.embedding import embed, lm_head
+from engine.layers.embedding import lm_head, vocab_parallel_embed
 from engine.layers.linear import frozen, linear, weight_param
-from engine.layers.norm import add_rms_norm, rms_norm
+from engine.layers.norm import all_reduce_add_rms_norm, rms_norm
 from engine.layers.rotary import apply_rotary, rope_table
 from engine.moe import router
 from engine.moe.experts import dense_mlp, routed_experts
@@ -70,16 +75,35 @@ class LayerWeights:
 class MoEDecoder:
     """Weights plus the pieces and attention ops of one decoder. Holds no per-step state."""
 
-    def __init__(self, cfg: ModelConfig, hub: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS):
+    def __init__(self, cfg: ModelConfig, hub: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS,
+                 partition: Partition = Partition(), comm: Collectives | None = None,
+                 fused_allreduce_max_tokens: int = 2048):
+        """`hub` holds this rank's slices of the Hub tensors (all of them with one rank)."""
         self.cfg = cfg
         self.faults = faults
-        self.embed_table = frozen(hub["model.embed_tokens.weight"])  # [V, H]
+        self.partition = partition
+        self.comm = comm or Collectives()
+        self.fused_max_tokens = fused_allreduce_max_tokens
+        self.heads, self.kv_heads = len(partition.q_heads(cfg)), len(partition.kv_heads(cfg))  # local counts
+        self.first_token_id = partition.vocab(cfg).start
+        self.first_expert = self._first_expert()
+        self.embed_table = frozen(hub["model.embed_tokens.weight"])  # [V/W, H]
         self.head_table = self.embed_table if cfg.tie_word_embeddings else frozen(hub["lm_head.weight"])
         self.final_norm = frozen(hub["model.norm.weight"])
-        self.layers = [_layer_weights(cfg, hub, i) for i in range(cfg.num_layers)]
+        local = self.partition.experts(cfg) if cfg.moe_layers else range(0)
+        self.layers = [_layer_weights(cfg, hub, i, local, partition.rank) for i in range(cfg.num_layers)]
         cos, sin = rope_table(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.cos, self.sin = frozen(cos), frozen(sin)
         self.scale = cfg.head_dim ** -0.5
+
+    def _first_expert(self) -> int:
+        """Global id of this rank's first expert; the planted wrong map shifts it by one rank."""
+        if not self.cfg.moe_layers:
+            return 0
+        first = self.partition.experts(self.cfg).start
+        if self.faults.on("dist.wrong_expert_map") and self.partition.expert_parallel:
+            first = (first + self.cfg.num_experts // self.partition.world) % self.cfg.num_experts
+        return first
 
     @property
     def num_pieces(self) -> int:
@@ -97,23 +121,32 @@ class MoEDecoder:
         followed by attention, (hidden,) for the last; a MoE piece appends (topk_ids, nonfinite)."""
         if index == 0:
             token_ids, positions, _ = inputs
-            hidden = embed(token_ids, self.embed_table)  # [T, H]
+            hidden = vocab_parallel_embed(token_ids, self.embed_table, self.first_token_id, self.comm.all_reduce)
             normed = rms_norm(hidden, self.layers[0].input_norm, self.cfg.rms_norm_eps)
             return self._qkv(0, normed, positions) + (hidden,)
         attn_out, residual, positions, num_real = inputs
-        hidden, residual, routing = self._finish_layer(index - 1, attn_out, residual, num_real)
-        if index == self.cfg.num_layers:
-            return (rms_norm(hidden + residual, self.final_norm, self.cfg.rms_norm_eps),) + routing
-        normed, residual = add_rms_norm(hidden, residual, self.layers[index].input_norm, self.cfg.rms_norm_eps)
+        partial, residual, routing = self._finish_layer(index - 1, attn_out, residual, num_real)
+        last = index == self.cfg.num_layers
+        norm = self.final_norm if last else self.layers[index].input_norm
+        normed, residual = self._reduce_add_norm(partial, residual, norm)
+        if last:
+            return (normed,) + routing
         return self._qkv(index, normed, positions) + (residual,) + routing
+
+    def _reduce_add_norm(self, partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor,
+                         reduce: bool = True) -> Tensors:
+        all_reduce = self.comm.all_reduce if reduce else (lambda x: x)
+        return all_reduce_add_rms_norm(partial, residual, weight, self.cfg.rms_norm_eps, all_reduce,
+                                       self.comm.world, self.fused_max_tokens)
 
     def _qkv(self, layer: int, x: paddle.Tensor, positions: paddle.Tensor) -> Tensors:
         cfg, w = self.cfg, self.layers[layer]
-        qkv = linear(x, w.qkv, w.qkv_bias)  # [T, Q + 2 KV]
-        q, k, v = paddle.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], axis=-1)
-        q = q.reshape([-1, cfg.num_heads, cfg.head_dim])  # [T, Hq, D]
-        k = k.reshape([-1, cfg.num_kv_heads, cfg.head_dim])  # [T, Hkv, D]
-        v = v.reshape([-1, cfg.num_kv_heads, cfg.head_dim])
+        qkv = linear(x, w.qkv, w.qkv_bias)  # [T, Q + 2 KV], this rank's heads
+        q_size, kv_size = self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
+        q, k, v = paddle.split(qkv, [q_size, kv_size, kv_size], axis=-1)
+        q = q.reshape([-1, self.heads, cfg.head_dim])  # [T, Hq, D]
+        k = k.reshape([-1, self.kv_heads, cfg.head_dim])  # [T, Hkv, D]
+        v = v.reshape([-1, self.kv_heads, cfg.head_dim])
         if w.q_norm is not None:
             q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
@@ -122,10 +155,12 @@ class MoEDecoder:
 
     def _finish_layer(self, layer: int, attn_out: paddle.Tensor, residual: paddle.Tensor,
                       num_real: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, Tensors]:
-        """o-proj, residual add, post-attention norm, MLP/MoE; returns (mlp_out, residual, routing)."""
+        """o-proj, all-reduce, residual add, post-attention norm, MLP/MoE; returns (this rank's partial
+        MLP/MoE output, residual, routing)."""
         w = self.layers[layer]
-        attn = linear(attn_out, w.o_proj, w.o_bias)  # [T, H]
-        normed, residual = add_rms_norm(attn, residual, w.post_norm, self.cfg.rms_norm_eps)
+        attn = linear(attn_out, w.o_proj, w.o_bias)  # [T, H], partial over ranks
+        reduce = not self.faults.on("dist.skip_allreduce")
+        normed, residual = self._reduce_add_norm(attn, residual, w.post_norm, reduce)
         if isinstance(w.mlp, MLPWeights):
             return dense_mlp(normed, w.mlp.gate_up, w.mlp.down), residual, ()
         out, ids, nonfinite = self._moe(w.mlp, normed, num_real)
@@ -134,7 +169,8 @@ class MoEDecoder:
     def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor) -> Tensors:
         logits = paddle.matmul(x, w.gate)  # [T, E]
         ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
-        out = routed_experts(x, ids, weights, w.gate_up, w.down)
+        local = weights * self.cfg.routed_scaling_factor if self.faults.on("dist.double_scale") else weights
+        out = routed_experts(x, ids - self.first_expert, local, w.gate_up, w.down)  # this rank's experts
         if w.shared is not None:
             out = out + dense_mlp(x, w.shared.gate_up, w.shared.down)
         return out, ids, router.nonfinite_rows(logits, num_real)
@@ -160,8 +196,8 @@ class MoEDecoder:
         return paged_attention(layer, q, k, v, cache, meta, self.scale)
 
     def logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
-        """Final hidden rows [N, H] -> logits [N, V]."""
-        return lm_head(hidden, self.head_table)
+        """Final hidden rows [N, H] -> logits [N, V] (each rank computes its vocabulary slice)."""
+        return self.comm.all_gather_last(lm_head(hidden, self.head_table))
 
     def forward(self, ctx: ForwardContext, cache: KVCache, run_piece: PieceFn | None = None) -> "ForwardOutput":
         """Run the whole stack. `run_piece(i, inputs)` executes piece i; the default runs it eagerly,
@@ -213,7 +249,8 @@ def _without_cached_prefix(meta: AttentionMetadata) -> AttentionMetadata:
 # Hub tensors -> weights
 
 
-def _layer_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], layer: int) -> LayerWeights:
+def _layer_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], layer: int, experts: range,
+                   rank: int) -> LayerWeights:
     p = f"model.layers.{layer}."
     qkv = np.concatenate([hub[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
     bias = np.concatenate([hub[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]) if cfg.attention_bias else None
@@ -223,8 +260,8 @@ def _layer_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], layer: int) -> 
         q_norm=frozen(hub[p + "self_attn.q_norm.weight"]) if cfg.use_qk_norm else None,
         k_norm=frozen(hub[p + "self_attn.k_norm.weight"]) if cfg.use_qk_norm else None,
         o_proj=weight_param(hub[p + "self_attn.o_proj.weight"]),
-        o_bias=frozen(hub[p + "self_attn.o_proj.bias"]) if cfg.o_proj_bias else None,
-        mlp=_moe_weights(cfg, hub, p + "mlp.") if cfg.is_moe_layer(layer) else _mlp_weights(hub, p + "mlp."),
+        o_bias=_row_parallel_bias(hub[p + "self_attn.o_proj.bias"], rank) if cfg.o_proj_bias else None,
+        mlp=_moe_weights(cfg, hub, p + "mlp.", experts) if cfg.is_moe_layer(layer) else _mlp_weights(hub, p + "mlp."),
     )
 
 
@@ -233,8 +270,13 @@ def _mlp_weights(hub: dict[str, np.ndarray], prefix: str) -> MLPWeights:
     return MLPWeights(gate_up=weight_param(gate_up), down=weight_param(hub[prefix + "down_proj.weight"]))
 
 
-def _moe_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], prefix: str) -> MoEWeights:
-    experts = [f"{prefix}experts.{e}." for e in range(cfg.num_experts)]
+def _row_parallel_bias(bias: np.ndarray, rank: int) -> paddle.Tensor:
+    """The bias of a row-parallel projection is added once, by rank 0, so the all-reduce sums it once."""
+    return frozen(bias if rank == 0 else np.zeros_like(bias))
+
+
+def _moe_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], prefix: str, local: range) -> MoEWeights:
+    experts = [f"{prefix}experts.{e}." for e in local]
     gate_up = np.stack([np.concatenate([hub[e + "gate_proj.weight"], hub[e + "up_proj.weight"]]).T
                         for e in experts])  # [E, H, 2I]
     down = np.stack([hub[e + "down_proj.weight"].T for e in experts])  # [E, I, H]
