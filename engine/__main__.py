@@ -7,11 +7,14 @@ failpoint names) is the default of --failpoints.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
 import time
 import warnings
+
+from engine import launch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: CUDA graphs on a CUDA build, else static programs (default auto)")
     run.add_argument("--capture", choices=("lazy", "eager"), default="lazy",
                      help="capture each size on first use (lazy) or all sizes at start-up (eager)")
+    run.add_argument("--tp", type=int, default=1, metavar="N",
+                     help="tensor-parallel ranks; N > 1 starts an N-rank job through paddle.distributed.launch "
+                          "(gloo on CPU, NCCL on GPU) unless already started by the launcher (default 1)")
+    run.add_argument("--ep", type=int, default=1, metavar="N",
+                     help="expert parallelism: 1 (experts split by width over the TP ranks) or equal to --tp "
+                          "(experts placed on ranks) (default 1)")
+    run.add_argument("--dump-all-ranks", action="store_true",
+                     help="with --dump OUT.npz, also write OUT.rank{R}.npz from every rank")
+    run.add_argument("--log-dir", metavar="DIR", help="where a multi-rank job keeps its logs (default: a temp dir)")
+    run.add_argument("--report-dir", help=argparse.SUPPRESS)  # set by the parent of a multi-rank job
     run.add_argument("--failpoints", default=os.environ.get("ENGINE_FAILPOINTS", ""), metavar="NAMES",
                      help="comma-separated faults to plant, for testing the gate (default: $ENGINE_FAILPOINTS)")
     run.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -59,33 +72,40 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def run(args: argparse.Namespace) -> int:
-    from engine.config import EngineConfig, GraphConfig
-    from engine.dump import dump_arrays, write_dump
+def engine_config(args: argparse.Namespace):
+    from engine.config import ConfigError, EngineConfig, GraphConfig, ParallelConfig
     from engine.failpoints import Failpoints
-    from engine.llm import LLM
-    from engine.prompts import read_prompts
-
-    from engine.config import ConfigError
 
     try:
         faults = Failpoints.parse(args.failpoints)
     except ValueError as err:
         raise ConfigError(f"--failpoints: {err}") from None
-    prompts = read_prompts(args.prompts)
     graph = GraphConfig(mode=args.graph, backend=args.graph_backend, prefill_capture_sizes=args.capture_sizes,
                         decode_capture_sizes=args.decode_capture_sizes, capture=args.capture)
-    engine = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                          graph=graph, faults=faults)
+    return EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                        graph=graph, parallel=ParallelConfig(tp=args.tp, ep=args.ep), faults=faults)
+
+
+def run(args: argparse.Namespace, out=sys.stdout) -> int:
+    from engine.dump import dump_arrays, write_dump
+    from engine.llm import LLM
+    from engine.prompts import read_prompts
+
+    engine = engine_config(args)
+    prompts = read_prompts(args.prompts)
     start = time.perf_counter()
     llm = LLM(args.model, engine)
     outputs = llm.generate(prompts, args.max_new_tokens, record_prompt_logits=bool(args.dump))
     elapsed = time.perf_counter() - start
-    for out in outputs:
-        print(f"{out.name}: {' '.join(map(str, out.greedy))}")
+    for result in outputs:
+        print(f"{result.name}: {' '.join(map(str, result.greedy))}", file=out)
+    rank = llm.model.partition.rank
     if args.dump:
-        path = write_dump(args.dump, dump_arrays(outputs, llm.model_config.moe_layers))
-        print(f"wrote {path}", file=sys.stderr)
+        arrays = dump_arrays(outputs, llm.model_config.moe_layers)
+        if rank == 0:
+            print(f"wrote {write_dump(args.dump, arrays)}", file=sys.stderr)
+        if args.dump_all_ranks:
+            write_dump(args.dump.removesuffix(".npz") + f".rank{rank}.npz", arrays)
     print(f"{len(outputs)} prompts, {args.max_new_tokens} new tokens each, {elapsed:.2f} s", file=sys.stderr)
     if args.graph != "eager":
         print(f"graphs: {llm.runner.stats.summary()}", file=sys.stderr)
@@ -95,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input: reported as one line, no traceback."""
     from engine.config import ConfigError
+    from engine.distributed import ParallelError
     from engine.graph.backends import GraphBackendError
     from engine.kv_cache import CacheFullError
     from engine.llm import PromptError
@@ -102,19 +123,47 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from engine.moe.router import RouterError
     from engine.prompts import PromptsFileError
     return (ConfigError, CheckpointError, PromptError, PromptsFileError, RouterError, CacheFullError,
-            GraphBackendError)
+            GraphBackendError, ParallelError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.tp > 1 and not launch.inside_launched_job():
+        return _relaunch(args, argv)
     warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.report_dir:
+        return _run_as_rank(args)
     try:
         return run(args)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
+    from engine.config import ConfigError
+
+    try:
+        engine_config(args)  # refuse a bad configuration before starting any rank
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return launch.relaunch(argv, args.tp, args.log_dir)
+
+
+def _run_as_rank(args: argparse.Namespace) -> int:
+    """One rank of a job this CLI started: report output or error to the parent through files."""
+    output = io.StringIO()
+    try:
+        code = run(args, out=output)
+    except _user_errors() as err:
+        launch.write_report(args.report_dir, f"error: {err}\n", error=True)
+        return 2
+    launch.write_report(args.report_dir, output.getvalue(), error=False)
+    return code
 
 
 if __name__ == "__main__":
