@@ -86,11 +86,12 @@ def engine_config(args: argparse.Namespace):
                         graph=graph, parallel=ParallelConfig(tp=args.tp, ep=args.ep), faults=faults)
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> int:
+def run(args: argparse.Namespace, out=None) -> int:
     from engine.dump import dump_arrays, write_dump
     from engine.llm import LLM
     from engine.prompts import read_prompts
 
+    out = out or sys.stdout
     engine = engine_config(args)
     prompts = read_prompts(args.prompts)
     start = time.perf_counter()
