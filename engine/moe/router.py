@@ -127,7 +127,7 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     faults = NO_FAULTS if faults is None else faults
     _, num_experts = _logit_shape(logits)
     validate_grouping(num_experts, top_k, n_group, topk_group, _bias_len(bias))
-    scores = paddle.nn.functional.sigmoid(logits.astype("float32"))  # [T, E]
+    scores = _sigmoid(logits)  # [T, E]
     selection = scores if bias is None else scores + bias.astype("float32")  # [T, E]
     kept = _kept_experts(selection, n_group, topk_group, faults)  # [T, E] bool
     fill = 0.0 if faults.on("router.mask_fill_zero") else float("-inf")
@@ -138,6 +138,19 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     if norm_topk_prob and not faults.on("router.skip_renorm"):
         weights = weights / (weights.sum(axis=-1, keepdim=True) + RENORM_EPS)
     return _mask_padding(ids, weights * routed_scaling_factor, num_real)
+
+
+def _sigmoid(logits):
+    """float32 sigmoid of each logit, independent of the logit's position in the buffer.
+
+    Paddle's CPU float32 sigmoid (like exp and silu) rounds the vectorised body and the scalar tail
+    of a buffer differently (by 1 ulp), so a token's scores would change with the number of rows
+    after it: padding to a capture size would perturb real rows, and an exact tie could break
+    differently in graph and eager runs. Evaluated in float64 and rounded once, each score depends
+    on its logit alone (barring a ~2**-29 chance per element that the two float64 paths straddle a
+    float32 rounding boundary), and is as accurate as a float32 result can be.
+    """
+    return paddle.nn.functional.sigmoid(logits.astype("float64")).astype("float32")  # [T, E]
 
 
 def _kept_experts(selection, n_group, topk_group, faults):
