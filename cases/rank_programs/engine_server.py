@@ -1,0 +1,60 @@
+"""A RankPool server that runs the engine on every rank of a TP/EP job (for cases/test_parallel.py).
+
+Request: {"checkpoint": name, "tp": N, "ep": N, "mode": graph mode, "capture_sizes": [...],
+"decode_capture_sizes": [...], "max_num_batched_tokens": T, "prompts": [[ids], ...],
+"max_new_tokens": N, "failpoints": "a,b"}; or {"hang": rank} / {"exit": rank} to plant a hung or
+dead rank. Reply: the run's dump arrays (engine/dump.py keys) plus "rank". Engines are cached per
+configuration, so a module's examples reuse loaded weights and captured graphs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import paddle.distributed as dist
+
+from engine.config import EngineConfig, GraphConfig, ParallelConfig
+from engine.dump import dump_arrays
+from engine.failpoints import Failpoints
+from engine.llm import LLM, Prompt
+from fixtures.pytest_fixtures import checkpoint_dir
+from verifier.launch import serve
+
+ENGINES: dict[tuple, LLM] = {}
+
+
+def engine_for(request: dict) -> LLM:
+    graph = GraphConfig(mode=request.get("mode", "eager"), backend="static",
+                        prefill_capture_sizes=tuple(request.get("capture_sizes") or ()) or None,
+                        decode_capture_sizes=tuple(request.get("decode_capture_sizes") or ()) or None)
+    config = EngineConfig(max_num_batched_tokens=request.get("max_num_batched_tokens", 8192), graph=graph,
+                          parallel=ParallelConfig(tp=request["tp"], ep=request.get("ep", 1)),
+                          faults=Failpoints.parse(request.get("failpoints", "")))
+    key = (request["checkpoint"], config)
+    if key not in ENGINES:
+        ENGINES[key] = LLM(checkpoint_dir(request["checkpoint"]), config)
+    return ENGINES[key]
+
+
+def plant(request: dict) -> None:
+    rank = dist.get_rank()
+    if request.get("exit") == rank:
+        os._exit(3)
+    if request.get("hang") == rank:
+        while True:
+            time.sleep(1)
+
+
+def handle(request: dict) -> dict:
+    plant(request)
+    llm = engine_for(request)
+    prompts = [Prompt(tuple(ids), f"p{i}") for i, ids in enumerate(request["prompts"])]
+    outputs = llm.generate(prompts, request.get("max_new_tokens", 4))
+    stats = llm.runner.stats.summary()
+    return {**dump_arrays(outputs, llm.model_config.moe_layers), "rank": dist.get_rank(), "stats": stats}
+
+
+if __name__ == "__main__":
+    dist.init_parallel_env()
+    serve(handle)

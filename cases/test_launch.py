@@ -1,0 +1,151 @@
+"""verifier.launch: N-rank jobs through paddle.distributed.launch, and the persistent RankPool.
+
+Each launched test costs one 4-rank start (10-20 s on two cores); the rank programs live in
+cases/rank_programs/. Every test that launches also checks that no process of the job is left.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from verifier.launch import (RankJobError, RankPool, _decode, _encode, _ephemeral_range, free_port,
+                             job_pids, run_ranks)
+
+PROGRAMS = Path(__file__).parent / "rank_programs"
+ALLREDUCE = str(PROGRAMS / "allreduce.py")
+POOL_SERVER = str(PROGRAMS / "pool_server.py")
+BOUND_S = 180.0  # generous: under `pytest -n 4` the 2-core machine runs four jobs at once
+
+
+def rank_values(out_dir: Path, nproc: int) -> list[np.ndarray]:
+    return [np.load(out_dir / f"rank{r}.npz")["value"] for r in range(nproc)]
+
+
+@pytest.mark.parametrize("rank, code, how", [(2, 3, "sys.exit"), (0, 7, "os._exit")])
+def test_a_failing_rank_is_named_with_its_log_tail(tmp_path, rank, code, how):
+    hard = ["--hard"] if how == "os._exit" else []
+    with pytest.raises(RankJobError) as caught:
+        run_ranks([ALLREDUCE, str(tmp_path), "--exit-rank", str(rank), "--exit-code", str(code), *hard], 4,
+                  timeout_s=BOUND_S, log_dir=tmp_path / "logs")
+    error = caught.value
+    # The peers then fail on the broken all_reduce (within milliseconds of an os._exit, which leaves
+    # no exit record); the blame stays with the rank that failed first.
+    assert error.ranks == (rank,)
+    if hard:  # the exit code is known only if the launcher reported the rank before the job was stopped
+        assert error.reason.startswith(("died without a Python exit", f"exit code {code}"))
+    else:
+        assert error.reason.startswith(f"exit code {code}")
+    assert str(error).startswith(f"rank {rank}: ")
+    assert f"rank {rank} exits with code {code} on purpose" in str(error)
+    assert job_pids(error.token) == []
+
+
+def test_a_hanging_rank_times_out_with_stack_dumps_and_leaves_nothing(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(RankJobError) as caught:
+        run_ranks([ALLREDUCE, str(tmp_path), "--hang-rank", "1"], 4, timeout_s=15,
+                  log_dir=tmp_path / "logs")
+    elapsed = time.monotonic() - started
+    error = caught.value
+    assert error.reason.startswith("timeout after 15 s; still running: ")
+    assert 1 in error.ranks  # all ranks still run: the peers wait in the all_reduce rank 1 never joins
+    assert "(most recent call first)" in str(error)  # faulthandler's dump of each rank's stack
+    assert elapsed < 15 + 15  # + stack dump wait + SIGTERM (and SIGKILL) grace
+    assert job_pids(error.token) == []
+
+
+def test_two_concurrent_four_rank_jobs_all_reduce_on_their_own_ports(tmp_path):
+    def job(index: int):
+        out = tmp_path / f"out{index}"
+        out.mkdir()
+        return run_ranks([ALLREDUCE, str(out), "--scale", str(index + 1)], 4, timeout_s=BOUND_S,
+                         log_dir=tmp_path / f"logs{index}"), out
+
+    with ThreadPoolExecutor(2) as executor:
+        finished = list(executor.map(job, range(2)))
+    assert finished[0][0].port != finished[1][0].port
+    for index, (result, out) in enumerate(finished):
+        assert result.returncode == 0
+        for value in rank_values(out, 4):  # every rank holds the sum over ranks of scale * (rank + 1)
+            np.testing.assert_array_equal(value, np.full(3, (index + 1) * (1 + 2 + 3 + 4), np.float32))
+        assert sorted(result.rank_logs) == [0, 1, 2, 3] and all(p.exists() for p in result.rank_logs.values())
+        assert job_pids(result.token) == []
+
+
+def test_pool_answers_several_requests_and_closes_cleanly(tmp_path):
+    with RankPool([POOL_SERVER], 4, start_timeout_s=BOUND_S, log_dir=tmp_path) as pool:
+        for seed in range(3):
+            x = np.random.default_rng(seed).standard_normal(5 + seed).astype(np.float32)
+            replies = pool.request({"x": x})
+            assert [reply["rank"] for reply in replies] == [0, 1, 2, 3]
+            for reply in replies:
+                np.testing.assert_array_equal(reply["sum"], replies[0]["sum"])
+            np.testing.assert_allclose(replies[0]["sum"], x * 10, rtol=1e-6)
+        with pytest.raises(RankJobError) as caught:
+            pool.request({"x": x, "raise_on": "all"})
+        assert caught.value.ranks == (0, 1, 2, 3)
+        assert "planted failure on rank 3" in str(caught.value)
+        # Every rank raised before the collective, so the ranks are still in step: the pool serves on.
+        np.testing.assert_allclose(pool.request({"x": x})[2]["sum"], x * 10, rtol=1e-6)
+    assert job_pids(pool.token) == []
+
+
+def test_pool_names_the_rank_whose_handler_raised_and_stops(tmp_path):
+    pool = RankPool([POOL_SERVER], 4, start_timeout_s=BOUND_S, error_grace_s=1.0, log_dir=tmp_path)
+    try:
+        x = np.ones(4, np.float32)
+        with pytest.raises(RankJobError) as caught:
+            pool.request({"x": x, "raise_on": 3})
+        error = caught.value
+        assert error.ranks == (3,)
+        assert "ranks 0, 1, 2 gave no reply" in error.reason
+        assert "ValueError: planted failure on rank 3" in str(error)
+        assert job_pids(pool.token) == []  # ranks 0-2 were stuck in the all_reduce: stopped
+        with pytest.raises(RankJobError, match="pool is closed"):
+            pool.request({"x": x})
+    finally:
+        pool.close()
+    assert job_pids(pool.token) == []
+
+
+# ----------------------------------------------------------------------------- no launch
+
+
+def test_payloads_round_trip_without_pickle():
+    payload = {"ids": np.arange(6, dtype=np.int64).reshape(2, 3), "name": "x", "sizes": [1, 2], "none": None}
+    decoded = _decode(_encode(payload))
+    np.testing.assert_array_equal(decoded["ids"], payload["ids"])
+    assert decoded["ids"].dtype == np.int64
+    assert {k: decoded[k] for k in ("name", "sizes", "none")} == {"name": "x", "sizes": [1, 2], "none": None}
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"a": np.array([object()])}, "object arrays"),
+    ({"a": {1, 2}}, "numpy arrays or JSON"),
+    ({"__error__": "x"}, "not starting with '__'"),
+])
+def test_payloads_that_cannot_be_sent_are_refused(payload, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        _encode(payload)
+
+
+def test_free_ports_avoid_the_ephemeral_range():
+    low = _ephemeral_range()[0]
+    ports = [free_port(4) for _ in range(20)]
+    assert all(10000 <= p and p + 3 < low for p in ports)
+
+
+def test_bad_arguments_are_refused_before_launching(tmp_path):
+    with pytest.raises(ValueError, match="nproc"):
+        run_ranks([ALLREDUCE], 0, timeout_s=1, log_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="argv"):
+        run_ranks([], 2, timeout_s=1, log_dir=tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "old").write_text("")
+    with pytest.raises(ValueError, match="not empty"):
+        run_ranks([ALLREDUCE], 2, timeout_s=1, log_dir=tmp_path / "c")

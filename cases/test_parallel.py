@@ -1,0 +1,155 @@
+"""4-rank tensor and expert parallelism against 1 rank, in eager and piecewise-graph mode.
+
+One 4-rank job (a RankPool running cases/rank_programs/engine_server.py) serves the whole module:
+ranks start once and take many requests, so hypothesis examples cost a request, not a launch.
+The module runs on one xdist worker (xdist_group), so the gate never starts two such jobs at once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.dump import dump_arrays
+from engine.llm import Prompt
+from fixtures.pytest_fixtures import CHECKPOINT_NAMES
+from verifier.dumps import compare_dumps
+from verifier.launch import RankJobError, RankPool, job_pids
+from verifier.tolerance import tolerance_for
+
+pytestmark = pytest.mark.xdist_group("four_ranks")
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = str(ROOT / "cases" / "rank_programs" / "engine_server.py")
+FLOAT32 = tolerance_for("float32")
+LAYOUTS = {"tp4": (4, 1), "tp4_ep4": (4, 4)}
+# Few sizes: every size is compiled per piece on each of the 4 ranks sharing 2 cores. The default
+# prompts (119 tokens, 4 sequences) replay 128 and 4; drawn workloads (<= 5 sequences) the rest.
+GRAPH = {"capture_sizes": [16, 48, 128, 256], "decode_capture_sizes": [2, 4, 5]}
+MAX_NEW_TOKENS = 8
+
+
+def start_pool(**timeouts) -> RankPool:
+    return RankPool([SERVER], 4, env={"PYTHONPATH": str(ROOT)}, **timeouts)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with start_pool(start_timeout_s=180, request_timeout_s=180) as ranks:
+        yield ranks
+
+
+@pytest.fixture(scope="module")
+def default_runs(pool, prompts):
+    """run(name, layout, mode) -> rank 0's dump of the default prompts, each computed once."""
+    cache: dict = {}
+
+    def run(name: str, layout: str, mode: str) -> dict:
+        if (name, layout, mode) not in cache:
+            cache[(name, layout, mode)] = run_on_ranks(pool, request(name, layout, mode, prompts))
+        return cache[(name, layout, mode)]
+
+    return run
+
+
+def request(name: str, layout: str, mode: str, prompts, **extra) -> dict:
+    tp, ep = LAYOUTS[layout]
+    budget = extra.get("max_num_batched_tokens", 8192)
+    graph = {key: [s for s in sizes if s <= budget] for key, sizes in GRAPH.items()} if mode != "eager" else {}
+    return {"checkpoint": name, "tp": tp, "ep": ep, "mode": mode, "prompts": [list(p.input_ids) for p in prompts],
+            "max_new_tokens": MAX_NEW_TOKENS, **graph, **extra}
+
+
+def dumps_by_rank(pool: RankPool, payload: dict) -> list[dict]:
+    return [{k: v for k, v in reply.items() if k not in ("rank", "stats")} for reply in pool.request(payload)]
+
+
+def rank_disagreements(dumps: list[dict]) -> list[str]:
+    """Every rank computes the full outputs (hidden states are replicated, logits gathered): they
+    must agree bitwise."""
+    return [f"rank {rank} disagrees with rank 0 on {key}" for rank, dump in enumerate(dumps[1:], start=1)
+            for key in dumps[0] if not np.array_equal(dump[key], dumps[0][key])]
+
+
+def run_on_ranks(pool: RankPool, payload: dict) -> dict:
+    """Send one run to all ranks; check every rank produced the same dump; return rank 0's."""
+    dumps = dumps_by_rank(pool, payload)
+    disagreements = rank_disagreements(dumps)
+    assert not disagreements, "\n".join(disagreements[:5])
+    return dumps[0]
+
+
+def one_rank(engine_for, name: str, prompts) -> dict:
+    llm = engine_for(name)
+    return dump_arrays(llm.generate(prompts, MAX_NEW_TOKENS), llm.model_config.moe_layers)
+
+
+def with_margins(reference: dict, golden: dict) -> dict:
+    return reference | {k: v for k, v in golden.items() if "margin" in k}
+
+
+@pytest.mark.parametrize("mode", ["eager", "piecewise"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", CHECKPOINT_NAMES)
+def test_four_ranks_match_one_rank(default_runs, engine_for, prompts, golden, name, layout, mode):
+    four = default_runs(name, layout, mode)
+    reference = with_margins(one_rank(engine_for, name, prompts), golden(name))
+    compare_dumps(four, reference, logits_tol=FLOAT32).assert_ok()
+    compare_dumps(four, golden(name), max_rel_l2=1e-4).assert_ok()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", CHECKPOINT_NAMES)
+def test_graph_matches_eager_on_four_ranks(default_runs, golden, name, layout):
+    eager, graph = default_runs(name, layout, "eager"), default_runs(name, layout, "piecewise")
+    compare_dumps(graph, with_margins(eager, golden(name)), logits_tol=FLOAT32).assert_ok()
+
+
+@settings(max_examples=max(3, settings().max_examples // 5))
+@given(lengths=st.lists(st.integers(1, 120), min_size=1, max_size=5), budget=st.sampled_from([48, 256]),
+       seed=st.integers(0, 2**16))
+def test_drawn_batches_on_four_ranks(pool, engine_for, lengths, budget, seed):
+    """Drawn workloads (prompt lengths; a token budget that chunks prefill and mixes it with decodes):
+    the TP4+EP4 piecewise run equals the 1-rank eager run of the same workload, tokens and experts
+    exactly, logits within the float32 tolerance."""
+    layout = "tp4_ep4"
+    rng = np.random.default_rng(seed)
+    prompts = [Prompt(tuple(int(t) for t in rng.integers(0, 512, n)), f"p{i}") for i, n in enumerate(lengths)]
+    four = run_on_ranks(pool, request("glm4_moe", layout, "piecewise", prompts, max_num_batched_tokens=budget))
+    llm = engine_for("glm4_moe", max_num_batched_tokens=budget)
+    reference = dump_arrays(llm.generate(prompts, MAX_NEW_TOKENS), llm.model_config.moe_layers)
+    compare_dumps(four, reference, logits_tol=FLOAT32).assert_ok()
+
+
+FAULTS = [("dist.skip_allreduce", "tp4"), ("dist.wrong_expert_map", "tp4_ep4"), ("dist.double_scale", "tp4_ep4")]
+
+
+@pytest.mark.parametrize("fault,layout", FAULTS, ids=[f for f, _ in FAULTS])
+def test_planted_parallel_fault_is_caught(pool, engine_for, prompts, fault, layout):
+    dumps = dumps_by_rank(pool, request("glm4_moe", layout, "eager", prompts, failpoints=fault))
+    reference = one_rank(engine_for, "glm4_moe", prompts)
+    problems = rank_disagreements(dumps) + compare_dumps(dumps[0], reference, logits_tol=FLOAT32).failures()
+    assert problems, f"{fault} went unnoticed"
+
+
+def test_rank_that_disagrees_is_an_error_not_a_hang(pool, prompts):
+    started = time.monotonic()
+    with pytest.raises(RankJobError, match="ranks disagree on the step"):
+        pool.request(request("glm4_moe", "tp4", "piecewise", prompts, failpoints="dist.rank_disagrees"))
+    assert time.monotonic() - started < 60
+    run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts[:1]))  # the pool is still usable
+
+
+def test_dead_rank_is_named_within_the_time_bound(prompts):
+    pool = start_pool(start_timeout_s=180, request_timeout_s=60)
+    started = time.monotonic()
+    with pytest.raises(RankJobError) as failure:
+        pool.request(request("glm4_moe", "tp4", "eager", prompts, exit=2))
+    assert failure.value.ranks == (2,)
+    assert time.monotonic() - started < 60
+    assert job_pids(pool.token) == []
