@@ -1,0 +1,114 @@
+"""Batch compositions as data, and staging one on a ModelRunner as a real `Batch`.
+
+A `Composition` says what one step holds: per sequence, how many of its tokens are already in the
+KV cache and how many the step computes (prefill chunks, with or without a cached prefix, and
+decodes), plus a seed for the token ids. `staged(runner, composition)` builds it for real:
+sequences, cache blocks from the runner's allocator, every cached prefix computed by an eager
+forward, and the composed `Batch`. Leaving the context gives the blocks back, so a session-cached
+engine can stage example after example.
+
+The prefixes always run eagerly, never through graphs, so an eager runner and a graph runner
+staged with the same composition hold bitwise-identical caches before the step being compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from engine.kv_cache import blocks_needed
+from engine.runner import ModelRunner
+from engine.scheduler import Batch, Request, Segment, Sequence
+
+
+@dataclass(frozen=True)
+class Part:
+    """One sequence's share of the step: `new` tokens after `cached` ones already in the cache.
+
+    A prefill part is a prompt chunk; `rest` prompt tokens follow it (rest > 0: the chunk does not
+    finish the prompt and does not sample). A decode part is one generated token after a context
+    of `cached` tokens (its whole prompt)."""
+
+    cached: int
+    new: int
+    rest: int = 0
+    decode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cached < 0 or self.new < 1 or self.rest < 0:
+            raise ValueError(f"{self}: need cached >= 0, new >= 1, rest >= 0")
+        if self.decode and (self.new != 1 or self.rest or self.cached < 1):
+            raise ValueError(f"{self}: a decode is one new token after a context of at least one")
+
+    @property
+    def prompt_len(self) -> int:
+        return self.cached if self.decode else self.cached + self.new + self.rest
+
+    @property
+    def num_ids(self) -> int:
+        """Token ids the sequence holds: the prompt, plus the generated token of a decode."""
+        return self.prompt_len + 1 if self.decode else self.prompt_len
+
+    @property
+    def samples(self) -> bool:
+        return self.decode or self.rest == 0
+
+
+@dataclass(frozen=True)
+class Composition:
+    parts: tuple[Part, ...]
+    seed: int = 0  # token ids come from a generator seeded with (seed, part index)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.new for p in self.parts)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(p.decode for p in self.parts)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"decode@{p.cached}" if p.decode else f"chunk {p.new}@{p.cached}+{p.rest}"
+                          for p in self.parts)
+        return f"{self.num_tokens} tokens: [{parts}] seed {self.seed}"
+
+
+def sequences(composition: Composition, vocab: int) -> list[Sequence]:
+    """The composition's sequences (no blocks yet), request ids 0..n-1, `cached` tokens computed."""
+    out = []
+    for i, part in enumerate(composition.parts):
+        ids = np.random.default_rng([composition.seed, i]).integers(0, vocab, part.num_ids)
+        tokens = [int(t) for t in ids]
+        request = Request(i, tuple(tokens[: part.prompt_len]), max_new_tokens=2 if part.decode else 1)
+        out.append(Sequence(request, tokens, num_computed=part.cached))
+    return out
+
+
+@contextmanager
+def staged(runner: ModelRunner, composition: Composition) -> Iterator[Batch]:
+    """Stage `composition` on `runner` and yield its batch; the blocks go back on exit, however
+    the body ends. Several compositions may be staged on one runner at once."""
+    allocator, block_size = runner.cache.allocator, runner.cache.block_size
+    seqs = sequences(composition, runner.model.cfg.vocab_size)
+    try:
+        for seq, part in zip(seqs, composition.parts):
+            seq.block_table = allocator.allocate(blocks_needed(part.cached + part.new, block_size))
+        fill_prefixes(runner, seqs, composition.parts)
+        yield Batch(tuple(Segment(seq, part.cached, part.new, part.samples)
+                          for seq, part in zip(seqs, composition.parts)))
+    finally:
+        for seq in seqs:
+            allocator.release(seq.block_table)
+            seq.block_table = []
+
+
+def fill_prefixes(runner: ModelRunner, seqs: list[Sequence], parts: tuple[Part, ...]) -> None:
+    """Compute the cached tokens of every sequence with one eager forward (graphs bypassed, no
+    counters touched), writing their keys and values to the runner's cache."""
+    segments = tuple(Segment(seq, 0, part.cached, samples=False) for seq, part in zip(seqs, parts) if part.cached)
+    if segments:
+        ctx = replace(runner.prepare(Batch(segments)), padded_size=None)
+        runner.model.forward(ctx, runner.cache)

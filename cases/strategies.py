@@ -1,0 +1,130 @@
+"""Hypothesis strategies for the graph cases: token counts, capture-size lists, batch compositions.
+
+Graph bugs live at the edges of the capture sizes (a step of s - 1, s or s + 1 tokens pads
+differently), so every token-count strategy draws those boundaries about half the time and any
+count the rest. Compositions are plain data (`batches.Part`s plus a seed for the token ids);
+`batches.staged` turns one into a real `Batch` on a runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import numpy as np
+from batches import Composition, Part
+from hypothesis import settings
+from hypothesis import strategies as st
+
+MAX_POSITIONS = 512  # max_position_embeddings of every bundled fixture checkpoint
+MAX_SEQS = 6  # sequences in one drawn step
+KINDS = ("prefill", "mixed", "decode")  # prefill chunks only / chunks and decodes / decodes only
+
+
+def scaled_examples(fraction: float, minimum: int = 2) -> int:
+    """A share of the active profile's max_examples (ci 25, nightly 2000), for properties whose
+    examples are model runs: the profile still scales them."""
+    return max(minimum, round(settings.default.max_examples * fraction))
+
+
+def padded_to(sizes: Sequence[int], num_tokens: int) -> int | None:
+    """Reference rounding, independent of the engine: the smallest size >= num_tokens, else None."""
+    return next((s for s in sorted(sizes) if s >= num_tokens), None)
+
+
+def boundaries(sizes: Sequence[int], cap: int) -> list[int]:
+    """s - 1, s and s + 1 for every capture size s, within [1, cap]."""
+    return sorted({v for s in sizes for v in (s - 1, s, s + 1) if 1 <= v <= cap})
+
+
+def token_counts(sizes: Sequence[int], cap: int, low: int = 1) -> st.SearchStrategy[int]:
+    """Token counts in [low, cap], a capture-size boundary about half the time."""
+    edges = [v for v in boundaries(sizes, cap) if v >= low]
+    anywhere = st.integers(low, cap)
+    return st.one_of(st.sampled_from(edges), anywhere) if edges else anywhere
+
+
+def capture_size_lists(max_size: int = 8192, max_len: int = 12, min_size: int = 1) -> st.SearchStrategy:
+    """Valid capture-size lists: sorted, unique, within [min_size, max_size]."""
+    values = st.integers(min_size, max_size)
+    return st.lists(values, min_size=1, max_size=max_len, unique=True).map(lambda xs: tuple(sorted(xs)))
+
+
+# ---------------------------------------------------------------------------- compositions
+
+
+@st.composite
+def prefill_parts(draw, length: int, max_cached: int) -> Part:
+    """A prompt chunk of `length` tokens, with or without a cached prefix before it and with or
+    without prompt tokens left after it (a chunk that does not sample)."""
+    room = MAX_POSITIONS - length
+    cached = draw(st.one_of(st.just(0), st.integers(0, min(room, max_cached))))
+    rest = draw(st.one_of(st.just(0), st.integers(0, room - cached)))
+    return Part(cached=cached, new=length, rest=rest)
+
+
+@st.composite
+def decode_parts(draw, max_cached: int) -> Part:
+    """One decode token after a context of 1..max_cached cached tokens."""
+    return Part(cached=draw(st.integers(1, min(MAX_POSITIONS - 1, max_cached))), new=1, decode=True)
+
+
+@st.composite
+def split(draw, total: int, pieces: int) -> list[int]:
+    """`total` as `pieces` positive lengths."""
+    if pieces == 1:
+        return [total]
+    cuts = draw(st.lists(st.integers(1, total - 1), min_size=pieces - 1, max_size=pieces - 1, unique=True))
+    bounds = [0, *sorted(cuts), total]
+    return [b - a for a, b in pairwise(bounds)]
+
+
+@st.composite
+def compositions(draw, prefill_sizes: Sequence[int], decode_sizes: Sequence[int], max_tokens: int,
+                 kinds: Sequence[str] = KINDS, total: int | None = None, max_seqs: int = MAX_SEQS,
+                 max_cached: int = MAX_POSITIONS - 1) -> Composition:
+    """One step's batch: prefill chunks (with and without cached prefix) and/or decodes, in any
+    order. The token count leans on the capture-size boundaries of its phase (decode sizes for
+    decode-only steps) unless `total` fixes it; it never exceeds `max_tokens`."""
+    kind = draw(st.sampled_from([k for k in kinds if _possible(k, total or max_tokens, max_seqs, total is None)]))
+    if kind == "decode":
+        n = total or draw(token_counts(decode_sizes, min(max_seqs, max_tokens)))
+        parts = [draw(decode_parts(max_cached)) for _ in range(n)]
+    else:
+        n = total or draw(token_counts(prefill_sizes, max_tokens, low=2 if kind == "mixed" else 1))
+        decodes = draw(st.integers(1, min(n - 1, max_seqs - 1))) if kind == "mixed" else 0
+        chunks = draw(st.integers(1, min(n - decodes, max_seqs - decodes)))
+        parts = [draw(decode_parts(max_cached)) for _ in range(decodes)]
+        parts += [draw(prefill_parts(length, max_cached)) for length in draw(split(n - decodes, chunks))]
+    return Composition(tuple(draw(st.permutations(parts))), draw(st.integers(0, 2**32 - 1)))
+
+
+def _possible(kind: str, tokens: int, max_seqs: int, up_to: bool) -> bool:
+    """Whether a step of this kind can hold `tokens` tokens (up to that many, when `up_to`)."""
+    return {"decode": up_to or tokens <= max_seqs, "mixed": tokens >= 2, "prefill": True}[kind]
+
+
+@st.composite
+def same_size_pairs(draw, prefill_sizes: Sequence[int], decode_sizes: Sequence[int],
+                    max_seqs: int = MAX_SEQS, max_cached: int = MAX_POSITIONS - 1) -> tuple[Composition, Composition]:
+    """(A, B): two steps of one phase that replay the same capture size, B with more real rows
+    than A whenever A is padded, so B's rows land in what is padding for A."""
+    decode_room = [s for s in decode_sizes if s <= max_seqs]
+    kind = draw(st.sampled_from(KINDS if decode_room else ("prefill", "mixed")))
+    cap = max(decode_room) if kind == "decode" else max(prefill_sizes)  # a replayed size, not a fallback
+    first = draw(compositions(prefill_sizes, decode_room, cap, (kind,), max_seqs=max_seqs, max_cached=max_cached))
+    size = padded_to(decode_room if first.is_decode_only else prefill_sizes, first.num_tokens)
+    low = first.num_tokens + 1 if first.num_tokens < size else size
+    kinds = ("decode",) if first.is_decode_only else ("prefill", "mixed")
+    second = draw(compositions(prefill_sizes, decode_room, size, kinds, total=draw(st.integers(low, size)),
+                               max_seqs=max_seqs, max_cached=max_cached))
+    return first, second
+
+
+@st.composite
+def prompt_sets(draw, vocab: int, max_prompts: int = 4, max_len: int = 48) -> list[tuple[int, ...]]:
+    """A few prompts of seeded random token ids; lengths lean on 1 and on max_len."""
+    lengths = st.one_of(st.sampled_from([1, max_len]), st.integers(1, max_len))
+    count = draw(st.integers(1, max_prompts))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return [tuple(int(t) for t in rng.integers(0, vocab, draw(lengths))) for _ in range(count)]
