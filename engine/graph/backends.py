@@ -41,6 +41,12 @@ class GraphBackend(Protocol):
 class StaticBackend:
     name = "static"
 
+    def __init__(self) -> None:
+        # Each compiled program otherwise starts its own executor thread pool: with the fixture's
+        # whole ladder captured that is ~1,760 threads, 23 ms per program call instead of 4, and
+        # 2.9 GiB of malloc arenas (bench/README.md). Serial runs ops on the calling thread.
+        paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+
     def capture(self, fn: Callable[..., Tensors], inputs: list[paddle.Tensor]) -> Replay:
         specs = [_spec(t) for t in inputs]
         return _into_buffers(paddle.jit.to_static(fn, input_spec=specs, full_graph=True), inputs)
