@@ -112,3 +112,25 @@ def test_mtp_layers_are_skipped(copy_checkpoint):
     model = edit(copy_checkpoint("glm4_moe"),
                  lambda t: t.update({"model.layers.3.eh_proj.weight": np.zeros((64, 128), np.float32)}))
     assert "model.layers.3.eh_proj.weight" not in load(model)
+
+
+def test_tensor_parallel_rank_reads_only_its_share():
+    """Rank 2 of 4 reads a quarter of each split tensor, the replicated ones whole, and under expert
+    parallelism only its own experts (4 of 16)."""
+    from engine.distributed import Partition
+
+    cfg = ModelConfig.from_hf(checkpoint_dir("glm4_moe"))
+    full = load(checkpoint_dir("glm4_moe"))
+    for ep in (False, True):
+        part = Partition(2, 4, expert_parallel=ep)
+        mine = load_weights(checkpoint_dir("glm4_moe"), cfg, lambda name: part.tensor_slice(cfg, name))
+        assert np.array_equal(mine["model.embed_tokens.weight"], full["model.embed_tokens.weight"][256:384])
+        assert np.array_equal(mine["model.layers.1.self_attn.q_proj.weight"],
+                              full["model.layers.1.self_attn.q_proj.weight"][64:96])  # query head 2
+        assert np.array_equal(mine["model.layers.1.self_attn.k_proj.weight"],
+                              full["model.layers.1.self_attn.k_proj.weight"][32:64])  # kv head 1, replicated
+        assert np.array_equal(mine["model.layers.1.mlp.gate.weight"], full["model.layers.1.mlp.gate.weight"])
+        experts = {int(n.split(".")[5]) for n in mine if ".mlp.experts." in n}
+        assert experts == (set(range(8, 12)) if ep else set(range(16)))
+        down = mine["model.layers.1.mlp.experts.9.down_proj.weight"]
+        assert down.shape == ((64, 32) if ep else (64, 8))

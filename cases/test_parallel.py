@@ -110,6 +110,15 @@ def test_graph_matches_eager_on_four_ranks(default_runs, golden, name, layout):
     compare_dumps(graph, with_margins(eager, golden(name)), logits_tol=FLOAT32).assert_ok()
 
 
+def test_fused_and_unfused_all_reduce_agree(default_runs, pool, prompts, golden):
+    """Steps above the fused all-reduce + residual + norm bound take the unfused path: with a bound
+    of 1 token every step does, and the answer is the same within float32 rounding."""
+    unfused = run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts, fused_max_tokens=1))
+    fused = default_runs("glm4_moe", "tp4", "eager")
+    assert not compare_dumps(unfused, fused).passed_exactly(), "the two paths should round differently"
+    compare_dumps(unfused, with_margins(fused, golden("glm4_moe")), logits_tol=FLOAT32).assert_ok()
+
+
 @settings(max_examples=max(3, settings().max_examples // 5))
 @given(lengths=st.lists(st.integers(1, 120), min_size=1, max_size=5), budget=st.sampled_from([48, 256]),
        seed=st.integers(0, 2**16))

@@ -57,6 +57,10 @@ class DumpDiff:
         ]
         return out
 
+    def passed_exactly(self) -> bool:
+        """No failure and every numerical comparison exact (meaningful for exact comparisons)."""
+        return not self.failures() and all(c.max_abs_err == 0 for c in self.comparisons)
+
     def assert_ok(self) -> None:
         problems = self.failures()
         if problems:

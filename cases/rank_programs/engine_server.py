@@ -2,7 +2,7 @@
 
 Request: {"checkpoint": name, "tp": N, "ep": N, "mode": graph mode, "capture_sizes": [...],
 "decode_capture_sizes": [...], "max_num_batched_tokens": T, "prompts": [[ids], ...],
-"max_new_tokens": N, "failpoints": "a,b"}; or {"hang": rank} / {"exit": rank} to plant a hung or
+"max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T}; or {"hang": rank} / {"exit": rank} to plant a hung or
 dead rank. Reply: the run's dump arrays (engine/dump.py keys) plus "rank". Engines are cached per
 configuration, so a module's examples reuse loaded weights and captured graphs.
 """
@@ -29,7 +29,8 @@ def engine_for(request: dict) -> LLM:
                         prefill_capture_sizes=tuple(request.get("capture_sizes") or ()) or None,
                         decode_capture_sizes=tuple(request.get("decode_capture_sizes") or ()) or None)
     config = EngineConfig(max_num_batched_tokens=request.get("max_num_batched_tokens", 8192), graph=graph,
-                          parallel=ParallelConfig(tp=request["tp"], ep=request.get("ep", 1)),
+                          parallel=ParallelConfig(tp=request["tp"], ep=request.get("ep", 1),
+                                                  fused_allreduce_max_tokens=request.get("fused_max_tokens", 2048)),
                           faults=Failpoints.parse(request.get("failpoints", "")))
     key = (request["checkpoint"], config)
     if key not in ENGINES:
