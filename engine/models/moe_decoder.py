@@ -76,12 +76,12 @@ class MoEDecoder:
     """Weights plus the pieces and attention ops of one decoder. Holds no per-step state."""
 
     def __init__(self, cfg: ModelConfig, hub: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS,
-                 partition: Partition = Partition(), comm: Collectives | None = None,
+                 partition: Partition | None = None, comm: Collectives | None = None,
                  fused_allreduce_max_tokens: int = 2048):
         """`hub` holds this rank's slices of the Hub tensors (all of them with one rank)."""
         self.cfg = cfg
         self.faults = faults
-        self.partition = partition
+        self.partition = partition = partition or Partition()
         self.comm = comm or Collectives()
         self.fused_max_tokens = fused_allreduce_max_tokens
         self.heads, self.kv_heads = len(partition.q_heads(cfg)), len(partition.kv_heads(cfg))  # local counts
