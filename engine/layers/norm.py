@@ -21,13 +21,6 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tens
     return weight * (x * paddle.rsqrt(variance + eps))
 
 
-def add_rms_norm(x: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor,
-                 eps: float) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """The pre-norm step of a decoder layer: returns (norm(x + residual), x + residual)."""
-    summed = x + residual
-    return rms_norm(summed, weight, eps), summed
-
-
 def all_reduce_add_rms_norm(partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float,
                             all_reduce: Callable[[paddle.Tensor], paddle.Tensor], world: int,
                             max_token_num: int) -> tuple[paddle.Tensor, paddle.Tensor]:
