@@ -288,6 +288,12 @@ class ToyModel:
         self.guard = guard
         self.seen: list[CaptureState] = []
 
+    def piece_layers(self, index):
+        return ()
+
+    def with_weights(self, convert, layers):
+        return self  # no weights to turn into program parameters
+
     def piece(self, index, *inputs):
         self.seen.append(self.guard.state)
         if index == 0:

@@ -6,8 +6,8 @@ Both backends give the same contract, the one CUDA graphs impose:
   - a replay returns the same output tensors every time, overwritten in place, so a reference
     kept across replays sees the later values.
 
-`static` compiles with `paddle.jit.to_static(full_graph=True)` and fixed input specs and copies
-each result into owned output buffers (runs on CPU and GPU). `cudagraph` captures with Paddle's
+`static` compiles with `paddle.jit.to_static(full_graph=True)`, one fixed-shape program per
+function and input shapes, and copies each result into owned output buffers (runs on CPU and GPU). `cudagraph` captures with Paddle's
 CUDA graph API on a CUDA build, all graphs in one memory pool. `auto` picks `cudagraph` where it
 is available and `static` elsewhere. `uncompiled` runs the pieces eagerly on the same padded
 buffers: padding and the buffer contract without compilation, so a divergence can be pinned on
@@ -16,15 +16,17 @@ one or the other (on this CPU, static programs are bitwise equal to it).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Callable, Iterator, Protocol
 
 import paddle
-from paddle.static import InputSpec
+
+from engine.config import GRAPH_BACKENDS
 
 Tensors = tuple[paddle.Tensor, ...]
 Replay = Callable[[], Tensors]
-
-from engine.config import GRAPH_BACKENDS
 
 
 class GraphBackendError(ValueError):
@@ -46,17 +48,47 @@ class StaticBackend:
         # whole ladder captured that is ~1,760 threads, 23 ms per program call instead of 4, and
         # 2.9 GiB of malloc arenas (bench/README.md). Serial runs ops on the calling thread.
         paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+        self._compiled: dict[Callable[..., Tensors], Callable[..., Tensors]] = {}
 
     def capture(self, fn: Callable[..., Tensors], inputs: list[paddle.Tensor]) -> Replay:
-        specs = [_spec(t) for t in inputs]
-        return _into_buffers(paddle.jit.to_static(fn, input_spec=specs, full_graph=True), inputs)
+        """Build (and run once) the program of `fn` at the shapes of `inputs`.
+
+        One `to_static` per function, reused for every size: without an input spec it keys its
+        program cache on the shapes and dtypes of the actual inputs, so each size still gets its
+        own fixed-shape program, but the function is converted only once."""
+        compiled = self._compiled.get(fn)
+        if compiled is None:
+            compiled = self._compiled[fn] = paddle.jit.to_static(fn, full_graph=True)
+            compiled.eval()  # inference programs: no backward program is built
+        with _short_op_callstacks():
+            return _into_buffers(compiled, inputs)
 
 
-def _spec(value):
-    """Fixed-shape input spec of a tensor, or of a list of tensors (the KV cache list)."""
-    if isinstance(value, (list, tuple)):
-        return [_spec(v) for v in value]
-    return InputSpec(list(value.shape), value.dtype)
+@contextmanager
+def _short_op_callstacks(depth: int = 8) -> Iterator[None]:
+    """Record only the innermost `depth` frames of each op's Python call stack, lines unread.
+
+    While a program is built, Paddle stores with every op the Python stack that created it (for
+    error messages), calling `traceback.extract_stack` for each op. Under pytest that is 40+ frames,
+    each with a source-line lookup and a stat of its file: a third of capture time. The innermost
+    frames still name the engine line that made the op, and their lines are read only if asked for.
+    """
+    original = traceback.extract_stack
+
+    def innermost(f=None, limit=None):
+        frame = f if f is not None else sys._getframe(1)
+        frames = []
+        while frame is not None and len(frames) < (limit or depth):
+            code = frame.f_code
+            frames.append(traceback.FrameSummary(code.co_filename, frame.f_lineno, code.co_name, lookup_line=False))
+            frame = frame.f_back
+        return traceback.StackSummary.from_list(frames[::-1])
+
+    traceback.extract_stack = innermost
+    try:
+        yield
+    finally:
+        traceback.extract_stack = original
 
 
 class UncompiledBackend:

@@ -1,4 +1,9 @@
-"""What each captured function takes as input, so the graph runner can own static buffers.
+"""The functions a graph backend captures, and what each takes as input (so the graph runner can
+own static buffers).
+
+`piece_function(model, i)` is piece i as a named function of its input tensors, made once per piece
+and reused for every capture size: the static backend keeps one `to_static` per function object
+and builds one fixed-shape program per size from it.
 
 Row inputs have one row per token: real rows are copied in and the padded rows after them are set
 to a defined value (0) before every replay. `num_real` is a one-element tensor holding the count
@@ -10,8 +15,14 @@ and never reallocates them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import paddle
+from paddle.jit.dy2static.convert_operators import convert_load
+
+from engine.models.moe_decoder import MoEDecoder
+
+Tensors = tuple[paddle.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -42,3 +53,44 @@ def piece_inputs(index: int, attn_width: int, hidden_size: int) -> tuple[PieceIn
         return PieceInput("token_ids", "int64", ()), POSITIONS, NUM_REAL
     return (PieceInput("attn_out", "float32", (attn_width,)), PieceInput("residual", "float32", (hidden_size,)),
             POSITIONS, NUM_REAL)
+
+
+def piece_function(model: MoEDecoder, index: int) -> Callable[..., Tensors]:
+    """Piece `index` as a plain named function (to_static needs named parameters, not *args)."""
+    layers = model.piece_layers(index)
+
+    def first_piece(token_ids, positions, num_real) -> Tensors:
+        return _trace(model, layers, 0, (token_ids, positions, num_real))
+
+    def later_piece(attn_out, residual, positions, num_real) -> Tensors:
+        return _trace(model, layers, index, (attn_out, residual, positions, num_real))
+
+    return first_piece if index == 0 else later_piece
+
+
+def full_decode_function(model: MoEDecoder) -> Callable[..., Tensors]:
+    """`model.full_decode` as a plain function of its inputs and the KV cache list."""
+    layers = tuple(range(model.cfg.num_layers))
+
+    def full_decode(token_ids, positions, num_real, slots, context_lens, caches) -> Tensors:
+        return _trace(model, layers, None, (token_ids, positions, num_real, slots, context_lens, caches))
+
+    return full_decode
+
+
+@paddle.jit.not_to_static
+def _trace(model: MoEDecoder, layers: tuple[int, ...], index: int | None, inputs: tuple) -> Tensors:
+    """Run piece `index` (None: the whole-model decode step) as ordinary Python.
+
+    Marked not_to_static so that Paddle's AST converter leaves the model code alone: the pieces have
+    no tensor-dependent control flow, so running them as they are while a program is being built
+    records the same ops, without the converter rewriting every method they call on every trace
+    (that made capture about 3x slower). The weights must then enter the program as parameters,
+    which is what the converted code does to each tensor it loads: `convert_load` does the same
+    here. Outside a to_static trace it returns the tensor unchanged, so the eager, uncompiled and
+    CUDA graph paths run this same function.
+    """
+    view = model.with_weights(convert_load, layers)
+    if index is None:
+        return view.full_decode(*inputs)
+    return view.piece(index, *inputs)

@@ -22,7 +22,7 @@ from engine.graph.backends import GraphBackend, Replay, Tensors
 from engine.graph.capture_sizes import CaptureSizes
 from engine.forward_context import ForwardContext
 from engine.graph.guard import DECODE, CaptureGuard
-from engine.graph.pieces import PieceInput, full_decode_inputs, piece_inputs
+from engine.graph.pieces import PieceInput, full_decode_function, full_decode_inputs, piece_function, piece_inputs
 from engine.graph.stats import CaptureStats
 from engine.kv_cache import KVCache
 from engine.models.moe_decoder import ForwardOutput, MoEDecoder, PieceFn
@@ -53,6 +53,9 @@ class GraphRunner:
         self.stats = stats
         self.faults = faults
         self._entries: dict[tuple[str, int], list[GraphEntry]] = {}
+        # One function object per piece, reused for every size (the static backend compiles per function).
+        self._pieces = [piece_function(model, i) for i in range(model.num_pieces)]
+        self._full_decode = full_decode_function(model) if full_decode else None
 
     def padded_size(self, phase: str, num_tokens: int) -> int | None:
         """The capture size a step of `num_tokens` replays, or None when it must run eagerly."""
@@ -85,14 +88,14 @@ class GraphRunner:
         cfg = self.model.cfg
         slots = piece_inputs(index, self.model.heads * cfg.head_dim, cfg.hidden_size)
         inputs = [slot.buffer(size) for slot in slots]
-        return GraphEntry(slots, inputs, self.backend.capture(_bound_piece(self.model, index), inputs))
+        return GraphEntry(slots, inputs, self.backend.capture(self._pieces[index], inputs))
 
     def _capture_full_decode(self, size: int) -> GraphEntry:
         cache, width = self.full_decode
         slots = full_decode_inputs(width)
         caches = [t for layer in zip(cache.keys, cache.values) for t in layer]
         inputs = [slot.buffer(size) for slot in slots] + [caches]
-        return GraphEntry(slots, inputs, self.backend.capture(_bound_full_decode(self.model), inputs))
+        return GraphEntry(slots, inputs, self.backend.capture(self._full_decode, inputs))
 
     def run_full_decode(self, ctx: ForwardContext) -> ForwardOutput:
         """Replay the whole-model decode graph at ctx.padded_size (capturing it first if new), then
@@ -139,24 +142,3 @@ class GraphRunner:
         if rows < buffer.shape[0] and not self.faults.on("graph.stale_padding"):
             buffer[rows:] = 0
 
-
-def _bound_piece(model: MoEDecoder, index: int):
-    """Piece `index` as a plain named function (what `to_static` and the CUDA graph capture take)."""
-
-    # to_static needs named parameters, not *args.
-    def first_piece(token_ids, positions, num_real) -> Tensors:
-        return model.piece(0, token_ids, positions, num_real)
-
-    def later_piece(attn_out, residual, positions, num_real) -> Tensors:
-        return model.piece(index, attn_out, residual, positions, num_real)
-
-    return first_piece if index == 0 else later_piece
-
-
-def _bound_full_decode(model: MoEDecoder):
-    """`model.full_decode` as a plain function: to_static takes methods of nn.Layer subclasses only."""
-
-    def full_decode(token_ids, positions, num_real, slots, context_lens, caches) -> Tensors:
-        return model.full_decode(token_ids, positions, num_real, slots, context_lens, caches)
-
-    return full_decode

@@ -21,8 +21,10 @@ projection (o-proj, MLP down, experts), the latter fused with the residual add a
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import paddle
@@ -46,16 +48,19 @@ PieceFn = Callable[[int, Tensors], Tensors]
 
 @dataclass(frozen=True)
 class MLPWeights:
-    gate_up: paddle.Tensor  # [H, 2I]
+    gate: paddle.Tensor  # [H, I]
+    up: paddle.Tensor  # [H, I]
     down: paddle.Tensor  # [I, H]
 
 
 @dataclass(frozen=True)
 class MoEWeights:
-    gate: paddle.Tensor  # [H, E]
+    router: paddle.Tensor  # [H, E] (all experts: every rank routes every token)
     bias: paddle.Tensor | None  # [E]; None when the checkpoint has no correction bias
-    gate_up: paddle.Tensor  # [E, H, 2I]
-    down: paddle.Tensor  # [E, I, H]
+    num_local: int  # experts held by this rank
+    gate: paddle.Tensor  # [H, E_local * I], expert e in columns [e*I, (e+1)*I)
+    up: paddle.Tensor  # [H, E_local * I]
+    down: paddle.Tensor  # [E_local * I, H]
     shared: MLPWeights | None
 
 
@@ -113,6 +118,21 @@ class MoEDecoder:
         """Piece i (i >= 1) finishes layer i - 1; it routes when that layer is a MoE layer."""
         return index >= 1 and self.cfg.is_moe_layer(index - 1)
 
+    def with_weights(self, convert: Callable[[paddle.Tensor], paddle.Tensor], layers: Iterable[int]) -> "MoEDecoder":
+        """A shallow copy whose tensors read by the pieces (the embedding, final norm and rotary
+        tables, and the weights of `layers`) are `convert(tensor)`; other layers are left as they are.
+        The graph backends use it to turn the weights into parameters of the program being traced."""
+        view = copy.copy(self)
+        view.embed_table, view.final_norm = convert(self.embed_table), convert(self.final_norm)
+        view.cos, view.sin = convert(self.cos), convert(self.sin)
+        wanted = set(layers)
+        view.layers = [_map_tensors(w, convert) if i in wanted else w for i, w in enumerate(self.layers)]
+        return view
+
+    def piece_layers(self, index: int) -> tuple[int, ...]:
+        """The layers whose weights piece `index` reads: it finishes layer index - 1 and starts layer index."""
+        return tuple(i for i in (index - 1, index) if 0 <= i < self.cfg.num_layers)
+
     # ---- pieces ---------------------------------------------------------------------------
 
     def piece(self, index: int, *inputs: paddle.Tensor) -> Tensors:
@@ -162,17 +182,17 @@ class MoEDecoder:
         reduce = not self.faults.on("dist.skip_allreduce")
         normed, residual = self._reduce_add_norm(attn, residual, w.post_norm, reduce)
         if isinstance(w.mlp, MLPWeights):
-            return dense_mlp(normed, w.mlp.gate_up, w.mlp.down), residual, ()
+            return dense_mlp(normed, w.mlp.gate, w.mlp.up, w.mlp.down), residual, ()
         out, ids, nonfinite = self._moe(w.mlp, normed, num_real)
         return out, residual, (ids, nonfinite)
 
     def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor) -> Tensors:
-        logits = paddle.matmul(x, w.gate)  # [T, E]
+        logits = paddle.matmul(x, w.router)  # [T, E]
         ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
         local = weights * self.cfg.routed_scaling_factor if self.faults.on("dist.double_scale") else weights
-        out = routed_experts(x, ids - self.first_expert, local, w.gate_up, w.down)  # this rank's experts
+        out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down)  # this rank's
         if w.shared is not None:
-            out = out + dense_mlp(x, w.shared.gate_up, w.shared.down)
+            out = out + dense_mlp(x, w.shared.gate, w.shared.up, w.shared.down)
         return out, ids, router.nonfinite_rows(logits, num_real)
 
     def _route(self, logits: paddle.Tensor, bias: paddle.Tensor | None, num_real: paddle.Tensor) -> Tensors:
@@ -239,6 +259,16 @@ class ForwardOutput:
     routing: dict[int, Tensors]  # MoE layer -> (topk_ids [P, k], nonfinite [P])
 
 
+def _map_tensors(weights, convert: Callable[[paddle.Tensor], paddle.Tensor]):
+    """The weights dataclass with every tensor field (nested ones too) passed through `convert`."""
+    if isinstance(weights, paddle.Tensor):
+        return convert(weights)
+    if dataclasses.is_dataclass(weights):
+        return replace(weights, **{f.name: _map_tensors(getattr(weights, f.name), convert)
+                                   for f in dataclasses.fields(weights)})
+    return weights
+
+
 def _without_cached_prefix(meta: AttentionMetadata) -> AttentionMetadata:
     """The planted bug: every sequence sees only this step's tokens, as if nothing were cached."""
     spans = tuple(replace(s, context_len=0, slots=s.slots[s.context_len:]) for s in meta.spans)
@@ -266,8 +296,8 @@ def _layer_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], layer: int, exp
 
 
 def _mlp_weights(hub: dict[str, np.ndarray], prefix: str) -> MLPWeights:
-    gate_up = np.concatenate([hub[prefix + "gate_proj.weight"], hub[prefix + "up_proj.weight"]], axis=0)
-    return MLPWeights(gate_up=weight_param(gate_up), down=weight_param(hub[prefix + "down_proj.weight"]))
+    return MLPWeights(gate=weight_param(hub[prefix + "gate_proj.weight"]), up=weight_param(hub[prefix + "up_proj.weight"]),
+                      down=weight_param(hub[prefix + "down_proj.weight"]))
 
 
 def _row_parallel_bias(bias: np.ndarray, rank: int) -> paddle.Tensor:
@@ -277,10 +307,13 @@ def _row_parallel_bias(bias: np.ndarray, rank: int) -> paddle.Tensor:
 
 def _moe_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], prefix: str, local: range) -> MoEWeights:
     experts = [f"{prefix}experts.{e}." for e in local]
-    gate_up = np.stack([np.concatenate([hub[e + "gate_proj.weight"], hub[e + "up_proj.weight"]]).T
-                        for e in experts])  # [E, H, 2I]
-    down = np.stack([hub[e + "down_proj.weight"].T for e in experts])  # [E, I, H]
+
+    def side_by_side(name: str) -> np.ndarray:  # Hub [I, H] per expert -> [H, E*I]
+        return np.concatenate([hub[e + name].T for e in experts], axis=1)
+
+    down = np.concatenate([hub[e + "down_proj.weight"].T for e in experts], axis=0)  # [E*I, H]
     bias = hub.get(prefix + "gate.e_score_correction_bias")
     shared = _mlp_weights(hub, prefix + "shared_experts.") if cfg.n_shared_experts else None
-    return MoEWeights(gate=weight_param(hub[prefix + "gate.weight"]), bias=None if bias is None else frozen(bias),
-                      gate_up=frozen(gate_up), down=frozen(down), shared=shared)
+    return MoEWeights(router=weight_param(hub[prefix + "gate.weight"]), bias=None if bias is None else frozen(bias),
+                      num_local=len(experts), gate=frozen(side_by_side("gate_proj.weight")),
+                      up=frozen(side_by_side("up_proj.weight")), down=frozen(down), shared=shared)

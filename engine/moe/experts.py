@@ -5,13 +5,18 @@ expert, weights the results. No shape depends on the routing, so the same code i
 captured; padded rows carry id -1 and weight 0 and so add nothing. The cost is E/k times the
 sparse FLOPs, affordable for the gate's checkpoints; a capacity-based grouped GEMM can replace
 `routed_experts` behind the same signature on a GPU.
+
+Layout: the experts' gate and up projections sit side by side in one [H, E*I] matrix each, and
+their down projections stacked in one [E*I, H] matrix. Each projection is then one plain GEMM over
+all experts, and the combine weights are folded into the activations before the down GEMM, so
+the sum over experts happens inside it. (A batched [E, T, 2I] form with a chunk and an einsum was
+1.7x slower on this CPU at 4096 tokens: the chunk and the einsum each copy an [E, T, *] tensor.)
 """
 
 from __future__ import annotations
 
 import paddle
-
-from engine.layers.activation import silu_and_mul
+import paddle.nn.functional as F
 
 
 def combine_matrix(ids: paddle.Tensor, weights: paddle.Tensor, num_experts: int) -> paddle.Tensor:
@@ -21,15 +26,17 @@ def combine_matrix(ids: paddle.Tensor, weights: paddle.Tensor, num_experts: int)
     return (hits * weights.unsqueeze(-1)).sum(axis=1)
 
 
-def routed_experts(x: paddle.Tensor, ids: paddle.Tensor, weights: paddle.Tensor,
-                   gate_up: paddle.Tensor, down: paddle.Tensor) -> paddle.Tensor:
-    """x [T, H]; gate_up [E, H, 2I]; down [E, I, H] -> sum over chosen experts of weight * expert(x)."""
-    combine = combine_matrix(ids, weights, gate_up.shape[0])  # [T, E]
-    hidden = paddle.matmul(x.unsqueeze(0), gate_up)  # [E, T, 2I]
-    out = paddle.matmul(silu_and_mul(hidden), down)  # [E, T, H]
-    return paddle.einsum("te,eth->th", combine, out)
+def routed_experts(x: paddle.Tensor, ids: paddle.Tensor, weights: paddle.Tensor, num_experts: int,
+                   gate: paddle.Tensor, up: paddle.Tensor, down: paddle.Tensor) -> paddle.Tensor:
+    """x [T, H]; ids, weights [T, k] with ids in [0, num_experts) or outside it (no expert);
+    gate, up [H, E*I]; down [E*I, H] -> sum over the chosen experts of weight * expert(x).
+    Expert e owns columns [e*I, (e+1)*I) of gate and up and rows [e*I, (e+1)*I) of down."""
+    combine = combine_matrix(ids, weights, num_experts)  # [T, E]
+    act = F.silu(paddle.matmul(x, gate)) * paddle.matmul(x, up)  # [T, E*I]
+    weighted = act.reshape([x.shape[0], num_experts, -1]) * combine.unsqueeze(-1)  # [T, E, I]
+    return paddle.matmul(weighted.reshape([x.shape[0], -1]), down)
 
 
-def dense_mlp(x: paddle.Tensor, gate_up: paddle.Tensor, down: paddle.Tensor) -> paddle.Tensor:
-    """The SwiGLU MLP of dense layers and shared experts: x [T, H]; gate_up [H, 2I]; down [I, H]."""
-    return paddle.matmul(silu_and_mul(paddle.matmul(x, gate_up)), down)
+def dense_mlp(x: paddle.Tensor, gate: paddle.Tensor, up: paddle.Tensor, down: paddle.Tensor) -> paddle.Tensor:
+    """The SwiGLU MLP of dense layers and shared experts: x [T, H]; gate, up [H, I]; down [I, H]."""
+    return paddle.matmul(F.silu(paddle.matmul(x, gate)) * paddle.matmul(x, up), down)
