@@ -58,10 +58,16 @@ class _TimedProgram:
 
     def __init__(self, program: Callable, clock: Clock) -> None:
         self._program = program
+        self._clock = clock
         self._call = clock.wrap("program", program)
 
     def __call__(self, *args, **kwargs):
         return self._call(*args, **kwargs)
+
+    def get_concrete_program(self, *args, **kwargs):
+        """The static backend replays the program this returns: time its calls too."""
+        concrete, program = self._program.get_concrete_program(*args, **kwargs)
+        return concrete, self._clock.wrap("program", program)
 
     def __getattr__(self, name: str):
         return getattr(self._program, name)

@@ -281,6 +281,7 @@ class ToyModel:
     route to -1. Records the guard state whenever a piece body runs."""
 
     num_pieces = 2
+    RESIDUAL_OUTPUT = 1
     heads = 1
     cfg = SimpleNamespace(head_dim=1, hidden_size=1)
 
@@ -288,10 +289,7 @@ class ToyModel:
         self.guard = guard
         self.seen: list[CaptureState] = []
 
-    def piece_layers(self, index):
-        return ()
-
-    def with_weights(self, convert, layers):
+    def with_weights(self, convert, index):
         return self  # no weights to turn into program parameters
 
     def piece(self, index, *inputs):

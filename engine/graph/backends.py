@@ -18,15 +18,29 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import paddle
 
 from engine.config import GRAPH_BACKENDS
 
 Tensors = tuple[paddle.Tensor, ...]
-Replay = Callable[[], Tensors]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A captured function. Calling it reruns the capture on the current contents of its input
+    buffers and returns `outputs`: the same tensors every time, overwritten in place. A caller may
+    hand `outputs` to another capture as its input buffers (the graph runner chains pieces so)."""
+
+    run: Callable[[], Tensors]
+    outputs: Tensors
+
+    def __call__(self) -> Tensors:
+        return self.run()
 
 
 class GraphBackendError(ValueError):
@@ -55,17 +69,21 @@ class StaticBackend:
 
         One `to_static` per function, reused for every size: without an input spec it keys its
         program cache on the shapes and dtypes of the actual inputs, so each size still gets its
-        own fixed-shape program, but the function is converted only once."""
+        own fixed-shape program, but the function is converted only once. Replays call that
+        program directly, skipping the per-call input-spec hashing of the to_static wrapper."""
         compiled = self._compiled.get(fn)
         if compiled is None:
             compiled = self._compiled[fn] = paddle.jit.to_static(fn, full_graph=True)
             compiled.eval()  # inference programs: no backward program is built
         with _short_op_callstacks():
-            return _into_buffers(compiled, inputs)
+            first = compiled(*inputs)
+        _, program = compiled.get_concrete_program(*inputs, is_train=False)  # the one just built
+        args = tuple(inputs)
+        return _into_buffers(lambda: program(args), first)
 
 
 @contextmanager
-def _short_op_callstacks(depth: int = 8) -> Iterator[None]:
+def _short_op_callstacks(depth: int = 6) -> Iterator[None]:
     """Record only the innermost `depth` frames of each op's Python call stack, lines unread.
 
     While a program is built, Paddle stores with every op the Python stack that created it (for
@@ -95,19 +113,19 @@ class UncompiledBackend:
     name = "uncompiled"
 
     def capture(self, fn: Callable[..., Tensors], inputs: list[paddle.Tensor]) -> Replay:
-        return _into_buffers(fn, inputs)
+        return _into_buffers(lambda: fn(*inputs), fn(*inputs))
 
 
-def _into_buffers(fn: Callable[..., Tensors], inputs: list[paddle.Tensor]) -> Replay:
-    """Run fn on the input buffers once; later replays copy each result into the same outputs."""
-    outputs = tuple(paddle.assign(t) for t in fn(*inputs))  # owned, overwritten by replays
+def _into_buffers(run: Callable[[], Tensors], first: Tensors) -> Replay:
+    """Owned copies of the first run's results; each replay reruns and copies into the same tensors."""
+    outputs = tuple(paddle.assign(t) for t in first)  # owned, overwritten by replays
 
     def replay() -> Tensors:
-        for buffer, fresh in zip(outputs, fn(*inputs)):
+        for buffer, fresh in zip(outputs, run()):
             paddle.assign(fresh, output=buffer)
         return outputs
 
-    return replay
+    return Replay(replay, outputs)
 
 
 class CudaGraphBackend:
@@ -138,7 +156,7 @@ class CudaGraphBackend:
             graph.replay()
             return outputs
 
-        return replay
+        return Replay(replay, outputs)
 
 
 def cuda_graphs_available() -> bool:

@@ -8,9 +8,9 @@ persist after the step), so it behaves the same whether a step was captured, rep
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 EAGER = "eager"
 PREFILL = "prefill"  # prefill and mixed prefill/decode steps

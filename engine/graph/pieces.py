@@ -14,8 +14,8 @@ and never reallocates them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import paddle
 from paddle.jit.dy2static.convert_operators import convert_load
@@ -38,6 +38,7 @@ class PieceInput:
 
 NUM_REAL = PieceInput("num_real", "int64", None)
 POSITIONS = PieceInput("positions", "int64", ())
+RESIDUAL = PieceInput("residual", "float32", None)  # name only: its row shape is the hidden size
 
 
 def full_decode_inputs(max_len: int) -> tuple[PieceInput, ...]:
@@ -51,35 +52,33 @@ def piece_inputs(index: int, attn_width: int, hidden_size: int) -> tuple[PieceIn
     rank's attention output width (its query heads x head_dim)."""
     if index == 0:
         return PieceInput("token_ids", "int64", ()), POSITIONS, NUM_REAL
-    return (PieceInput("attn_out", "float32", (attn_width,)), PieceInput("residual", "float32", (hidden_size,)),
+    return (PieceInput("attn_out", "float32", (attn_width,)), PieceInput(RESIDUAL.name, "float32", (hidden_size,)),
             POSITIONS, NUM_REAL)
 
 
 def piece_function(model: MoEDecoder, index: int) -> Callable[..., Tensors]:
     """Piece `index` as a plain named function (to_static needs named parameters, not *args)."""
-    layers = model.piece_layers(index)
 
     def first_piece(token_ids, positions, num_real) -> Tensors:
-        return _trace(model, layers, 0, (token_ids, positions, num_real))
+        return _trace(model, 0, (token_ids, positions, num_real))
 
     def later_piece(attn_out, residual, positions, num_real) -> Tensors:
-        return _trace(model, layers, index, (attn_out, residual, positions, num_real))
+        return _trace(model, index, (attn_out, residual, positions, num_real))
 
     return first_piece if index == 0 else later_piece
 
 
 def full_decode_function(model: MoEDecoder) -> Callable[..., Tensors]:
     """`model.full_decode` as a plain function of its inputs and the KV cache list."""
-    layers = tuple(range(model.cfg.num_layers))
 
     def full_decode(token_ids, positions, num_real, slots, context_lens, caches) -> Tensors:
-        return _trace(model, layers, None, (token_ids, positions, num_real, slots, context_lens, caches))
+        return _trace(model, None, (token_ids, positions, num_real, slots, context_lens, caches))
 
     return full_decode
 
 
 @paddle.jit.not_to_static
-def _trace(model: MoEDecoder, layers: tuple[int, ...], index: int | None, inputs: tuple) -> Tensors:
+def _trace(model: MoEDecoder, index: int | None, inputs: tuple) -> Tensors:
     """Run piece `index` (None: the whole-model decode step) as ordinary Python.
 
     Marked not_to_static so that Paddle's AST converter leaves the model code alone: the pieces have
@@ -90,7 +89,7 @@ def _trace(model: MoEDecoder, layers: tuple[int, ...], index: int | None, inputs
     here. Outside a to_static trace it returns the tensor unchanged, so the eager, uncompiled and
     CUDA graph paths run this same function.
     """
-    view = model.with_weights(convert_load, layers)
+    view = model.with_weights(convert_load, index)
     if index is None:
         return view.full_decode(*inputs)
     return view.piece(index, *inputs)

@@ -5,6 +5,11 @@ with and a replay. Running a step copies each piece's real rows into its buffers
 rows to 0 (`num_real` tells the router which rows are padding), and replays. What a replay returns
 are the backend's output buffers: the next replay of that piece and size overwrites them.
 
+Buffers are shared where the data is: the pieces of one size read one `positions` and one
+`num_real` buffer (filled once per step), and piece i + 1 is captured reading piece i's residual
+output buffer, so the residual stream never leaves the graphs' memory, as in vLLM's piecewise
+runner. Its padded rows are then whatever piece i computed from its own (defined) padded rows.
+
 With a whole-model decode graph (mode full_and_piecewise), a decode-only step replays one graph
 of `MoEDecoder.full_decode` instead of the pieces; it reads the KV cache in place and returns each
 layer's new k/v, which the runner writes to the cache after the replay.
@@ -18,11 +23,20 @@ from dataclasses import dataclass
 import paddle
 
 from engine.failpoints import NO_FAULTS, Failpoints
+from engine.forward_context import ForwardContext
 from engine.graph.backends import GraphBackend, Replay, Tensors
 from engine.graph.capture_sizes import CaptureSizes
-from engine.forward_context import ForwardContext
 from engine.graph.guard import DECODE, CaptureGuard
-from engine.graph.pieces import PieceInput, full_decode_function, full_decode_inputs, piece_function, piece_inputs
+from engine.graph.pieces import (
+    NUM_REAL,
+    POSITIONS,
+    RESIDUAL,
+    PieceInput,
+    full_decode_function,
+    full_decode_inputs,
+    piece_function,
+    piece_inputs,
+)
 from engine.graph.stats import CaptureStats
 from engine.kv_cache import KVCache
 from engine.models.moe_decoder import ForwardOutput, MoEDecoder, PieceFn
@@ -74,7 +88,7 @@ class GraphRunner:
             if phase == DECODE and self.full_decode:
                 self._entries[(phase, size)] = [self._capture_full_decode(size)]
             else:
-                self._entries[(phase, size)] = [self._capture_piece(i, size) for i in range(self.model.num_pieces)]
+                self._entries[(phase, size)] = self._capture_pieces(size)
         self.stats.record_capture(phase, size)
         log.debug("captured %s graphs at size %d", phase, size)
 
@@ -84,11 +98,17 @@ class GraphRunner:
             for size in sizes.largest_first():
                 self.capture(phase, size)
 
-    def _capture_piece(self, index: int, size: int) -> GraphEntry:
+    def _capture_pieces(self, size: int) -> list[GraphEntry]:
         cfg = self.model.cfg
-        slots = piece_inputs(index, self.model.heads * cfg.head_dim, cfg.hidden_size)
-        inputs = [slot.buffer(size) for slot in slots]
-        return GraphEntry(slots, inputs, self.backend.capture(self._pieces[index], inputs))
+        shared = {POSITIONS.name: POSITIONS.buffer(size), NUM_REAL.name: NUM_REAL.buffer(size)}
+        entries: list[GraphEntry] = []
+        for index in range(self.model.num_pieces):
+            slots = piece_inputs(index, self.model.heads * cfg.head_dim, cfg.hidden_size)
+            if index > 0:  # the residual stream: the previous piece's output buffer, as it is
+                shared[RESIDUAL.name] = entries[-1].replay.outputs[self.model.RESIDUAL_OUTPUT]
+            inputs = [shared[slot.name] if slot.name in shared else slot.buffer(size) for slot in slots]
+            entries.append(GraphEntry(slots, inputs, self.backend.capture(self._pieces[index], inputs)))
+        return entries
 
     def _capture_full_decode(self, size: int) -> GraphEntry:
         cache, width = self.full_decode
@@ -106,7 +126,7 @@ class GraphRunner:
         self.stats.record_replay(DECODE, size)
         tables = ctx.attention.decode
         values = (ctx.token_ids, ctx.positions, ctx.num_real, tables.slots, tables.context_lens)
-        outputs = self._replay(self._entries[(DECODE, size)][0], values, n)
+        outputs = self._replay(self._entries[(DECODE, size)][0], values, n, set())
         layers = self.model.cfg.num_layers
         for layer in range(layers):
             k, v = outputs[1 + 2 * layer], outputs[2 + 2 * layer]
@@ -122,11 +142,15 @@ class GraphRunner:
             self.capture(phase, size)
         entries = self._entries[(phase, size)]
         self.stats.record_replay(phase, size)
-        return lambda index, inputs: self._replay(entries[index], inputs, num_tokens)
+        filled: set[int] = set()  # ids of the shared buffers this step has filled
+        return lambda index, inputs: self._replay(entries[index], inputs, num_tokens, filled)
 
-    def _replay(self, entry: GraphEntry, inputs: Tensors, num_tokens: int) -> Tensors:
+    def _replay(self, entry: GraphEntry, inputs: Tensors, num_tokens: int, filled: set[int]) -> Tensors:
         for slot, buffer, value in zip(entry.slots, entry.inputs, inputs):
+            if value is buffer or id(buffer) in filled:
+                continue  # chained from the previous piece, or a shared buffer already filled this step
             self._copy_in(slot, buffer, value, num_tokens)
+            filled.add(id(buffer))
         outputs = entry.replay()
         if self.faults.on("graph.copy_outputs"):
             return tuple(paddle.assign(t) for t in outputs)

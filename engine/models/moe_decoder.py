@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import ClassVar
 
 import numpy as np
 import paddle
@@ -34,7 +35,11 @@ from engine.distributed import Collectives, Partition
 from engine.failpoints import NO_FAULTS, Failpoints
 from engine.forward_context import ForwardContext
 from engine.kv_cache import KVCache
-from engine.layers.attention import AttentionMetadata, paged_attention, static_decode_attention
+from engine.layers.attention import (
+    AttentionMetadata,
+    paged_attention,
+    static_decode_attention,
+)
 from engine.layers.embedding import lm_head, vocab_parallel_embed
 from engine.layers.linear import frozen, linear, weight_param
 from engine.layers.norm import all_reduce_add_rms_norm, rms_norm
@@ -76,9 +81,14 @@ class LayerWeights:
     o_bias: paddle.Tensor | None
     mlp: MLPWeights | MoEWeights
 
+    STARTS: ClassVar = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm")  # read by the piece that starts the layer
+    FINISHES: ClassVar = ("o_proj", "o_bias", "post_norm", "mlp")  # read by the piece after its attention
+
 
 class MoEDecoder:
     """Weights plus the pieces and attention ops of one decoder. Holds no per-step state."""
+
+    RESIDUAL_OUTPUT = 3  # outputs of a piece followed by attention: (q, k, v, residual, ...)
 
     def __init__(self, cfg: ModelConfig, hub: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS,
                  partition: Partition | None = None, comm: Collectives | None = None,
@@ -118,20 +128,26 @@ class MoEDecoder:
         """Piece i (i >= 1) finishes layer i - 1; it routes when that layer is a MoE layer."""
         return index >= 1 and self.cfg.is_moe_layer(index - 1)
 
-    def with_weights(self, convert: Callable[[paddle.Tensor], paddle.Tensor], layers: Iterable[int]) -> "MoEDecoder":
-        """A shallow copy whose tensors read by the pieces (the embedding, final norm and rotary
-        tables, and the weights of `layers`) are `convert(tensor)`; other layers are left as they are.
-        The graph backends use it to turn the weights into parameters of the program being traced."""
+    def with_weights(self, convert: Callable[[paddle.Tensor], paddle.Tensor], index: int | None) -> MoEDecoder:
+        """A shallow copy in which the tensors piece `index` reads (None: every piece, the whole-model
+        decode step) are `convert(tensor)`. The graph backends use it to turn exactly those weights
+        into parameters of the program being traced, and no others."""
+        last = self.cfg.num_layers
+        pieces = range(last + 1) if index is None else (index,)
         view = copy.copy(self)
-        view.embed_table, view.final_norm = convert(self.embed_table), convert(self.final_norm)
-        view.cos, view.sin = convert(self.cos), convert(self.sin)
-        wanted = set(layers)
-        view.layers = [_map_tensors(w, convert) if i in wanted else w for i, w in enumerate(self.layers)]
+        if 0 in pieces:
+            view.embed_table = convert(self.embed_table)
+        if last in pieces:
+            view.final_norm = convert(self.final_norm)
+        if any(i < last for i in pieces):
+            view.cos, view.sin = convert(self.cos), convert(self.sin)
+        view.layers = list(self.layers)
+        for i in pieces:
+            if i < last:  # piece i starts layer i ...
+                view.layers[i] = _map_fields(view.layers[i], LayerWeights.STARTS, convert)
+            if i > 0:  # ... and finishes layer i - 1
+                view.layers[i - 1] = _map_fields(view.layers[i - 1], LayerWeights.FINISHES, convert)
         return view
-
-    def piece_layers(self, index: int) -> tuple[int, ...]:
-        """The layers whose weights piece `index` reads: it finishes layer index - 1 and starts layer index."""
-        return tuple(i for i in (index - 1, index) if 0 <= i < self.cfg.num_layers)
 
     # ---- pieces ---------------------------------------------------------------------------
 
@@ -219,7 +235,7 @@ class MoEDecoder:
         """Final hidden rows [N, H] -> logits [N, V] (each rank computes its vocabulary slice)."""
         return self.comm.all_gather_last(lm_head(hidden, self.head_table))
 
-    def forward(self, ctx: ForwardContext, cache: KVCache, run_piece: PieceFn | None = None) -> "ForwardOutput":
+    def forward(self, ctx: ForwardContext, cache: KVCache, run_piece: PieceFn | None = None) -> ForwardOutput:
         """Run the whole stack. `run_piece(i, inputs)` executes piece i; the default runs it eagerly,
         the graph runner passes one that replays a captured piece (outputs then have padded rows)."""
         run_piece = run_piece or (lambda i, inputs: self.piece(i, *inputs))
@@ -257,6 +273,10 @@ class MoEDecoder:
 class ForwardOutput:
     hidden: paddle.Tensor  # [P, H] final-normed hidden states (P = padded rows)
     routing: dict[int, Tensors]  # MoE layer -> (topk_ids [P, k], nonfinite [P])
+
+
+def _map_fields(weights: LayerWeights, fields: tuple[str, ...], convert: Callable[[paddle.Tensor], paddle.Tensor]):
+    return replace(weights, **{name: _map_tensors(getattr(weights, name), convert) for name in fields})
 
 
 def _map_tensors(weights, convert: Callable[[paddle.Tensor], paddle.Tensor]):
