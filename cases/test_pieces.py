@@ -1,0 +1,129 @@
+"""How pieces become programs: the contracts the fast capture path relies on.
+
+The static backend traces each piece as plain Python and turns into program parameters only the
+weights `MoEDecoder.with_weights` hands it; a weight the piece reads but the view leaves out would
+reach a static op as an eager tensor. The backend keeps one `to_static` per function for every
+size, and the graph runner chains the residual buffer from piece to piece and shares one
+`positions` / `num_real` buffer per size.
+"""
+
+from __future__ import annotations
+
+import traceback
+from itertools import pairwise
+
+import numpy as np
+import paddle
+import pytest
+
+from engine.config import ModelConfig
+from engine.graph.backends import StaticBackend, _short_op_callstacks
+from engine.graph.capture_sizes import CaptureSizes
+from engine.graph.guard import PREFILL, CaptureGuard
+from engine.graph.pieces import piece_inputs
+from engine.graph.runner import GraphRunner
+from engine.graph.stats import CaptureStats
+from engine.loader import load_weights
+from engine.models.moe_decoder import MoEDecoder
+from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
+
+NAMES = [pytest.param(name, id=name) for name in CHECKPOINT_NAMES]
+
+
+def decoder(name: str) -> MoEDecoder:
+    cfg = ModelConfig.from_hf(checkpoint_dir(name))
+    return MoEDecoder(cfg, load_weights(checkpoint_dir(name), cfg))
+
+
+def piece_values(model: MoEDecoder, index: int, size: int = 12, real: int = 9) -> list[paddle.Tensor]:
+    rng = np.random.default_rng(index)
+    values = []
+    for slot in piece_inputs(index, model.heads * model.cfg.head_dim, model.cfg.hidden_size):
+        if slot.name == "num_real":
+            values.append(paddle.to_tensor([real], dtype="int64"))
+        elif slot.name == "token_ids":
+            values.append(paddle.to_tensor(rng.integers(0, model.cfg.vocab_size, size), dtype="int64"))
+        elif slot.name == "positions":
+            values.append(paddle.arange(size, dtype="int64"))
+        else:
+            values.append(paddle.to_tensor(rng.standard_normal((size, *slot.row_shape)).astype("float32")))
+    return values
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_piece_reads_only_the_weights_its_view_converts(name):
+    """Every tensor the view leaves unconverted is poisoned with NaN: the piece's outputs must not
+    change, so nothing it reads escaped the conversion (in a trace that would be an eager tensor
+    inside a static program)."""
+    model = decoder(name)
+    for index in range(model.num_pieces):
+        converted: set[int] = set()
+
+        def mark(tensor: paddle.Tensor, seen: set[int] = converted) -> paddle.Tensor:
+            seen.add(id(tensor))
+            return tensor
+
+        def poison(tensor: paddle.Tensor, seen: set[int] = converted) -> paddle.Tensor:
+            return tensor if id(tensor) in seen else paddle.full_like(tensor, float("nan"))
+
+        view = model.with_weights(mark, index)
+        assert converted, f"piece {index}: the view converted no weights"
+        poisoned = view.with_weights(poison, None)
+        inputs = piece_values(model, index)
+        expected = model.piece(index, *inputs)
+        got = poisoned.piece(index, *inputs)
+        for j, (a, b) in enumerate(zip(expected, got)):
+            np.testing.assert_array_equal(b.numpy(), a.numpy(), err_msg=f"piece {index} output {j} read a weight "
+                                                                            "its view did not convert")
+
+
+def test_the_poison_check_can_fail():
+    """The check above is not vacuous: poisoning a weight the piece does read changes its output."""
+    model = decoder("glm4_moe")
+    poisoned = model.with_weights(lambda t: paddle.full_like(t, float("nan")), 1)
+    out = poisoned.piece(1, *piece_values(model, 1))
+    assert np.isnan(out[0].numpy()).any()
+
+
+def doubling(x, n):
+    rows = paddle.arange(x.shape[0], dtype="int64").unsqueeze(-1)
+    return (paddle.where(rows < n, x * 2, paddle.zeros_like(x)),)
+
+
+def test_static_backend_compiles_a_function_once_and_a_program_per_size():
+    backend = StaticBackend()
+    replays = {}
+    for size in (8, 4):
+        x, n = paddle.arange(size, dtype="float32").unsqueeze(-1), paddle.to_tensor([3], dtype="int64")
+        replays[size] = (backend.capture(doubling, [x, n]), x)
+    assert list(backend._compiled) == [doubling]
+    compiled = backend._compiled[doubling]
+    programs = {size: compiled.get_concrete_program(x, paddle.to_tensor([3], dtype="int64"), is_train=False)[0]
+                for size, (_, x) in replays.items()}
+    assert programs[8] is not programs[4]
+    for size, (replay, x) in replays.items():
+        expected = np.where(np.arange(size) < 3, 2 * np.arange(size), 0).astype("float32")
+        np.testing.assert_array_equal(replay()[0].numpy()[:, 0], expected)
+
+
+def test_pieces_of_a_size_chain_the_residual_and_share_positions():
+    model = decoder("glm4_moe")
+    guard = CaptureGuard()
+    runner = GraphRunner(model, StaticBackend(), {PREFILL: CaptureSizes((8,), 8)}, guard, CaptureStats())
+    runner.capture(PREFILL, 8)
+    entries = runner._entries[(PREFILL, 8)]
+    for before, after in pairwise(entries):
+        names = [slot.name for slot in after.slots]
+        assert after.inputs[names.index("residual")] is before.replay.outputs[model.RESIDUAL_OUTPUT]
+    for slot_name in ("positions", "num_real"):
+        buffers = {id(e.inputs[[s.name for s in e.slots].index(slot_name)]) for e in entries}
+        assert len(buffers) == 1, f"{slot_name}: one buffer per size, found {len(buffers)}"
+
+
+def test_short_op_callstacks_restores_traceback_even_on_error():
+    original = traceback.extract_stack
+    with pytest.raises(RuntimeError), _short_op_callstacks(depth=3):
+        stack = traceback.extract_stack()
+        assert len(stack) == 3 and stack[-1].name == "test_short_op_callstacks_restores_traceback_even_on_error"
+        raise RuntimeError("boom")
+    assert traceback.extract_stack is original
