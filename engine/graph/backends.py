@@ -61,7 +61,12 @@ class StaticBackend:
         # Each compiled program otherwise starts its own executor thread pool: with the fixture's
         # whole ladder captured that is ~1,760 threads, 23 ms per program call instead of 4, and
         # 2.9 GiB of malloc arenas (bench/README.md). Serial runs ops on the calling thread.
-        paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+        # A CPU program's garbage collector also hands every freed temporary to a worker thread of
+        # its own, and the cost of that hand-off grows with the number of programs in the process
+        # (Paddle's host memory stats sum over all threads): with the ladder captured a 16-token
+        # step's pieces took 2.5x longer. Turning it off left resident memory after capture the same
+        # (fixture ladder +963 vs +964 MiB; synthetic 8192/4096/2048 +1061 vs +1107 MiB).
+        paddle.set_flags({"FLAGS_new_executor_serial_run": True, "FLAGS_eager_delete_tensor_gb": -1.0})
         self._compiled: dict[Callable[..., Tensors], Callable[..., Tensors]] = {}
 
     def capture(self, fn: Callable[..., Tensors], inputs: list[paddle.Tensor]) -> Replay:
