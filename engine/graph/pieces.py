@@ -38,7 +38,7 @@ class PieceInput:
 
 NUM_REAL = PieceInput("num_real", "int64", None)
 POSITIONS = PieceInput("positions", "int64", ())
-RESIDUAL = PieceInput("residual", "float32", None)  # name only: its row shape is the hidden size
+RESIDUAL = "residual"  # the input the graph runner chains from the previous piece's output
 
 
 def full_decode_inputs(max_len: int) -> tuple[PieceInput, ...]:
@@ -52,7 +52,7 @@ def piece_inputs(index: int, attn_width: int, hidden_size: int) -> tuple[PieceIn
     rank's attention output width (its query heads x head_dim)."""
     if index == 0:
         return PieceInput("token_ids", "int64", ()), POSITIONS, NUM_REAL
-    return (PieceInput("attn_out", "float32", (attn_width,)), PieceInput(RESIDUAL.name, "float32", (hidden_size,)),
+    return (PieceInput("attn_out", "float32", (attn_width,)), PieceInput(RESIDUAL, "float32", (hidden_size,)),
             POSITIONS, NUM_REAL)
 
 
@@ -84,7 +84,7 @@ def _trace(model: MoEDecoder, index: int | None, inputs: tuple) -> Tensors:
     Marked not_to_static so that Paddle's AST converter leaves the model code alone: the pieces have
     no tensor-dependent control flow, so running them as they are while a program is being built
     records the same ops, without the converter rewriting every method they call on every trace
-    (that made capture about 3x slower). The weights must then enter the program as parameters,
+    (that alone made capture several times slower). The weights must then enter the program as parameters,
     which is what the converted code does to each tensor it loads: `convert_load` does the same
     here. Outside a to_static trace it returns the tensor unchanged, so the eager, uncompiled and
     CUDA graph paths run this same function.

@@ -105,7 +105,7 @@ class GraphRunner:
         for index in range(self.model.num_pieces):
             slots = piece_inputs(index, self.model.heads * cfg.head_dim, cfg.hidden_size)
             if index > 0:  # the residual stream: the previous piece's output buffer, as it is
-                shared[RESIDUAL.name] = entries[-1].replay.outputs[self.model.RESIDUAL_OUTPUT]
+                shared[RESIDUAL] = entries[-1].replay.outputs[self.model.RESIDUAL_OUTPUT]
             inputs = [shared[slot.name] if slot.name in shared else slot.buffer(size) for slot in slots]
             entries.append(GraphEntry(slots, inputs, self.backend.capture(self._pieces[index], inputs)))
         return entries
