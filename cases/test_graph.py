@@ -60,7 +60,6 @@ MAX_TOKENS = 40
 MAX_CACHED = 160  # cached prefix per sequence: enough for block boundaries, cheap to compute
 ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}  # generate: chunked prefill and mixed steps
 SIZES = {"prefill": PREFILL_SIZES, "decode": DECODE_SIZES}
-# Parametrisation point: add "full_and_piecewise" once the whole-model decode graph lands.
 MODES = ("piecewise", "full_and_piecewise")
 # Each checkpoint's cases share one session-cached graph engine; under `--dist loadgroup` they stay
 # on one xdist worker, so each capture size is compiled once per checkpoint, not once per worker.

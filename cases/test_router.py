@@ -24,6 +24,7 @@ from paddle.static import InputSpec
 
 from engine.failpoints import KNOWN, NO_FAULTS, Failpoints
 from engine.moe import router
+from verifier.tolerance import tolerance_for
 
 # Selection scores are sigmoid (< 1) plus a bias (|bias| <= 3 here) or softmax probabilities, so a
 # float32 score carries an absolute error of a few 1e-7; a top-2 group sum twice that. A reference
@@ -32,8 +33,9 @@ TIE_MARGIN = 1e-5
 # Weights: float32 sigmoid/softmax (a few ulp), a k-term sum and one division, times a scaling
 # factor <= 2.5. Measured worst case over 1,500 random cases: 6.3e-7 relative, 3.3e-7 absolute,
 # so this bound leaves about 15x headroom while a real formula bug (>1e-2) stays far outside it.
-# TODO(lead): move into verifier/tolerance.py's float32 row once that table exists.
-WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-7
+# The float32 row's atol (1e-5, sized for logits that cancel to near 0) would hide such bugs in
+# small weights, hence an override of the pair.
+WEIGHTS = tolerance_for("float32", rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------- cases
@@ -161,13 +163,13 @@ def routing_problems(case: Case, faults: Failpoints = NO_FAULTS, checks=CHECKS) 
 
 def _close(what, got, want, rows) -> list[str]:
     """One problem naming the worst element if |got - want| > atol + rtol * |want| anywhere."""
-    excess = np.abs(got - want) - (WEIGHT_ATOL + WEIGHT_RTOL * np.abs(want))
+    excess = np.abs(got - want) - (WEIGHTS.atol + WEIGHTS.rtol * np.abs(want))
     excess = np.where(np.isnan(excess), np.inf, excess)  # NaN never passes
     if not (excess > 0).any():
         return []
     r, c = np.unravel_index(np.argmax(excess), excess.shape)
-    return [f"{what}: {(excess > 0).sum()} mismatches, worst at token {rows[r]} slot {c}: "
-            f"{float(got[r, c])!r} vs {float(want[r, c])!r}"]
+    return [(f"{what}: {(excess > 0).sum()} mismatches, worst at token {rows[r]} slot {c}: "
+             f"{float(got[r, c])!r} vs {float(want[r, c])!r}")]
 
 
 # ---------------------------------------------------------------------------- strategies
