@@ -9,6 +9,7 @@ size, and the graph runner chains the residual buffer from piece to piece and sh
 
 from __future__ import annotations
 
+import os
 import traceback
 from itertools import pairwise
 
@@ -127,3 +128,14 @@ def test_short_op_callstacks_restores_traceback_even_on_error():
         assert len(stack) == 3 and stack[-1].name == "test_short_op_callstacks_restores_traceback_even_on_error"
         raise RuntimeError("boom")
     assert traceback.extract_stack is original
+
+
+def test_short_op_callstacks_start_at_the_caller_of_paddle():
+    """Frames inside Paddle's package are skipped: the innermost frame kept is the line that called Paddle."""
+    inside_paddle = {}
+    exec(compile("import traceback\ndef api():\n    return traceback.extract_stack()\n",
+                 os.path.join(os.path.dirname(paddle.__file__), "fake_api.py"), "exec"), inside_paddle)
+    with _short_op_callstacks(depth=2):
+        stack = inside_paddle["api"]()
+    assert [frame.name for frame in stack][-1] == "test_short_op_callstacks_start_at_the_caller_of_paddle"
+    assert len(stack) == 2

@@ -16,6 +16,7 @@ one or the other (on this CPU, static programs are bitwise equal to it).
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -88,18 +89,21 @@ class StaticBackend:
 
 
 @contextmanager
-def _short_op_callstacks(depth: int = 6) -> Iterator[None]:
-    """Record only the innermost `depth` frames of each op's Python call stack, lines unread.
+def _short_op_callstacks(depth: int = 2) -> Iterator[None]:
+    """Record each op's creating Python stack as the `depth` frames that called into Paddle, lines unread.
 
-    While a program is built, Paddle stores with every op the Python stack that created it (for
-    error messages), calling `traceback.extract_stack` for each op. Under pytest that is 40+ frames,
-    each with a source-line lookup and a stat of its file: a third of capture time. The innermost
-    frames still name the engine line that made the op, and their lines are read only if asked for.
+    While a program is built, Paddle stores with every op the Python stack that created it (shown in
+    its error messages), calling `traceback.extract_stack` for each op. Under pytest that is 40+ frames,
+    each with a source-line lookup and a stat of its file: a third of capture time. Paddle's own frames
+    are skipped (walking them is cheap, recording them is not), so the frames kept are the ones worth
+    reading: the engine line that made the op and its caller. Lines are read only if asked for.
     """
     original = traceback.extract_stack
 
-    def innermost(f=None, limit=None):
+    def from_caller(f=None, limit=None):
         frame = f if f is not None else sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_PADDLE_DIR):
+            frame = frame.f_back
         frames = []
         while frame is not None and len(frames) < (limit or depth):
             code = frame.f_code
@@ -107,11 +111,14 @@ def _short_op_callstacks(depth: int = 6) -> Iterator[None]:
             frame = frame.f_back
         return traceback.StackSummary.from_list(frames[::-1])
 
-    traceback.extract_stack = innermost
+    traceback.extract_stack = from_caller
     try:
         yield
     finally:
         traceback.extract_stack = original
+
+
+_PADDLE_DIR = os.path.dirname(paddle.__file__) + os.sep
 
 
 class UncompiledBackend:

@@ -174,7 +174,8 @@ def _mask_padding(ids, weights, num_real):
     """Padding rows (>= num_real) become id -1 / weight 0; real rows pass through bitwise."""
     if num_real is None:
         return ids, weights
-    real = _real_rows(ids.shape[0], num_real).unsqueeze(-1)  # [T, 1]
+    # Broadcast here, once: `paddle.where` broadcasting a [T, 1] mask itself builds 17 ops per call.
+    real = _real_rows(ids.shape[0], num_real).unsqueeze(-1).expand(ids.shape)  # [T, k]
     ids = paddle.where(real, ids, paddle.full_like(ids, -1))  # [T, k]
     weights = paddle.where(real, weights, paddle.zeros_like(weights))  # [T, k]
     return ids, weights
