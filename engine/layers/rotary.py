@@ -12,19 +12,25 @@ import paddle
 
 
 def rope_table(rotary_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables, each [max_positions, rotary_dim], computed in float32 as the reference does."""
+    """cos and sin tables, each [max_positions, rotary_dim / 2], computed in float32 as the reference
+    does. The reference's tables repeat these columns for the second half; the halves share angles."""
     exponent = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
     inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)  # [rd/2]
-    freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # [P, rd/2]
-    angles = np.concatenate([freqs, freqs], axis=-1)  # [P, rd]
+    angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # [P, rd/2]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
-    """x [T, heads, D]; cos/sin [T, rd] already gathered at each token's position."""
-    rotary_dim = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, rd]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x1, x2 = paddle.chunk(x_rot, 2, axis=-1)
-    rotated = x_rot * cos + paddle.concat([-x2, x1], axis=-1) * sin
-    return rotated if x_pass.shape[-1] == 0 else paddle.concat([rotated, x_pass], axis=-1)
+    """x [T, heads, D]; cos/sin [T, 1, rd/2] already gathered at each token's position.
+
+    (x1*cos - x2*sin, x2*cos + x1*sin) is elementwise the reference's x*cos + rotate_half(x)*sin:
+    negating a product is exact, so the results are the same bits. Written per half, it is 13 graph
+    ops instead of 24 (fewer ops to build per captured piece, fewer kernels per step)."""
+    half = cos.shape[-1]
+    pass_dims = x.shape[-1] - 2 * half
+    if pass_dims:
+        x1, x2, x_pass = paddle.split(x, [half, half, pass_dims], axis=-1)
+    else:
+        x1, x2 = paddle.split(x, 2, axis=-1)
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    return paddle.concat(parts + [x_pass] if pass_dims else parts, axis=-1)

@@ -108,7 +108,7 @@ class MoEDecoder:
         local = self.partition.experts(cfg) if cfg.moe_layers else range(0)
         self.layers = [_layer_weights(cfg, hub, i, local, partition.rank) for i in range(cfg.num_layers)]
         cos, sin = rope_table(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings)
-        self.cos, self.sin = frozen(cos), frozen(sin)
+        self.cos, self.sin = frozen(cos[:, None, :]), frozen(sin[:, None, :])  # [P, 1, rd/2]: broadcast over heads
         self.scale = cfg.head_dim ** -0.5
 
     def _first_expert(self) -> int:
@@ -186,7 +186,7 @@ class MoEDecoder:
         if w.q_norm is not None:
             q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-        cos, sin = paddle.gather(self.cos, positions), paddle.gather(self.sin, positions)  # [T, rd]
+        cos, sin = paddle.gather(self.cos, positions), paddle.gather(self.sin, positions)  # [T, 1, rd/2]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def _finish_layer(self, layer: int, attn_out: paddle.Tensor, residual: paddle.Tensor,
