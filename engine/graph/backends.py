@@ -29,6 +29,7 @@ import paddle
 from engine.config import GRAPH_BACKENDS
 
 Tensors = tuple[paddle.Tensor, ...]
+_PADDLE_DIR = os.path.dirname(paddle.__file__) + os.sep  # frames under it are Paddle's own
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,6 @@ def _short_op_callstacks(depth: int = 2) -> Iterator[None]:
         yield
     finally:
         traceback.extract_stack = original
-
-
-_PADDLE_DIR = os.path.dirname(paddle.__file__) + os.sep
 
 
 class UncompiledBackend:
