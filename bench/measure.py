@@ -24,7 +24,7 @@ from bench.timers import Clock, instrument, timed_programs
 from engine.config import EngineConfig, GraphConfig, ModelConfig
 from engine.graph.capture_sizes import default_prefill_sizes
 from engine.graph.guard import PREFILL
-from engine.loader import load_weights
+from engine.checkpoint.loader import load_weights
 from engine.models.moe_decoder import MoEDecoder
 from engine.runner import ModelRunner
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.config import GLM4_MOE, ModelConfig
-from engine.loader import expected_tensors
+from engine.checkpoint.hub_schema import expected_tensors
 from engine.models.moe_decoder import MoEDecoder
 
 WEIGHT_STD = 0.02  # the Hub configs' initializer_range

@@ -111,4 +111,4 @@ def fill_prefixes(runner: ModelRunner, seqs: list[Sequence], parts: tuple[Part, 
     segments = tuple(Segment(seq, 0, part.cached, samples=False) for seq, part in zip(seqs, parts) if part.cached)
     if segments:
         ctx = replace(runner.prepare(Batch(segments)), padded_size=None)
-        runner.model.forward(ctx, runner.cache)
+        runner.eager_forward(ctx)

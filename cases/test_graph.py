@@ -19,7 +19,6 @@ near-tie flip would show up as a failure here: none has been seen).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,7 @@ from strategies import (
 from engine.config import EngineConfig, GraphConfig
 from engine.dump import dump_arrays
 from engine.failpoints import Failpoints
-from engine.graph.stats import CaptureStats
+from engine.graph.stats import CaptureStats, Snapshot
 from engine.llm import LLM, Prompt
 from engine.models.moe_decoder import ForwardOutput
 from engine.runner import ModelRunner
@@ -130,10 +129,6 @@ def cache_snapshot(runner: ModelRunner) -> list[np.ndarray]:
     return [t.numpy().copy() for t in runner.cache.keys + runner.cache.values]
 
 
-def stats_snapshot(stats: CaptureStats) -> dict[str, Counter]:
-    return {kind: Counter(getattr(stats, kind)) for kind in ("captures", "replays", "fallbacks", "recaptures")}
-
-
 # ---------------------------------------------------------------------------- property checks
 
 
@@ -187,21 +182,18 @@ def padded_routing_problems(record: StepRecord) -> list[str]:
             for layer, ids in record.routing.items() if (ids[n:] != -1).any()]
 
 
-def counter_problems(before: dict[str, Counter], after: dict[str, Counter], record: StepRecord) -> list[str]:
+def counter_problems(stats: CaptureStats, before: Snapshot, record: StepRecord) -> list[str]:
     """A replayed step: one replay more at its size, that size captured exactly once, no recapture,
     no fallback. A step above the largest size: one fallback more and nothing else."""
     phase, size, n = record.phase, record.padded_size, record.num_tokens
-    delta = {kind: after[kind] - before[kind] for kind in after}
     new_size = size and not before["captures"][(phase, size)]
-    want = {"captures": Counter({(phase, size): 1}) if new_size else Counter(),
-            "replays": Counter({(phase, size): 1}) if size else Counter(),
-            "fallbacks": Counter() if size else Counter({(phase, n): 1}), "recaptures": Counter()}
-    problems = [f"{kind} changed by {dict(delta[kind])}, want {dict(counts)}"
-                for kind, counts in want.items() if delta[kind] != counts]
-    if size and after["captures"][(phase, size)] != 1:
-        problems.append(f"{phase} size {size} captured {after['captures'][(phase, size)]} times, want once")
-    if sum(after["recaptures"].values()):
-        problems.append(f"recaptures {dict(after['recaptures'])}")
+    problems = stats.delta_problems(before, captures={(phase, size): 1} if new_size else {},
+                                    replays={(phase, size): 1} if size else {},
+                                    fallbacks={} if size else {(phase, n): 1}, recaptures={})
+    if size and stats.captures[(phase, size)] != 1:
+        problems.append(f"{phase} size {size} captured {stats.captures[(phase, size)]} times, want once")
+    if stats.total("recaptures"):
+        problems.append(f"recaptures {dict(stats.recaptures)}")
     return problems
 
 
@@ -259,12 +251,12 @@ def check_step(graph: ModelRunner, eager: ModelRunner, composition: Composition,
     """Stage one composition on both runners and run it once on each: the graph step's padding,
     results vs eager, padded routing, counters and cache writes. Raises AssertionError."""
     with staged(graph, composition) as graph_batch, staged(eager, composition) as eager_batch:
-        stats, cache = stats_snapshot(graph.stats), cache_snapshot(graph)
+        stats, cache = graph.stats.snapshot(), cache_snapshot(graph)
         record, _ = run_step(graph, graph_batch)
         reference, _ = run_step(eager, eager_batch)
         slots = np.asarray(graph_batch.slot_mapping(graph.cache.block_size))
         problems = padding_problems(record, sizes) + eager_problems(record, reference)
-        problems += padded_routing_problems(record) + counter_problems(stats, stats_snapshot(graph.stats), record)
+        problems += padded_routing_problems(record) + counter_problems(graph.stats, stats, record)
         problems += untouched_problems(cache, cache_snapshot(graph), slots)
     raise_problems(problems, composition.describe())
 
@@ -338,9 +330,10 @@ ABOVE_LARGEST = {
 @pytest.mark.parametrize("name", NAMES)
 def test_steps_above_the_largest_size_fall_back_and_match(engine_for, name, kind):
     graph = graph_llm(engine_for, name).runner
-    fallbacks = graph.stats.total("fallbacks")
-    check_step(graph, eager_llm(engine_for, name).runner, ABOVE_LARGEST[kind])
-    assert graph.stats.total("fallbacks") == fallbacks + 1
+    composition = ABOVE_LARGEST[kind]
+    phase = "decode" if composition.is_decode_only else "prefill"
+    with graph.stats.expect(fallbacks={(phase, composition.num_tokens): 1}, replays={}, captures={}):
+        check_step(graph, eager_llm(engine_for, name).runner, composition)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -362,11 +355,12 @@ def test_eager_capture_captures_every_size_once_up_front(name):
     llm = LLM(checkpoint_dir(name), EngineConfig(**ENGINE, graph=GraphConfig(
         mode="piecewise", backend="uncompiled", prefill_capture_sizes=PREFILL_SIZES,
         decode_capture_sizes=DECODE_SIZES, capture="eager")))
-    everything = Counter({("prefill", s): 1 for s in PREFILL_SIZES} | {("decode", s): 1 for s in DECODE_SIZES})
-    assert llm.runner.stats.captures == everything and not llm.runner.stats.replays
-    llm.generate([Prompt(tuple(range(1, 40)))], 3)
-    assert llm.runner.stats.captures == everything and not llm.runner.stats.recaptures
-    assert llm.runner.stats.total("replays", "prefill") and llm.runner.stats.total("replays", "decode")
+    everything = {("prefill", s): 1 for s in PREFILL_SIZES} | {("decode", s): 1 for s in DECODE_SIZES}
+    stats = llm.runner.stats
+    assert stats.captures == everything and not stats.replays
+    with stats.expect(captures={}, recaptures={}):
+        llm.generate([Prompt(tuple(range(1, 40)))], 3)
+    assert stats.total("replays", "prefill") and stats.total("replays", "decode")
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -375,15 +369,14 @@ def test_eager_capture_captures_every_size_once_up_front(name):
 def generate_problems(graph: LLM, eager: LLM, prompts: list[Prompt], max_new_tokens: int) -> list[str]:
     """Whole workloads (chunked prefill, mixed and decode steps): tokens and expert ids exact,
     logits within float32 tolerance; every step replayed a graph."""
-    before = stats_snapshot(graph.runner.stats)
+    before = graph.runner.stats.snapshot()
     layers = eager.model_config.moe_layers
     actual = dump_arrays(graph.generate(prompts, max_new_tokens), layers)
     expected = dump_arrays(eager.generate(prompts, max_new_tokens), layers)
     problems = compare_dumps(actual, expected, logits_tol=FLOAT32).failures()
-    after = stats_snapshot(graph.runner.stats)
-    replays = {phase: sum(n for (p, _), n in (after["replays"] - before["replays"]).items() if p == phase)
-               for phase in ("prefill", "decode")}
-    fallbacks = after["fallbacks"] - before["fallbacks"]
+    gained = graph.runner.stats.since(before)
+    replays = {phase: sum(n for (p, _), n in gained["replays"].items() if p == phase) for phase in ("prefill", "decode")}
+    fallbacks = gained["fallbacks"]
     if not all(replays.values()) or fallbacks:
         problems.append(f"graph replays per phase {replays}, fallbacks {dict(fallbacks)}: every step should replay")
     return problems
@@ -436,6 +429,14 @@ def test_the_fault_compositions_pass_without_faults(clean_eager, name):
     for composition in (PADDED, FULLER, ROUNDS_DOWN):
         check_step(graph, clean_eager(name), composition)
     check_replays(graph, PADDED, FULLER)
+
+
+def test_a_recapture_is_caught_by_the_counter_check(clean_eager):
+    graph = fresh_llm("glm4_moe").runner
+    graph.graphs.capture("prefill", 16)
+    graph.graphs.capture("prefill", 16)  # what a runner that forgot its graphs would do
+    with pytest.raises(AssertionError, match=r"recaptures \{\('prefill', 16\): 1\}"):
+        check_step(graph, clean_eager("glm4_moe"), PADDED)
 
 
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)

@@ -7,8 +7,6 @@ at an eager op: real rows in, padded rows zero, padded rows routed to -1, output
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import paddle
 import pytest
@@ -32,6 +30,7 @@ from engine.graph.capture_sizes import (
     default_prefill_sizes,
 )
 from engine.graph.guard import DECODE, EAGER, PREFILL, CaptureGuard, CaptureState
+from engine.graph.protocol import run_pieces
 from engine.graph.runner import GraphRunner
 from engine.graph.stats import CaptureStats
 
@@ -182,6 +181,37 @@ def test_stats_count_per_phase_and_size_and_flag_recaptures():
     assert stats.total("captures", DECODE) == 1 and stats.total("replays", DECODE) == 0
 
 
+def test_stats_expect_passes_on_the_exact_deltas_only():
+    stats = CaptureStats()
+    stats.record_capture(PREFILL, 16)  # before the block: not part of any delta
+    with stats.expect(captures={(DECODE, 4): 1}, replays={(DECODE, 4): 2}, fallbacks={}):
+        stats.record_capture(DECODE, 4)
+        stats.record_replay(DECODE, 4)
+        stats.record_replay(DECODE, 4)
+    with stats.expect(recaptures={}):  # kinds not given are not checked
+        stats.record_replay(PREFILL, 16)
+
+
+@pytest.mark.parametrize("extra, named", [
+    (lambda s: s.record_replay(DECODE, 8), r"replays changed by \{\('decode', 4\): 2, \('decode', 8\): 1\}"),
+    (lambda s: s.record_capture(DECODE, 4), r"recaptures changed by \{\('decode', 4\): 1\}, want \{\}"),
+    (lambda s: s.record_fallback(PREFILL, 40), r"fallbacks changed by \{\('prefill', 40\): 1\}, want \{\}"),
+])
+def test_stats_expect_fails_naming_the_counter_that_moved(extra, named):
+    stats = CaptureStats()
+    with pytest.raises(AssertionError, match=named), stats.expect(
+            captures={(DECODE, 4): 1}, replays={(DECODE, 4): 2}, fallbacks={}, recaptures={}):
+        stats.record_capture(DECODE, 4)
+        stats.record_replay(DECODE, 4)
+        stats.record_replay(DECODE, 4)
+        extra(stats)
+
+
+def test_stats_expect_refuses_an_unknown_counter():
+    with pytest.raises(TypeError, match="no counter 'capture'"), CaptureStats().expect(capture={}):
+        pass
+
+
 # ---------------------------------------------------------------------------- backends on f(x, n)
 
 def doubling(calls: list | None = None):
@@ -272,34 +302,42 @@ def test_unknown_backend_is_refused_naming_it():
 
 
 class ToyModel:
-    """Two pieces split at an eager op, with the piece signatures of `MoEDecoder` (one query head
-    of head_dim 1 and hidden_size 1: what the graph runner sizes its buffers from).
+    """Two pieces split at an eager op, declared through `engine/graph/protocol.py` as the real
+    decoder is (one hidden unit per token).
 
-    piece 0: tokens -> (2 * token, position); eager op: +1 on real rows only; piece 1 ->
-    (attn + residual, row index on real rows and -1 on padding rows). So with a padded size P and
-    n real rows the answer is known: rows < n hold 2 * token + 1 + position, rows >= n hold 0 and
-    route to -1. Records the guard state whenever a piece body runs."""
+    piece 0: tokens -> (attn_in = 2 * token, residual = position); eager op: attn_out = attn_in + 1
+    on real rows only; piece 1 -> (hidden = attn_out + residual, route = row index on real rows and
+    -1 on padding rows). So with a padded size P and n real rows the answer is known: rows < n hold
+    2 * token + 1 + position, rows >= n hold 0 and route to -1. Records the guard state whenever a
+    piece body runs."""
 
     num_pieces = 2
-    RESIDUAL_OUTPUT = 1
-    heads = 1
-    cfg = SimpleNamespace(head_dim=1, hidden_size=1)
+    step_inputs = ("token_ids", "positions", "num_real")
 
     def __init__(self, guard: CaptureGuard):
         self.guard = guard
         self.seen: list[CaptureState] = []
 
+    def piece_inputs(self, index):
+        shared = (("positions", "int64", ()), ("num_real", "int64", None))
+        if index == 0:
+            return (("token_ids", "int64", ()), *shared)
+        return (("attn_out", "float32", (1,)), ("residual", "float32", (1,)), *shared)
+
+    def piece_outputs(self, index):
+        return ("attn_in", "residual") if index == 0 else ("hidden", "route")
+
     def with_weights(self, convert, index):
         return self  # no weights to turn into program parameters
 
-    def piece(self, index, *inputs):
+    def piece(self, index, inputs):
         self.seen.append(self.guard.state)
         if index == 0:
-            token_ids, positions, _ = inputs
-            return (token_ids.astype("float32").unsqueeze(-1) * 2, positions.astype("float32").unsqueeze(-1))
-        attn, residual, _, num_real = inputs
-        rows = paddle.arange(attn.shape[0], dtype="int64")
-        return attn + residual, paddle.where(rows < num_real, rows, paddle.full_like(rows, -1))
+            return {"attn_in": inputs["token_ids"].astype("float32").unsqueeze(-1) * 2,
+                    "residual": inputs["positions"].astype("float32").unsqueeze(-1)}
+        rows = paddle.arange(inputs["attn_out"].shape[0], dtype="int64")
+        return {"hidden": inputs["attn_out"] + inputs["residual"],
+                "route": paddle.where(rows < inputs["num_real"], rows, paddle.full_like(rows, -1))}
 
 
 def toy_runner(backend=StaticBackend, faults: Failpoints = NO_FAULTS, sizes=(4, 8)):
@@ -310,18 +348,25 @@ def toy_runner(backend=StaticBackend, faults: Failpoints = NO_FAULTS, sizes=(4, 
     return model, runner
 
 
+def toy_inputs(tokens: list[int]):
+    """The step's inputs and the toy's eager op between its pieces (it sees real rows only)."""
+    n = len(tokens)
+    step = {"token_ids": paddle.to_tensor(tokens, dtype="int64"), "positions": paddle.arange(n, dtype="int64"),
+            "num_real": paddle.to_tensor([n], dtype="int64")}
+
+    def attend(layer, outputs):
+        return {"attn_out": outputs["attn_in"][:n] + 1}
+
+    return step, attend
+
+
 def toy_step(runner: GraphRunner, tokens: list[int]):
     """One step through the split toy model, as `ModelRunner.forward` drives a replay."""
-    n = len(tokens)
-    size = runner.padded_size(PREFILL, n)
-    token_ids = paddle.to_tensor(tokens, dtype="int64")
-    positions = paddle.arange(n, dtype="int64")
-    num_real = paddle.to_tensor([n], dtype="int64")
+    size = runner.padded_size(PREFILL, len(tokens))
+    step, attend = toy_inputs(tokens)
     with runner.guard.scope(PREFILL, size):
-        run = runner.piece_fn(PREFILL, size, n)
-        first = run(0, (token_ids, positions, num_real))
-        attn = first[0][:n] + 1  # the eager op sees real rows only
-        return run(1, (attn, first[1], positions, num_real))
+        last = runner.run_pieces(PREFILL, size, len(tokens), step, attend)[-1]
+    return last["hidden"], last["route"]
 
 
 def toy_answer(tokens: list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -352,18 +397,28 @@ def test_toy_steps_pad_and_route_padding_to_minus_one(shared_toy_runners, backen
         np.testing.assert_array_equal(route.numpy(), want_route)
 
 
+def test_the_eager_toy_runs_the_same_loop_with_no_padding():
+    """`run_pieces` with the pieces called directly is the eager path: real rows only, known answer."""
+    model = ToyModel(CaptureGuard())
+    tokens = [5, 0, 7]
+    step, attend = toy_inputs(tokens)
+    last = run_pieces(model.num_pieces, model.piece, attend, step)[-1]
+    np.testing.assert_array_equal(last["hidden"].numpy(), toy_answer(tokens, 3)[0])
+    np.testing.assert_array_equal(last["route"].numpy(), [0, 1, 2])
+    assert model.seen == [CaptureState()] * 2
+
+
 def test_toy_runner_captures_each_size_once_then_replays(faults):
     model, runner = toy_runner(faults=faults)
-    for tokens in ([1, 2, 3], [4], [5, 6, 7, 8, 9], [1, 2], [3] * 8):
-        toy_step(runner, tokens)
-    assert runner.stats.captures == {(PREFILL, 4): 1, (PREFILL, 8): 1}
-    assert runner.stats.replays == {(PREFILL, 4): 3, (PREFILL, 8): 2}
-    assert not runner.stats.recaptures
+    with runner.stats.expect(captures={(PREFILL, 4): 1, (PREFILL, 8): 1}, replays={(PREFILL, 4): 3, (PREFILL, 8): 2},
+                             fallbacks={}, recaptures={}):
+        for tokens in ([1, 2, 3], [4], [5, 6, 7, 8, 9], [1, 2], [3] * 8):
+            toy_step(runner, tokens)
     # Static: piece bodies ran only while tracing, each under a capturing scope of its size.
     assert model.seen == [CaptureState(PREFILL, 4, True)] * 2 + [CaptureState(PREFILL, 8, True)] * 2
     assert runner.guard.state == CaptureState()
-    runner.capture(PREFILL, 4)
-    assert runner.stats.recaptures == {(PREFILL, 4): 1}
+    with runner.stats.expect(captures={(PREFILL, 4): 1}, recaptures={(PREFILL, 4): 1}, replays={}):
+        runner.capture(PREFILL, 4)
 
 
 def test_toy_runner_hands_out_its_output_buffers(faults):

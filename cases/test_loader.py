@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from engine.config import ModelConfig
-from engine.loader import CheckpointError, expected_tensors, load_weights
+from engine.checkpoint.hub_schema import expected_tensors
+from engine.checkpoint.loader import CheckpointError, load_weights
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 
 BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"

@@ -18,13 +18,14 @@ import paddle
 import pytest
 
 from engine.config import ModelConfig
-from engine.graph.backends import StaticBackend, _short_op_callstacks
+from engine.graph.backends import StaticBackend
 from engine.graph.capture_sizes import CaptureSizes
 from engine.graph.guard import PREFILL, CaptureGuard
-from engine.graph.pieces import piece_inputs
+from engine.graph.paddle_compat import short_op_callstacks
+from engine.graph.protocol import Named, input_specs
 from engine.graph.runner import GraphRunner
 from engine.graph.stats import CaptureStats
-from engine.loader import load_weights
+from engine.checkpoint.loader import load_weights
 from engine.models.moe_decoder import MoEDecoder
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 
@@ -36,18 +37,18 @@ def decoder(name: str) -> MoEDecoder:
     return MoEDecoder(cfg, load_weights(checkpoint_dir(name), cfg))
 
 
-def piece_values(model: MoEDecoder, index: int, size: int = 12, real: int = 9) -> list[paddle.Tensor]:
+def piece_values(model: MoEDecoder, index: int, size: int = 12, real: int = 9) -> Named:
     rng = np.random.default_rng(index)
-    values = []
-    for slot in piece_inputs(index, model.heads * model.cfg.head_dim, model.cfg.hidden_size):
-        if slot.name == "num_real":
-            values.append(paddle.to_tensor([real], dtype="int64"))
-        elif slot.name == "token_ids":
-            values.append(paddle.to_tensor(rng.integers(0, model.cfg.vocab_size, size), dtype="int64"))
-        elif slot.name == "positions":
-            values.append(paddle.arange(size, dtype="int64"))
+    values = {}
+    for spec in input_specs(model, index):
+        if spec.name == "num_real":
+            values[spec.name] = paddle.to_tensor([real], dtype="int64")
+        elif spec.name == "token_ids":
+            values[spec.name] = paddle.to_tensor(rng.integers(0, model.cfg.vocab_size, size), dtype="int64")
+        elif spec.name == "positions":
+            values[spec.name] = paddle.arange(size, dtype="int64")
         else:
-            values.append(paddle.to_tensor(rng.standard_normal((size, *slot.row_shape)).astype("float32")))
+            values[spec.name] = paddle.to_tensor(rng.standard_normal((size, *spec.row_shape)).astype("float32"))
     return values
 
 
@@ -71,19 +72,20 @@ def test_each_piece_reads_only_the_weights_its_view_converts(name):
         assert converted, f"piece {index}: the view converted no weights"
         poisoned = view.with_weights(poison, None)
         inputs = piece_values(model, index)
-        expected = model.piece(index, *inputs)
-        got = poisoned.piece(index, *inputs)
-        for j, (a, b) in enumerate(zip(expected, got)):
-            np.testing.assert_array_equal(b.numpy(), a.numpy(), err_msg=f"piece {index} output {j} read a weight "
-                                                                            "its view did not convert")
+        expected = model.piece(index, inputs)
+        got = poisoned.piece(index, inputs)
+        assert list(got) == list(expected) == list(model.piece_outputs(index))
+        for name, tensor in expected.items():
+            np.testing.assert_array_equal(got[name].numpy(), tensor.numpy(),
+                                          err_msg=f"piece {index} output {name} read a weight its view did not convert")
 
 
 def test_the_poison_check_can_fail():
     """The check above is not vacuous: poisoning a weight the piece does read changes its output."""
     model = decoder("glm4_moe")
     poisoned = model.with_weights(lambda t: paddle.full_like(t, float("nan")), 1)
-    out = poisoned.piece(1, *piece_values(model, 1))
-    assert np.isnan(out[0].numpy()).any()
+    out = poisoned.piece(1, piece_values(model, 1))
+    assert np.isnan(out["q"].numpy()).any()
 
 
 def doubling(x, n):
@@ -114,27 +116,29 @@ def test_pieces_of_a_size_chain_the_residual_and_share_positions():
     runner.capture(PREFILL, 8)
     entries = runner._entries[(PREFILL, 8)]
     for before, after in pairwise(entries):
-        names = [slot.name for slot in after.slots]
-        assert after.inputs[names.index("residual")] is before.replay.outputs[model.RESIDUAL_OUTPUT]
-    for slot_name in ("positions", "num_real"):
-        buffers = {id(e.inputs[[s.name for s in e.slots].index(slot_name)]) for e in entries}
-        assert len(buffers) == 1, f"{slot_name}: one buffer per size, found {len(buffers)}"
+        names = [spec.name for spec in after.specs]
+        assert after.buffers[names.index("residual")] is before.output("residual")
+    for name in ("positions", "num_real"):
+        buffers = {id(e.buffers[[s.name for s in e.specs].index(name)]) for e in entries}
+        assert len(buffers) == 1, f"{name}: one buffer per size, found {len(buffers)}"
+    attn = {id(e.buffers[[s.name for s in e.specs].index("attn_out")]) for e in entries[1:]}
+    assert len(attn) == len(entries) - 1, "each piece fills its own attention-output buffer"
 
 
-def test_short_op_callstacks_restores_traceback_even_on_error():
+def testshort_op_callstacks_restores_traceback_even_on_error():
     original = traceback.extract_stack
-    with pytest.raises(RuntimeError), _short_op_callstacks(depth=3):
+    with pytest.raises(RuntimeError), short_op_callstacks(depth=3):
         stack = traceback.extract_stack()
-        assert len(stack) == 3 and stack[-1].name == "test_short_op_callstacks_restores_traceback_even_on_error"
+        assert len(stack) == 3 and stack[-1].name == "testshort_op_callstacks_restores_traceback_even_on_error"
         raise RuntimeError("boom")
     assert traceback.extract_stack is original
 
 
-def test_short_op_callstacks_start_at_the_caller_of_paddle():
+def testshort_op_callstacks_start_at_the_caller_of_paddle():
     """Frames inside Paddle's package are skipped: the innermost frame kept is the line that called Paddle."""
     inside_paddle = {}
     exec(compile("import traceback\ndef api():\n    return traceback.extract_stack()\n",
                  os.path.join(os.path.dirname(paddle.__file__), "fake_api.py"), "exec"), inside_paddle)
-    with _short_op_callstacks(depth=2):
+    with short_op_callstacks(depth=2):
         stack = inside_paddle["api"]()
-    assert len(stack) == 2 and stack[-1].name == "test_short_op_callstacks_start_at_the_caller_of_paddle"
+    assert len(stack) == 2 and stack[-1].name == "testshort_op_callstacks_start_at_the_caller_of_paddle"

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from engine.config import ModelConfig
 from engine.dump import dump_arrays
 from engine.llm import LLM
-from engine.loader import load_weights
+from engine.checkpoint.loader import load_weights
 from engine.models.moe_decoder import MoEDecoder
 from fixtures.pytest_fixtures import checkpoint_dir
 from verifier.compare import assert_equal

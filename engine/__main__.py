@@ -120,7 +120,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from engine.graph.backends import GraphBackendError
     from engine.kv_cache import CacheFullError
     from engine.llm import PromptError
-    from engine.loader import CheckpointError
+    from engine.checkpoint.loader import CheckpointError
     from engine.moe.router import RouterError
     from engine.prompts import PromptsFileError
     return (ConfigError, CheckpointError, PromptError, PromptsFileError, RouterError, CacheFullError,

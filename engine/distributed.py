@@ -18,12 +18,12 @@ expert dispatch can replace the EP path behind it on NCCL.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import paddle
 import paddle.distributed as dist
 
+from engine.checkpoint.hub_schema import Role, role
 from engine.config import ConfigError, ModelConfig, ParallelConfig
 
 
@@ -73,11 +73,10 @@ class Partition:
         None when the tensor belongs to other ranks only (an expert placed elsewhere)."""
         if self.world == 1:
             return ()
-        for pattern, rule in _RULES:
-            match = pattern.search(name)
-            if match:
-                return rule(self, cfg, match)
-        return ()  # norms, routers, correction biases: replicated
+        found = role(name)
+        if found is None:
+            return ()  # norms, routers, correction biases: replicated
+        return _RULES[found.kind](self, cfg, found)
 
 
 def _rows(r: range, scale: int = 1) -> tuple[slice, ...]:
@@ -88,27 +87,30 @@ def _cols(r: range, scale: int = 1) -> tuple[slice, ...]:
     return (slice(None), slice(r.start * scale, r.stop * scale))
 
 
-def _expert(p: Partition, cfg: ModelConfig, m: re.Match) -> tuple[slice, ...] | None:
-    if int(m["expert"]) not in p.experts(cfg):
+def _expert(p: Partition, cfg: ModelConfig, tensor: Role) -> tuple[slice, ...] | None:
+    if tensor.expert not in p.experts(cfg):
         return None
     inter = p.expert_intermediate(cfg)
-    return _cols(inter) if m["proj"] == "down" else _rows(inter)
+    return _cols(inter) if tensor.proj == "down" else _rows(inter)
 
 
-def _dense(p: Partition, cfg: ModelConfig, m: re.Match) -> tuple[slice, ...]:
-    size = cfg.moe_intermediate_size * cfg.n_shared_experts if m["shared"] else cfg.intermediate_size
-    inter = p.split(size, "shared expert width" if m["shared"] else "intermediate_size")
-    return _cols(inter) if m["proj"] == "down" else _rows(inter)
+def _dense(p: Partition, cfg: ModelConfig, tensor: Role) -> tuple[slice, ...]:
+    shared = tensor.kind == "shared_expert"
+    size = cfg.moe_intermediate_size * cfg.n_shared_experts if shared else cfg.intermediate_size
+    inter = p.split(size, "shared expert width" if shared else "intermediate_size")
+    return _cols(inter) if tensor.proj == "down" else _rows(inter)
 
 
-_RULES = [
-    (re.compile(r"(embed_tokens|lm_head)\.weight$"), lambda p, c, m: _rows(p.vocab(c))),
-    (re.compile(r"self_attn\.q_proj\.(weight|bias)$"), lambda p, c, m: _rows(p.q_heads(c), c.head_dim)),
-    (re.compile(r"self_attn\.[kv]_proj\.(weight|bias)$"), lambda p, c, m: _rows(p.kv_heads(c), c.head_dim)),
-    (re.compile(r"self_attn\.o_proj\.weight$"), lambda p, c, m: _cols(p.q_heads(c), c.head_dim)),
-    (re.compile(r"mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"), _expert),
-    (re.compile(r"mlp\.(?P<shared>shared_experts\.)?(?P<proj>gate|up|down)_proj\.weight$"), _dense),
-]
+# Hub tensor role (engine/checkpoint/hub_schema.py) -> the slice of it this rank reads.
+_RULES = {
+    "vocab": lambda p, c, r: _rows(p.vocab(c)),
+    "q_proj": lambda p, c, r: _rows(p.q_heads(c), c.head_dim),
+    "kv_proj": lambda p, c, r: _rows(p.kv_heads(c), c.head_dim),
+    "o_proj": lambda p, c, r: _cols(p.q_heads(c), c.head_dim),
+    "expert": _expert,
+    "shared_expert": _dense,
+    "dense_mlp": _dense,
+}
 
 
 class Collectives:

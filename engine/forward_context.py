@@ -1,8 +1,9 @@
 """ForwardContext: everything one step's forward needs besides the weights, built by the runner.
 
 Token ids and positions hold the real tokens only; a graph replay pads them into its own buffers.
-The capture guard travels here so that code deep in the step can ask whether it is being
-captured, without any process-wide flag.
+The capture guard travels here, never as a process-wide flag: the runner enters the step's scope
+through it (`ctx.guard.scope(...)`), and code with side effects asks `ctx.guard.capturing`.
+The models never see this object: they take their inputs by name (engine/graph/protocol.py).
 """
 
 from __future__ import annotations

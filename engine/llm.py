@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed import init_parallel
-from engine.loader import load_weights
+from engine.checkpoint.loader import load_weights
 from engine.models.moe_decoder import MoEDecoder
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Batch, Request, Scheduler

@@ -16,7 +16,8 @@ from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import ForwardContext
 from engine.graph.backends import make_backend
 from engine.graph.guard import DECODE, PREFILL, CaptureGuard
-from engine.graph.runner import GraphRunner
+from engine.graph.protocol import Named, run_pieces
+from engine.graph.runner import GraphRunner, WholeStep
 from engine.graph.stats import CaptureStats
 from engine.kv_cache import KVCache, blocks_needed, slots_for
 from engine.layers.attention import AttentionMetadata, DecodeTables, SequenceSpan
@@ -61,9 +62,9 @@ class ModelRunner:
         graph = self.engine.graph
         if graph.mode == "eager":
             return None
-        full = (self.cache, self.decode_table_width) if graph.mode == "full_and_piecewise" else None
+        whole = WholeStep(self.cache, self.decode_table_width) if graph.mode == "full_and_piecewise" else None
         runner = GraphRunner(self.model, make_backend(graph.backend), self.engine.capture_sizes(), self.guard,
-                             self.stats, self.engine.faults, full_decode=full)
+                             self.stats, self.engine.faults, whole_step=whole)
         if graph.capture == "eager":
             runner.capture_all()
         return runner
@@ -75,7 +76,7 @@ class ModelRunner:
         positions = paddle.to_tensor(np.asarray(batch.positions(), dtype=np.int64))
         slots = paddle.to_tensor(np.asarray(batch.slot_mapping(self.cache.block_size), dtype=np.int64))
         size = self._agreed_size(phase, batch.num_tokens)
-        tables = self._decode_tables(batch) if size is not None and self._replays_full_decode(phase) else None
+        tables = self._decode_tables(batch) if size is not None and self.graphs.replays_whole_step(phase) else None
         meta = AttentionMetadata(self._spans(batch), slots, batch.num_tokens, tables)
         num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
         return ForwardContext(token_ids, positions, num_real, meta, phase, size, self.guard)
@@ -89,9 +90,6 @@ class ModelRunner:
         decision = [PHASE_CODES[phase], num_tokens, size or 0]
         self.model.comm.agree(decision, "the step (phase, tokens, padded size; 0 = eager)")
         return size
-
-    def _replays_full_decode(self, phase: str) -> bool:
-        return phase == DECODE and self.engine.graph.mode == "full_and_piecewise"
 
     def _decode_tables(self, batch: Batch) -> DecodeTables:
         width, bs = self.decode_table_width, self.cache.block_size
@@ -127,12 +125,29 @@ class ModelRunner:
         if ctx.padded_size is None:
             if self.graphs is not None:
                 self.stats.record_fallback(ctx.phase, ctx.num_tokens)
-            return self.model.forward(ctx, self.cache)
-        with self.guard.scope(ctx.phase, ctx.padded_size):
-            if ctx.attention.decode is not None:
-                return self.graphs.run_full_decode(ctx)
-            run_piece = self.graphs.piece_fn(ctx.phase, ctx.padded_size, ctx.num_tokens)
-            return self.model.forward(ctx, self.cache, run_piece)
+            return self.eager_forward(ctx)
+        step = self.model.step_values(ctx.token_ids, ctx.positions, ctx.num_real, ctx.attention.decode)
+        with ctx.guard.scope(ctx.phase, ctx.padded_size):
+            if ctx.attention.decode is None:
+                outputs = self.graphs.run_pieces(ctx.phase, ctx.padded_size, ctx.num_tokens, step,
+                                                 self._attention(ctx))
+            else:
+                outputs = self.graphs.run_whole_step(ctx.padded_size, ctx.num_tokens, step)
+                self.model.write_step_kv(outputs, self.cache, ctx.attention)
+        return self.model.forward_output(outputs)
+
+    def eager_forward(self, ctx: ForwardContext) -> ForwardOutput:
+        """The step run eagerly, piece by piece, whatever `ctx.padded_size` says; counts nothing."""
+        step = self.model.step_values(ctx.token_ids, ctx.positions, ctx.num_real)
+        return self.model.forward_output(run_pieces(self.model.num_pieces, self.model.piece, self._attention(ctx), step))
+
+    def _attention(self, ctx: ForwardContext):
+        """The model's eager attention between pieces, on this runner's cache and the step's metadata."""
+
+        def attend(layer: int, outputs: Named) -> Named:
+            return self.model.attention(layer, outputs, self.cache, ctx.attention)
+
+        return attend
 
     def _check_routing(self, routing: dict, num_tokens: int) -> None:
         for layer, (_, nonfinite) in routing.items():

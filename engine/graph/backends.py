@@ -16,20 +16,16 @@ one or the other (on this CPU, static programs are bitwise equal to it).
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import paddle
 
 from engine.config import GRAPH_BACKENDS
+from engine.graph import paddle_compat
 
 Tensors = tuple[paddle.Tensor, ...]
-_PADDLE_DIR = os.path.dirname(paddle.__file__) + os.sep  # frames under it are Paddle's own
 
 
 @dataclass(frozen=True)
@@ -60,15 +56,7 @@ class StaticBackend:
     name = "static"
 
     def __init__(self) -> None:
-        # Each compiled program otherwise starts its own executor thread pool: with the fixture's
-        # whole ladder captured that is ~1,760 threads, 23 ms per program call instead of 4, and
-        # 2.9 GiB of malloc arenas (bench/README.md). Serial runs ops on the calling thread.
-        # A CPU program's garbage collector also hands every freed temporary to a worker thread of
-        # its own, and the cost of that hand-off grows with the number of programs in the process
-        # (Paddle's host memory stats sum over all threads): with the ladder captured a 16-token
-        # step's pieces took 2.5x longer. Turning it off left resident memory after capture the same
-        # (fixture ladder +963 vs +964 MiB; synthetic 8192/4096/2048 +1061 vs +1107 MiB).
-        paddle.set_flags({"FLAGS_new_executor_serial_run": True, "FLAGS_eager_delete_tensor_gb": -1.0})
+        paddle_compat.set_process_flags()  # serial executor, no GC threads: why in paddle_compat
         self._compiled: dict[Callable[..., Tensors], Callable[..., Tensors]] = {}
 
     def capture(self, fn: Callable[..., Tensors], inputs: list[paddle.Tensor]) -> Replay:
@@ -82,41 +70,11 @@ class StaticBackend:
         if compiled is None:
             compiled = self._compiled[fn] = paddle.jit.to_static(fn, full_graph=True)
             compiled.eval()  # inference programs: no backward program is built
-        with _short_op_callstacks():
+        with paddle_compat.short_op_callstacks():
             first = compiled(*inputs)
-        _, program = compiled.get_concrete_program(*inputs, is_train=False)  # the one just built
+        program = paddle_compat.concrete_program(compiled, inputs)  # the one just built
         args = tuple(inputs)
         return _into_buffers(lambda: program(args), first)
-
-
-@contextmanager
-def _short_op_callstacks(depth: int = 2) -> Iterator[None]:
-    """Record each op's creating Python stack as the `depth` frames that called into Paddle, lines unread.
-
-    While a program is built, Paddle stores with every op the Python stack that created it (shown in
-    its error messages), calling `traceback.extract_stack` for each op. Under pytest that is 40+ frames,
-    each with a source-line lookup and a stat of its file: a third of capture time. Paddle's own frames
-    are skipped (walking them is cheap, recording them is not), so the frames kept are the ones worth
-    reading: the engine line that made the op and its caller. Lines are read only if asked for.
-    """
-    original = traceback.extract_stack
-
-    def from_caller(f=None, limit=None):
-        frame = f if f is not None else sys._getframe(1)
-        while frame is not None and frame.f_code.co_filename.startswith(_PADDLE_DIR):
-            frame = frame.f_back
-        frames = []
-        while frame is not None and len(frames) < (limit or depth):
-            code = frame.f_code
-            frames.append(traceback.FrameSummary(code.co_filename, frame.f_lineno, code.co_name, lookup_line=False))
-            frame = frame.f_back
-        return traceback.StackSummary.from_list(frames[::-1])
-
-    traceback.extract_stack = from_caller
-    try:
-        yield
-    finally:
-        traceback.extract_stack = original
 
 
 class UncompiledBackend:

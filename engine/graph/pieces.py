@@ -1,95 +1,76 @@
-"""The functions a graph backend captures, and what each takes as input (so the graph runner can
-own static buffers).
+"""The functions a graph backend captures: one per piece, and one for a whole decode step.
 
-`piece_function(model, i)` is piece i as a named function of its input tensors, made once per piece
-and reused for every capture size: the static backend keeps one `to_static` per function object
-and builds one fixed-shape program per size from it.
-
-Row inputs have one row per token: real rows are copied in and the padded rows after them are set
-to a defined value (0) before every replay. `num_real` is a one-element tensor holding the count
-of real rows; pieces use it to route padded rows to expert -1. The whole-model decode graph also
-reads the KV cache: those tensors are not copied but handed over as they are (the cache owns them
-and never reallocates them).
+`piece_program(model, i)` is piece i as a function of one list of tensors (its inputs, in the
+order `model.piece_inputs(i)` names them) returning a tuple (its outputs, in the order
+`model.piece_outputs(i)` names them): the positional form the backends capture, made once per piece
+and reused for every capture size (the static backend keeps one `to_static` per function object and
+builds one fixed-shape program per size from it). `whole_step_program` is the same for the whole
+stack of a decode-only step, the fixed-shape attention included, reading the KV cache in place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import paddle
-from paddle.jit.dy2static.convert_operators import convert_load
 
-from engine.models.moe_decoder import MoEDecoder
+from engine.graph.paddle_compat import convert_load
+from engine.graph.protocol import Named, PiecewiseModel, run_pieces
 
 Tensors = tuple[paddle.Tensor, ...]
 
 
-@dataclass(frozen=True)
-class PieceInput:
-    name: str
-    dtype: str
-    row_shape: tuple[int, ...] | None  # per-token trailing shape; None for the [1] num_real input
+def piece_program(model: PiecewiseModel, index: int) -> Callable[[list], Tensors]:
+    """Piece `index` as a function of its input list."""
+    names = tuple(spec[0] for spec in model.piece_inputs(index))
+    outputs = model.piece_outputs(index)
 
-    def buffer(self, size: int) -> paddle.Tensor:
-        shape = [1] if self.row_shape is None else [size, *self.row_shape]
-        return paddle.zeros(shape, dtype=self.dtype)
+    def piece(inputs: list) -> Tensors:
+        return _trace_piece(model, index, dict(zip(names, inputs)), outputs)
 
-
-NUM_REAL = PieceInput("num_real", "int64", None)
-POSITIONS = PieceInput("positions", "int64", ())
-RESIDUAL = "residual"  # the input the graph runner chains from the previous piece's output
+    return piece
 
 
-def full_decode_inputs(max_len: int) -> tuple[PieceInput, ...]:
-    """Inputs of `MoEDecoder.full_decode` before the cache list: max_len is the slot-table width."""
-    return (PieceInput("token_ids", "int64", ()), POSITIONS, NUM_REAL, PieceInput("slots", "int64", (max_len,)),
-            PieceInput("context_lens", "int64", ()))
+def whole_step_program(model, table_width: int) -> Callable[[list, list, list], Tensors]:
+    """A decode-only step as one function of (its input list, the cache's key tensors, its value
+    tensors), one per layer. Outputs: `model.whole_step_outputs(i)` of every piece i, in piece order."""
+    names = tuple(spec[0] for spec in model.whole_step_inputs(table_width))
+
+    def whole_step(inputs: list, keys: list, values: list) -> Tensors:
+        return _trace_whole_step(model, dict(zip(names, inputs)), keys, values)
+
+    return whole_step
 
 
-def piece_inputs(index: int, attn_width: int, hidden_size: int) -> tuple[PieceInput, ...]:
-    """The inputs of piece `index`, in the order `MoEDecoder.piece` takes them. `attn_width` is this
-    rank's attention output width (its query heads x head_dim)."""
-    if index == 0:
-        return PieceInput("token_ids", "int64", ()), POSITIONS, NUM_REAL
-    return (PieceInput("attn_out", "float32", (attn_width,)), PieceInput(RESIDUAL, "float32", (hidden_size,)),
-            POSITIONS, NUM_REAL)
-
-
-def piece_function(model: MoEDecoder, index: int) -> Callable[..., Tensors]:
-    """Piece `index` as a plain named function (to_static needs named parameters, not *args)."""
-
-    def first_piece(token_ids, positions, num_real) -> Tensors:
-        return _trace(model, 0, (token_ids, positions, num_real))
-
-    def later_piece(attn_out, residual, positions, num_real) -> Tensors:
-        return _trace(model, index, (attn_out, residual, positions, num_real))
-
-    return first_piece if index == 0 else later_piece
-
-
-def full_decode_function(model: MoEDecoder) -> Callable[..., Tensors]:
-    """`model.full_decode` as a plain function of its inputs and the KV cache list."""
-
-    def full_decode(token_ids, positions, num_real, slots, context_lens, caches) -> Tensors:
-        return _trace(model, None, (token_ids, positions, num_real, slots, context_lens, caches))
-
-    return full_decode
+def whole_step_layout(model) -> list[tuple[int, str]]:
+    """(piece, output name) of each output of `whole_step_program`, in order."""
+    return [(index, name) for index in range(model.num_pieces) for name in model.whole_step_outputs(index)]
 
 
 @paddle.jit.not_to_static
-def _trace(model: MoEDecoder, index: int | None, inputs: tuple) -> Tensors:
-    """Run piece `index` (None: the whole-model decode step) as ordinary Python.
+def _trace_piece(model: PiecewiseModel, index: int, inputs: Named, outputs: tuple[str, ...]) -> Tensors:
+    """Run piece `index` as ordinary Python.
 
     Marked not_to_static so that Paddle's AST converter leaves the model code alone: the pieces have
     no tensor-dependent control flow, so running them as they are while a program is being built
     records the same ops, without the converter rewriting every method they call on every trace
-    (that alone made capture several times slower). The weights must then enter the program as parameters,
-    which is what the converted code does to each tensor it loads: `convert_load` does the same
-    here. Outside a to_static trace it returns the tensor unchanged, so the eager, uncompiled and
-    CUDA graph paths run this same function.
+    (that alone made capture several times slower). The weights must then enter the program as
+    parameters, which is what converted code does to each tensor it loads: `convert_load` does the
+    same here. Outside a to_static trace it returns the tensor unchanged, so the eager, uncompiled
+    and CUDA graph paths run this same function.
     """
-    view = model.with_weights(convert_load, index)
-    if index is None:
-        return view.full_decode(*inputs)
-    return view.piece(index, *inputs)
+    out = model.with_weights(convert_load, index).piece(index, inputs)
+    return tuple(out[name] for name in outputs)
+
+
+@paddle.jit.not_to_static
+def _trace_whole_step(model, step: Named, keys: list, values: list) -> Tensors:
+    """The stack of a decode step with the model's fixed-shape attention between pieces (see
+    `_trace_piece` for why it is traced unconverted)."""
+    view = model.with_weights(convert_load, None)
+
+    def attend(layer: int, previous: Named) -> Named:
+        return view.static_attention(layer, previous, step, keys, values)
+
+    outputs = run_pieces(view.num_pieces, view.piece, attend, step)
+    return tuple(outputs[index][name] for index, name in whole_step_layout(view))

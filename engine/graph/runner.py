@@ -5,14 +5,15 @@ with and a replay. Running a step copies each piece's real rows into its buffers
 rows to 0 (`num_real` tells the router which rows are padding), and replays. What a replay returns
 are the backend's output buffers: the next replay of that piece and size overwrites them.
 
-Buffers are shared where the data is: the pieces of one size read one `positions` and one
-`num_real` buffer (filled once per step), and piece i + 1 is captured reading piece i's residual
-output buffer, so the residual stream never leaves the graphs' memory, as in vLLM's piecewise
-runner. Its padded rows are then whatever piece i computed from its own (defined) padded rows.
+Buffers are shared where the data is (engine/graph/protocol.py says how names decide it): the
+pieces of one size read one buffer per step input (positions, the real-row count), filled once a
+step, and piece i + 1 is captured reading piece i's output buffer of the same name (the residual
+stream), which so never leaves the graphs' memory, as in vLLM's piecewise runner. Its padded rows
+are then whatever piece i computed from its own (defined) padded rows.
 
-With a whole-model decode graph (mode full_and_piecewise), a decode-only step replays one graph
-of `MoEDecoder.full_decode` instead of the pieces; it reads the KV cache in place and returns each
-layer's new k/v, which the runner writes to the cache after the replay.
+With a whole-step decode graph (mode full_and_piecewise), a decode-only step replays one graph of
+the whole stack instead of the pieces; it reads the KV cache in place and returns each layer's new
+k/v, which the caller writes to the cache after the replay.
 """
 
 from __future__ import annotations
@@ -23,44 +24,48 @@ from dataclasses import dataclass
 import paddle
 
 from engine.failpoints import NO_FAULTS, Failpoints
-from engine.forward_context import ForwardContext
-from engine.graph.backends import GraphBackend, Replay, Tensors
+from engine.graph.backends import GraphBackend, Replay
 from engine.graph.capture_sizes import CaptureSizes
 from engine.graph.guard import DECODE, CaptureGuard
-from engine.graph.pieces import (
-    NUM_REAL,
-    POSITIONS,
-    RESIDUAL,
-    PieceInput,
-    full_decode_function,
-    full_decode_inputs,
-    piece_function,
-    piece_inputs,
-)
+from engine.graph.pieces import piece_program, whole_step_layout, whole_step_program
+from engine.graph.protocol import Attention, Named, PiecewiseModel, TensorSpec, input_specs, run_pieces
 from engine.graph.stats import CaptureStats
 from engine.kv_cache import KVCache
-from engine.models.moe_decoder import ForwardOutput, MoEDecoder, PieceFn
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GraphEntry:
-    """One piece captured at one size: its input buffers and its replay."""
+    """One function captured at one size: its input specs and buffers (same order), its replay and
+    the name of each replay output."""
 
-    slots: tuple[PieceInput, ...]
-    inputs: list  # one buffer per slot, then (full decode graph only) the KV cache tensors as they are
+    specs: tuple[TensorSpec, ...]
+    buffers: list[paddle.Tensor]
     replay: Replay
+    output_names: tuple
+
+    def output(self, name) -> paddle.Tensor:
+        return self.replay.outputs[self.output_names.index(name)]
+
+
+@dataclass(frozen=True)
+class WholeStep:
+    """What a whole-step decode graph reads besides its inputs: the cache (in place) and the width of
+    each row's slot table."""
+
+    cache: KVCache
+    table_width: int
 
 
 class GraphRunner:
-    def __init__(self, model: MoEDecoder, backend: GraphBackend, sizes: dict[str, CaptureSizes],
+    def __init__(self, model: PiecewiseModel, backend: GraphBackend, sizes: dict[str, CaptureSizes],
                  guard: CaptureGuard, stats: CaptureStats, faults: Failpoints = NO_FAULTS,
-                 full_decode: tuple[KVCache, int] | None = None):
-        """`full_decode`: (the KV cache, slot-table width) to capture decode steps as one whole-model
-        graph; None captures them piecewise like prefill."""
+                 whole_step: WholeStep | None = None):
+        """`whole_step`: capture decode steps as one whole-step graph; None captures them piecewise
+        like prefill."""
         self.model = model
-        self.full_decode = full_decode
+        self.whole_step = whole_step
         self.backend = backend
         self.sizes = sizes  # phase -> capture sizes
         self.guard = guard
@@ -68,8 +73,8 @@ class GraphRunner:
         self.faults = faults
         self._entries: dict[tuple[str, int], list[GraphEntry]] = {}
         # One function object per piece, reused for every size (the static backend compiles per function).
-        self._pieces = [piece_function(model, i) for i in range(model.num_pieces)]
-        self._full_decode = full_decode_function(model) if full_decode else None
+        self._pieces = [piece_program(model, i) for i in range(model.num_pieces)]
+        self._whole = whole_step_program(model, whole_step.table_width) if whole_step else None
 
     def padded_size(self, phase: str, num_tokens: int) -> int | None:
         """The capture size a step of `num_tokens` replays, or None when it must run eagerly."""
@@ -82,11 +87,14 @@ class GraphRunner:
     def is_captured(self, phase: str, size: int) -> bool:
         return (phase, size) in self._entries
 
+    def replays_whole_step(self, phase: str) -> bool:
+        return phase == DECODE and self.whole_step is not None
+
     def capture(self, phase: str, size: int) -> None:
         """Capture every piece at `size` (again, if it was captured before: counted as a recapture)."""
         with self.guard.scope(phase, size, capturing=True):
-            if phase == DECODE and self.full_decode:
-                self._entries[(phase, size)] = [self._capture_full_decode(size)]
+            if self.replays_whole_step(phase):
+                self._entries[(phase, size)] = [self._capture_whole_step(size)]
             else:
                 self._entries[(phase, size)] = self._capture_pieces(size)
         self.stats.record_capture(phase, size)
@@ -99,70 +107,83 @@ class GraphRunner:
                 self.capture(phase, size)
 
     def _capture_pieces(self, size: int) -> list[GraphEntry]:
-        cfg = self.model.cfg
-        shared = {POSITIONS.name: POSITIONS.buffer(size), NUM_REAL.name: NUM_REAL.buffer(size)}
+        step = {name: None for name in self.model.step_inputs}  # one buffer per step input, made on first use
         entries: list[GraphEntry] = []
         for index in range(self.model.num_pieces):
-            slots = piece_inputs(index, self.model.heads * cfg.head_dim, cfg.hidden_size)
-            if index > 0:  # the residual stream: the previous piece's output buffer, as it is
-                shared[RESIDUAL] = entries[-1].replay.outputs[self.model.RESIDUAL_OUTPUT]
-            inputs = [shared[slot.name] if slot.name in shared else slot.buffer(size) for slot in slots]
-            entries.append(GraphEntry(slots, inputs, self.backend.capture(self._pieces[index], inputs)))
+            chained = dict(zip(entries[-1].output_names, entries[-1].replay.outputs)) if entries else {}
+            specs = input_specs(self.model, index)
+            buffers = [self._buffer(spec, size, step, chained) for spec in specs]
+            replay = self.backend.capture(self._pieces[index], [buffers])
+            entries.append(GraphEntry(specs, buffers, replay, self.model.piece_outputs(index)))
         return entries
 
-    def _capture_full_decode(self, size: int) -> GraphEntry:
-        cache, width = self.full_decode
-        slots = full_decode_inputs(width)
-        caches = [t for layer in zip(cache.keys, cache.values) for t in layer]
-        inputs = [slot.buffer(size) for slot in slots] + [caches]
-        return GraphEntry(slots, inputs, self.backend.capture(self._full_decode, inputs))
+    @staticmethod
+    def _buffer(spec: TensorSpec, size: int, step: dict, chained: Named) -> paddle.Tensor:
+        """The previous piece's output of this name, as it is; else the size's buffer of a step
+        input; else a buffer of the piece's own."""
+        if spec.name in chained:
+            return chained[spec.name]
+        if spec.name not in step:
+            return spec.buffer(size)
+        if step[spec.name] is None:
+            step[spec.name] = spec.buffer(size)
+        return step[spec.name]
 
-    def run_full_decode(self, ctx: ForwardContext) -> ForwardOutput:
-        """Replay the whole-model decode graph at ctx.padded_size (capturing it first if new), then
-        write every layer's new k/v to the cache. The output tensors are the graph's buffers."""
-        size, n, cache = ctx.padded_size, ctx.num_tokens, self.full_decode[0]
-        if not self.is_captured(DECODE, size):
-            self.capture(DECODE, size)
-        self.stats.record_replay(DECODE, size)
-        tables = ctx.attention.decode
-        values = (ctx.token_ids, ctx.positions, ctx.num_real, tables.slots, tables.context_lens)
-        outputs = self._replay(self._entries[(DECODE, size)][0], values, n, set())
-        layers = self.model.cfg.num_layers
-        for layer in range(layers):
-            k, v = outputs[1 + 2 * layer], outputs[2 + 2 * layer]
-            cache.write(layer, ctx.attention.slot_mapping, k[:n], v[:n])
-        flat = outputs[1 + 2 * layers:]
-        routing = {layer: tuple(flat[2 * j: 2 * j + 2]) for j, layer in enumerate(self.model.cfg.moe_layers)}
-        return ForwardOutput(hidden=outputs[0], routing=routing)
+    def _capture_whole_step(self, size: int) -> GraphEntry:
+        cache, width = self.whole_step.cache, self.whole_step.table_width
+        specs = tuple(TensorSpec(*spec) for spec in self.model.whole_step_inputs(width))
+        buffers = [spec.buffer(size) for spec in specs]
+        replay = self.backend.capture(self._whole, [buffers, cache.keys, cache.values])
+        return GraphEntry(specs, buffers, replay, tuple(whole_step_layout(self.model)))
 
-    def piece_fn(self, phase: str, size: int, num_tokens: int) -> PieceFn:
-        """A `run_piece` for `MoEDecoder.forward` that replays the pieces captured at `size`,
-        capturing them first if this size is new. Counts one replay for the step."""
+    def _entries_for(self, phase: str, size: int) -> list[GraphEntry]:
+        """The entries captured at (phase, size), capturing them first if new; counts one replay."""
         if not self.is_captured(phase, size):
             self.capture(phase, size)
-        entries = self._entries[(phase, size)]
         self.stats.record_replay(phase, size)
-        filled: set[int] = set()  # ids of the shared buffers this step has filled
-        return lambda index, inputs: self._replay(entries[index], inputs, num_tokens, filled)
+        return self._entries[(phase, size)]
 
-    def _replay(self, entry: GraphEntry, inputs: Tensors, num_tokens: int, filled: set[int]) -> Tensors:
-        for slot, buffer, value in zip(entry.slots, entry.inputs, inputs):
+    def run_pieces(self, phase: str, size: int, num_tokens: int, step: Named, attend: Attention) -> list[Named]:
+        """One step through the pieces captured at `size` (capturing them first if new), with the
+        model's eager `attend` between them. Returns every piece's outputs: the graphs' buffers,
+        overwritten by the next replay of this size."""
+        entries = self._entries_for(phase, size)
+        filled: set[int] = set()  # ids of the shared buffers this step has filled
+
+        def replay(index: int, inputs: Named) -> Named:
+            return self._replay(entries[index], inputs, num_tokens, filled)
+
+        return run_pieces(len(entries), replay, attend, step)
+
+    def run_whole_step(self, size: int, num_tokens: int, step: Named) -> list[Named]:
+        """Replay the whole-step decode graph at `size` (capturing it first if new). Returns each
+        piece's kept outputs (`whole_step_outputs`), the graph's buffers; the caller writes the new
+        k/v to the cache."""
+        entry = self._entries_for(DECODE, size)[0]
+        outputs = self._replay(entry, step, num_tokens, set())
+        per_piece: list[Named] = [{} for _ in range(self.model.num_pieces)]
+        for (index, name), tensor in outputs.items():
+            per_piece[index][name] = tensor
+        return per_piece
+
+    def _replay(self, entry: GraphEntry, inputs: Named, num_tokens: int, filled: set[int]) -> dict:
+        for spec, buffer in zip(entry.specs, entry.buffers):
+            value = inputs[spec.name]
             if value is buffer or id(buffer) in filled:
                 continue  # chained from the previous piece, or a shared buffer already filled this step
-            self._copy_in(slot, buffer, value, num_tokens)
+            self._copy_in(spec, buffer, value, num_tokens)
             filled.add(id(buffer))
         outputs = entry.replay()
         if self.faults.on("graph.copy_outputs"):
-            return tuple(paddle.assign(t) for t in outputs)
-        return outputs
+            outputs = tuple(paddle.assign(t) for t in outputs)
+        return dict(zip(entry.output_names, outputs))
 
-    def _copy_in(self, slot: PieceInput, buffer: paddle.Tensor, value: paddle.Tensor, num_tokens: int) -> None:
+    def _copy_in(self, spec: TensorSpec, buffer: paddle.Tensor, value: paddle.Tensor, num_tokens: int) -> None:
         """Real rows in, padded rows to 0; `num_real` gets the real-row count."""
-        if slot.row_shape is None:
+        if spec.row_shape is None:
             paddle.assign(value, output=buffer)
             return
         rows = min(num_tokens, buffer.shape[0])
         buffer[:rows] = value[:rows]
         if rows < buffer.shape[0] and not self.faults.on("graph.stale_padding"):
             buffer[rows:] = 0
-

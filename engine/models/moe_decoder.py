@@ -12,7 +12,9 @@ The stack is an explicit list cut at attention: `piece_0, attn_0, piece_1, ..., 
 
 Every piece is a pure function of fixed-shape tensors, so the graph runner can compile it once
 per padded size; called directly, it is the eager path. `num_real` ([1] int64) tells the router
-which rows are padding.
+which rows are padding. Pieces take and return tensors by name, as `engine/graph/protocol.py`
+declares; its `run_pieces` is the one loop over them (eager, piecewise replay, whole-step graph).
+The weights are `engine/models/weights.py`'s; which Hub tensor is which, `engine/checkpoint/hub_schema.py`'s.
 
 Under tensor parallelism the weights are this rank's `Partition` (engine/distributed.py) and the
 pieces hold the all-reduces: after the vocabulary-parallel embedding, after each row-parallel
@@ -22,78 +24,54 @@ projection (o-proj, MLP down, experts), the latter fused with the residual add a
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar
 
 import numpy as np
 import paddle
 
+from engine.checkpoint import hub_schema as hub
 from engine.config import ModelConfig
 from engine.distributed import Collectives, Partition
 from engine.failpoints import NO_FAULTS, Failpoints
-from engine.forward_context import ForwardContext
 from engine.kv_cache import KVCache
 from engine.layers.attention import (
     AttentionMetadata,
+    DecodeTables,
     paged_attention,
     static_decode_attention,
 )
 from engine.layers.embedding import lm_head, vocab_parallel_embed
-from engine.layers.linear import frozen, linear, weight_param
+from engine.layers.linear import frozen, linear
 from engine.layers.norm import all_reduce_add_rms_norm, rms_norm
 from engine.layers.rotary import apply_rotary, rope_table
+from engine.models.weights import LayerWeights, MoEWeights, layer_weights, map_fields
 from engine.moe import router
 from engine.moe.experts import dense_mlp, routed_experts
 
 Tensors = tuple[paddle.Tensor, ...]
-PieceFn = Callable[[int, Tensors], Tensors]
+Named = dict[str, paddle.Tensor]
+ROUTING = ("topk_ids", "nonfinite")  # what a MoE piece adds to its outputs
 
 
 @dataclass(frozen=True)
-class MLPWeights:
-    gate: paddle.Tensor  # [H, I]
-    up: paddle.Tensor  # [H, I]
-    down: paddle.Tensor  # [I, H]
-
-
-@dataclass(frozen=True)
-class MoEWeights:
-    router: paddle.Tensor  # [H, E] (all experts: every rank routes every token)
-    bias: paddle.Tensor | None  # [E]; None when the checkpoint has no correction bias
-    num_local: int  # experts held by this rank
-    gate: paddle.Tensor  # [H, E_local * I], expert e in columns [e*I, (e+1)*I)
-    up: paddle.Tensor  # [H, E_local * I]
-    down: paddle.Tensor  # [E_local * I, H]
-    shared: MLPWeights | None
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    input_norm: paddle.Tensor
-    post_norm: paddle.Tensor
-    qkv: paddle.Tensor  # [H, Q + 2 KV]
-    qkv_bias: paddle.Tensor | None
-    q_norm: paddle.Tensor | None
-    k_norm: paddle.Tensor | None
-    o_proj: paddle.Tensor  # [Q, H]
-    o_bias: paddle.Tensor | None
-    mlp: MLPWeights | MoEWeights
-
-    STARTS: ClassVar = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm")  # read by the piece that starts the layer
-    FINISHES: ClassVar = ("o_proj", "o_bias", "post_norm", "mlp")  # read by the piece after its attention
+class ForwardOutput:
+    hidden: paddle.Tensor  # [P, H] final-normed hidden states (P = padded rows)
+    routing: dict[int, Tensors]  # MoE layer -> (topk_ids [P, k], nonfinite [P])
 
 
 class MoEDecoder:
-    """Weights plus the pieces and attention ops of one decoder. Holds no per-step state."""
+    """Weights plus the pieces and attention ops of one decoder. Holds no per-step state.
 
-    RESIDUAL_OUTPUT = 3  # outputs of a piece followed by attention: (q, k, v, residual, ...)
+    Implements `engine/graph/protocol.py`'s `PiecewiseModel` (and the whole-step extension):
+    pieces take and return tensors by name."""
 
-    def __init__(self, cfg: ModelConfig, hub: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS,
+    step_inputs = ("token_ids", "positions", "num_real")
+
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS,
                  partition: Partition | None = None, comm: Collectives | None = None,
                  fused_allreduce_max_tokens: int = 2048):
-        """`hub` holds this rank's slices of the Hub tensors (all of them with one rank)."""
+        """`tensors` holds this rank's slices of the Hub tensors (all of them with one rank)."""
         self.cfg = cfg
         self.faults = faults
         self.partition = partition = partition or Partition()
@@ -102,11 +80,11 @@ class MoEDecoder:
         self.heads, self.kv_heads = len(partition.q_heads(cfg)), len(partition.kv_heads(cfg))  # local counts
         self.first_token_id = partition.vocab(cfg).start
         self.first_expert = self._first_expert()
-        self.embed_table = frozen(hub["model.embed_tokens.weight"])  # [V/W, H]
-        self.head_table = self.embed_table if cfg.tie_word_embeddings else frozen(hub["lm_head.weight"])
-        self.final_norm = frozen(hub["model.norm.weight"])
+        self.embed_table = frozen(tensors[hub.EMBED])  # [V/W, H]
+        self.head_table = self.embed_table if cfg.tie_word_embeddings else frozen(tensors[hub.LM_HEAD])
+        self.final_norm = frozen(tensors[hub.FINAL_NORM])
         local = self.partition.experts(cfg) if cfg.moe_layers else range(0)
-        self.layers = [_layer_weights(cfg, hub, i, local, partition.rank) for i in range(cfg.num_layers)]
+        self.layers = [layer_weights(cfg, tensors, i, local, partition.rank) for i in range(cfg.num_layers)]
         cos, sin = rope_table(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.cos, self.sin = frozen(cos[:, None, :]), frozen(sin[:, None, :])  # [P, 1, rd/2]: broadcast over heads
         self.scale = cfg.head_dim ** -0.5
@@ -120,6 +98,8 @@ class MoEDecoder:
             first = (first + self.cfg.num_experts // self.partition.world) % self.cfg.num_experts
         return first
 
+    # ---- what the graph machinery reads (engine/graph/protocol.py) -----------------------------
+
     @property
     def num_pieces(self) -> int:
         return self.cfg.num_layers + 1
@@ -127,6 +107,21 @@ class MoEDecoder:
     def piece_has_moe(self, index: int) -> bool:
         """Piece i (i >= 1) finishes layer i - 1; it routes when that layer is a MoE layer."""
         return index >= 1 and self.cfg.is_moe_layer(index - 1)
+
+    def piece_inputs(self, index: int) -> tuple[tuple, ...]:
+        """Piece 0 reads the step's tokens; every later piece the attention output and the residual
+        stream. All read positions and the real-row count ([1] int64: rows past it are padding)."""
+        shared = (("positions", "int64", ()), ("num_real", "int64", None))
+        if index == 0:
+            return (("token_ids", "int64", ()), *shared)
+        return (("attn_out", "float32", (self.heads * self.cfg.head_dim,)),
+                ("residual", "float32", (self.cfg.hidden_size,)), *shared)
+
+    def piece_outputs(self, index: int) -> tuple[str, ...]:
+        """A piece followed by attention returns its q/k/v and the residual stream, the last piece the
+        final-normed hidden rows; a MoE piece adds its routing (topk_ids [P, k], nonfinite [P])."""
+        main = ("hidden",) if index == self.cfg.num_layers else ("q", "k", "v", "residual")
+        return main + (ROUTING if self.piece_has_moe(index) else ())
 
     def with_weights(self, convert: Callable[[paddle.Tensor], paddle.Tensor], index: int | None) -> MoEDecoder:
         """A shallow copy in which the tensors piece `index` reads (None: every piece, the whole-model
@@ -144,30 +139,29 @@ class MoEDecoder:
         view.layers = list(self.layers)
         for i in pieces:
             if i < last:  # piece i starts layer i ...
-                view.layers[i] = _map_fields(view.layers[i], LayerWeights.STARTS, convert)
+                view.layers[i] = map_fields(view.layers[i], LayerWeights.STARTS, convert)
             if i > 0:  # ... and finishes layer i - 1
-                view.layers[i - 1] = _map_fields(view.layers[i - 1], LayerWeights.FINISHES, convert)
+                view.layers[i - 1] = map_fields(view.layers[i - 1], LayerWeights.FINISHES, convert)
         return view
 
     # ---- pieces ---------------------------------------------------------------------------
 
-    def piece(self, index: int, *inputs: paddle.Tensor) -> Tensors:
-        """Run piece `index`. Inputs: piece 0 (token_ids, positions, num_real); others
-        (attn_out, residual, positions, num_real). Outputs: (q, k, v, residual) for a piece
-        followed by attention, (hidden,) for the last; a MoE piece appends (topk_ids, nonfinite)."""
+    def piece(self, index: int, inputs: Named) -> Named:
+        """Run piece `index` on the inputs `piece_inputs(index)` names; returns `piece_outputs(index)`."""
+        positions = inputs["positions"]
         if index == 0:
-            token_ids, positions, _ = inputs
-            hidden = vocab_parallel_embed(token_ids, self.embed_table, self.first_token_id, self.comm.all_reduce)
+            hidden = vocab_parallel_embed(inputs["token_ids"], self.embed_table, self.first_token_id,
+                                          self.comm.all_reduce)
             normed = rms_norm(hidden, self.layers[0].input_norm, self.cfg.rms_norm_eps)
-            return self._qkv(0, normed, positions) + (hidden,)
-        attn_out, residual, positions, num_real = inputs
-        partial, residual, routing = self._finish_layer(index - 1, attn_out, residual, num_real)
+            return {**self._qkv(0, normed, positions), "residual": hidden}
+        partial, residual, routing = self._finish_layer(index - 1, inputs["attn_out"], inputs["residual"],
+                                                        inputs["num_real"])
         last = index == self.cfg.num_layers
         norm = self.final_norm if last else self.layers[index].input_norm
         normed, residual = self._reduce_add_norm(partial, residual, norm)
         if last:
-            return (normed,) + routing
-        return self._qkv(index, normed, positions) + (residual,) + routing
+            return {"hidden": normed, **routing}
+        return {**self._qkv(index, normed, positions), "residual": residual, **routing}
 
     def _reduce_add_norm(self, partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor,
                          reduce: bool = True) -> Tensors:
@@ -175,7 +169,7 @@ class MoEDecoder:
         return all_reduce_add_rms_norm(partial, residual, weight, self.cfg.rms_norm_eps, all_reduce,
                                        self.comm.world, self.fused_max_tokens)
 
-    def _qkv(self, layer: int, x: paddle.Tensor, positions: paddle.Tensor) -> Tensors:
+    def _qkv(self, layer: int, x: paddle.Tensor, positions: paddle.Tensor) -> Named:
         cfg, w = self.cfg, self.layers[layer]
         qkv = linear(x, w.qkv, w.qkv_bias)  # [T, Q + 2 KV], this rank's heads
         q_size, kv_size = self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
@@ -187,20 +181,20 @@ class MoEDecoder:
             q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
         cos, sin = paddle.gather(self.cos, positions), paddle.gather(self.sin, positions)  # [T, 1, rd/2]
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return {"q": apply_rotary(q, cos, sin), "k": apply_rotary(k, cos, sin), "v": v}
 
     def _finish_layer(self, layer: int, attn_out: paddle.Tensor, residual: paddle.Tensor,
-                      num_real: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, Tensors]:
+                      num_real: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, Named]:
         """o-proj, all-reduce, residual add, post-attention norm, MLP/MoE; returns (this rank's partial
-        MLP/MoE output, residual, routing)."""
+        MLP/MoE output, residual, routing outputs)."""
         w = self.layers[layer]
         attn = linear(attn_out, w.o_proj, w.o_bias)  # [T, H], partial over ranks
         reduce = not self.faults.on("dist.skip_allreduce")
         normed, residual = self._reduce_add_norm(attn, residual, w.post_norm, reduce)
-        if isinstance(w.mlp, MLPWeights):
-            return dense_mlp(normed, w.mlp.gate, w.mlp.up, w.mlp.down), residual, ()
+        if not isinstance(w.mlp, MoEWeights):
+            return dense_mlp(normed, w.mlp.gate, w.mlp.up, w.mlp.down), residual, {}
         out, ids, nonfinite = self._moe(w.mlp, normed, num_real)
-        return out, residual, (ids, nonfinite)
+        return out, residual, dict(zip(ROUTING, (ids, nonfinite)))
 
     def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor) -> Tensors:
         logits = paddle.matmul(x, w.router)  # [T, E]
@@ -223,117 +217,60 @@ class MoEDecoder:
                                routed_scaling_factor=cfg.routed_scaling_factor, num_real=num_real,
                                faults=self.faults)
 
-    # ---- the eager ops between pieces -------------------------------------------------------
+    # ---- the ops between pieces, and what a step makes of the pieces' outputs -------------------
 
-    def attention(self, layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
-                  cache: KVCache, meta: AttentionMetadata) -> paddle.Tensor:
+    def attention(self, layer: int, outputs: Named, cache: KVCache, meta: AttentionMetadata) -> Named:
+        """Eager paged attention of `layer` on the q/k/v a piece returned; writes k/v to the cache."""
         if self.faults.on("attention.drop_cached_prefix"):
             meta = _without_cached_prefix(meta)
-        return paged_attention(layer, q, k, v, cache, meta, self.scale)
+        return {"attn_out": paged_attention(layer, outputs["q"], outputs["k"], outputs["v"], cache, meta,
+                                            self.scale)}
+
+    def whole_step_inputs(self, table_width: int) -> tuple[tuple, ...]:
+        """Inputs of a decode-only step captured as one graph: piece 0's, then each row's slot table
+        ([B, table_width]) and cached length ([B])."""
+        return (*self.piece_inputs(0), ("slots", "int64", (table_width,)), ("context_lens", "int64", ()))
+
+    def whole_step_outputs(self, index: int) -> tuple[str, ...]:
+        """What a whole-step graph keeps of piece `index`: the new k/v of the layer it starts (written
+        to the cache after the replay), the final hidden rows, and the routing."""
+        kept = ("hidden",) if index == self.cfg.num_layers else ("k", "v")
+        return kept + (ROUTING if self.piece_has_moe(index) else ())
+
+    def static_attention(self, layer: int, outputs: Named, step: Named, keys: list[paddle.Tensor],
+                         values: list[paddle.Tensor]) -> Named:
+        """Fixed-shape decode attention inside a whole-step graph: reads the cache (`keys`, `values`:
+        one tensor per layer), never writes it."""
+        return {"attn_out": static_decode_attention(outputs["q"], outputs["k"], outputs["v"], keys[layer],
+                                                    values[layer], step["slots"], step["context_lens"],
+                                                    self.scale)}
+
+    def write_step_kv(self, outputs: list[Named], cache: KVCache, meta: AttentionMetadata) -> None:
+        """After a whole-step replay: every layer's new k/v (real rows) into the cache."""
+        n = meta.num_tokens
+        for layer in range(self.cfg.num_layers):
+            cache.write(layer, meta.slot_mapping, outputs[layer]["k"][:n], outputs[layer]["v"][:n])
+
+    def forward_output(self, outputs: list[Named]) -> ForwardOutput:
+        """Every piece's outputs, piece 0 first -> the final hidden rows and each MoE layer's routing."""
+        routing = {index - 1: tuple(out[name] for name in ROUTING)
+                   for index, out in enumerate(outputs) if self.piece_has_moe(index)}
+        return ForwardOutput(hidden=outputs[-1]["hidden"], routing=routing)
+
+    def step_values(self, token_ids: paddle.Tensor, positions: paddle.Tensor, num_real: paddle.Tensor,
+                    decode: DecodeTables | None = None) -> Named:
+        """A step's inputs by the names the pieces read them; with `decode`, a whole-step graph's too."""
+        step = dict(zip(self.step_inputs, (token_ids, positions, num_real)))
+        if decode is not None:
+            step |= {"slots": decode.slots, "context_lens": decode.context_lens}
+        return step
 
     def logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
         """Final hidden rows [N, H] -> logits [N, V] (each rank computes its vocabulary slice)."""
         return self.comm.all_gather_last(lm_head(hidden, self.head_table))
-
-    def forward(self, ctx: ForwardContext, cache: KVCache, run_piece: PieceFn | None = None) -> ForwardOutput:
-        """Run the whole stack. `run_piece(i, inputs)` executes piece i; the default runs it eagerly,
-        the graph runner passes one that replays a captured piece (outputs then have padded rows)."""
-        run_piece = run_piece or (lambda i, inputs: self.piece(i, *inputs))
-        out = run_piece(0, (ctx.token_ids, ctx.positions, ctx.num_real))
-        routing: dict[int, Tensors] = {}
-        for layer in range(self.cfg.num_layers):
-            q, k, v, residual = out[:4]
-            attn = self.attention(layer, q, k, v, cache, ctx.attention)
-            out = run_piece(layer + 1, (attn, residual, ctx.positions, ctx.num_real))
-            if self.piece_has_moe(layer + 1):
-                routing[layer] = out[-2:]
-        return ForwardOutput(hidden=out[0], routing=routing)
-
-
-    def full_decode(self, token_ids: paddle.Tensor, positions: paddle.Tensor, num_real: paddle.Tensor,
-                    slots: paddle.Tensor, context_lens: paddle.Tensor, caches: list[paddle.Tensor]) -> Tensors:
-        """The whole stack for a decode-only step as one fixed-shape function (what full_and_piecewise
-        captures). `caches` is [k_0, v_0, k_1, v_1, ...], read only. Returns (hidden, k_0, v_0, ...,
-        then (topk_ids, nonfinite) per MoE layer): the caller writes each layer's k/v to the cache."""
-        out = self.piece(0, token_ids, positions, num_real)
-        new_kv: list[paddle.Tensor] = []
-        routing: list[paddle.Tensor] = []
-        for layer in range(self.cfg.num_layers):
-            q, k, v, residual = out[:4]
-            attn = static_decode_attention(q, k, v, caches[2 * layer], caches[2 * layer + 1], slots, context_lens,
-                                           self.scale)
-            new_kv += [k, v]
-            out = self.piece(layer + 1, attn, residual, positions, num_real)
-            if self.piece_has_moe(layer + 1):
-                routing += list(out[-2:])
-        return (out[0], *new_kv, *routing)
-
-
-@dataclass(frozen=True)
-class ForwardOutput:
-    hidden: paddle.Tensor  # [P, H] final-normed hidden states (P = padded rows)
-    routing: dict[int, Tensors]  # MoE layer -> (topk_ids [P, k], nonfinite [P])
-
-
-def _map_fields(weights: LayerWeights, fields: tuple[str, ...], convert: Callable[[paddle.Tensor], paddle.Tensor]):
-    return replace(weights, **{name: _map_tensors(getattr(weights, name), convert) for name in fields})
-
-
-def _map_tensors(weights, convert: Callable[[paddle.Tensor], paddle.Tensor]):
-    """The weights dataclass with every tensor field (nested ones too) passed through `convert`."""
-    if isinstance(weights, paddle.Tensor):
-        return convert(weights)
-    if dataclasses.is_dataclass(weights):
-        return replace(weights, **{f.name: _map_tensors(getattr(weights, f.name), convert)
-                                   for f in dataclasses.fields(weights)})
-    return weights
 
 
 def _without_cached_prefix(meta: AttentionMetadata) -> AttentionMetadata:
     """The planted bug: every sequence sees only this step's tokens, as if nothing were cached."""
     spans = tuple(replace(s, context_len=0, slots=s.slots[s.context_len:]) for s in meta.spans)
     return replace(meta, spans=spans)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hub tensors -> weights
-
-
-def _layer_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], layer: int, experts: range,
-                   rank: int) -> LayerWeights:
-    p = f"model.layers.{layer}."
-    qkv = np.concatenate([hub[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
-    bias = np.concatenate([hub[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]) if cfg.attention_bias else None
-    return LayerWeights(
-        input_norm=frozen(hub[p + "input_layernorm.weight"]), post_norm=frozen(hub[p + "post_attention_layernorm.weight"]),
-        qkv=weight_param(qkv), qkv_bias=None if bias is None else frozen(bias),
-        q_norm=frozen(hub[p + "self_attn.q_norm.weight"]) if cfg.use_qk_norm else None,
-        k_norm=frozen(hub[p + "self_attn.k_norm.weight"]) if cfg.use_qk_norm else None,
-        o_proj=weight_param(hub[p + "self_attn.o_proj.weight"]),
-        o_bias=_row_parallel_bias(hub[p + "self_attn.o_proj.bias"], rank) if cfg.o_proj_bias else None,
-        mlp=_moe_weights(cfg, hub, p + "mlp.", experts) if cfg.is_moe_layer(layer) else _mlp_weights(hub, p + "mlp."),
-    )
-
-
-def _mlp_weights(hub: dict[str, np.ndarray], prefix: str) -> MLPWeights:
-    return MLPWeights(gate=weight_param(hub[prefix + "gate_proj.weight"]), up=weight_param(hub[prefix + "up_proj.weight"]),
-                      down=weight_param(hub[prefix + "down_proj.weight"]))
-
-
-def _row_parallel_bias(bias: np.ndarray, rank: int) -> paddle.Tensor:
-    """The bias of a row-parallel projection is added once, by rank 0, so the all-reduce sums it once."""
-    return frozen(bias if rank == 0 else np.zeros_like(bias))
-
-
-def _moe_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], prefix: str, local: range) -> MoEWeights:
-    experts = [f"{prefix}experts.{e}." for e in local]
-
-    def side_by_side(name: str) -> np.ndarray:  # Hub [I, H] per expert -> [H, E*I]
-        return np.concatenate([hub[e + name].T for e in experts], axis=1)
-
-    down = np.concatenate([hub[e + "down_proj.weight"].T for e in experts], axis=0)  # [E*I, H]
-    bias = hub.get(prefix + "gate.e_score_correction_bias")
-    shared = _mlp_weights(hub, prefix + "shared_experts.") if cfg.n_shared_experts else None
-    return MoEWeights(router=weight_param(hub[prefix + "gate.weight"]), bias=None if bias is None else frozen(bias),
-                      num_local=len(experts), gate=frozen(side_by_side("gate_proj.weight")),
-                      up=frozen(side_by_side("up_proj.weight")), down=frozen(down), shared=shared)

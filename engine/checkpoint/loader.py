@@ -3,7 +3,8 @@
 Strict by design: every tensor the architecture needs must be present with the right shape,
 a floating dtype and finite values; anything unexpected is an error. Each error names the file
 and the tensor. The one optional tensor is GLM's `mlp.gate.e_score_correction_bias`: a checkpoint
-without it routes exactly as one whose bias is all zeros.
+without it routes exactly as one whose bias is all zeros. What a checkpoint must hold is
+`engine/checkpoint/hub_schema.py`'s to say.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Callable
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from engine.config import GLM4_MOE, ModelConfig
+from engine.checkpoint.hub_schema import expected_tensors, layer_of, optional_tensors
+from engine.config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -24,63 +26,6 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config; the message names the file and tensor."""
-
-
-def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Hub tensor name -> shape for every tensor of `cfg`'s architecture (optional ones included)."""
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
-              "model.norm.weight": (cfg.hidden_size,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    for layer in range(cfg.num_layers):
-        prefix = f"model.layers.{layer}."
-        shapes.update({prefix + k: v for k, v in _attention_tensors(cfg).items()})
-        mlp = _moe_tensors(cfg) if cfg.is_moe_layer(layer) else _mlp_tensors(cfg, cfg.intermediate_size, "mlp.")
-        shapes.update({prefix + k: v for k, v in mlp.items()})
-    return shapes
-
-
-def optional_tensors(cfg: ModelConfig) -> set[str]:
-    """Names that may be absent: GLM's correction bias (absent means zero bias)."""
-    if cfg.architecture != GLM4_MOE:
-        return set()
-    return {f"model.layers.{layer}.mlp.gate.e_score_correction_bias" for layer in cfg.moe_layers}
-
-
-def _attention_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
-    out = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-           "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-           "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q)}
-    if cfg.attention_bias:
-        out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-    if cfg.o_proj_bias:
-        out["self_attn.o_proj.bias"] = (h,)
-    if cfg.use_qk_norm:
-        out.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
-    return out
-
-
-def _mlp_tensors(cfg: ModelConfig, inter: int, prefix: str) -> dict[str, tuple[int, ...]]:
-    h = cfg.hidden_size
-    return {f"{prefix}gate_proj.weight": (inter, h), f"{prefix}up_proj.weight": (inter, h),
-            f"{prefix}down_proj.weight": (h, inter)}
-
-
-def _moe_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    out = {"mlp.gate.weight": (cfg.num_experts, cfg.hidden_size)}
-    for e in range(cfg.num_experts):
-        out.update(_mlp_tensors(cfg, cfg.moe_intermediate_size, f"mlp.experts.{e}."))
-    if cfg.architecture == GLM4_MOE:
-        out["mlp.gate.e_score_correction_bias"] = (cfg.num_experts,)
-        if cfg.n_shared_experts:
-            inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-            out.update(_mlp_tensors(cfg, inter, "mlp.shared_experts."))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
 
 
 Selection = Callable[[str], "tuple[slice, ...] | None"]
@@ -136,10 +81,8 @@ def _tensor_locations(handles: dict) -> dict[str, Path]:
 
 def _is_mtp(name: str, cfg: ModelConfig) -> bool:
     """GLM checkpoints store their multi-token-prediction layers after the decoder; skip them."""
-    parts = name.split(".")
-    if not cfg.num_mtp_layers or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
-        return False
-    return cfg.num_layers <= int(parts[2]) < cfg.num_layers + cfg.num_mtp_layers
+    layer = layer_of(name)
+    return layer is not None and cfg.num_layers <= layer < cfg.num_layers + cfg.num_mtp_layers
 
 
 def _check_names(found: dict[str, Path], expected: dict, optional: set[str], where: Path) -> None:
