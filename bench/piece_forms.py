@@ -58,8 +58,8 @@ class Piece:
 
     def __init__(self, paddle):
         import numpy as np
-        from paddle.jit.dy2static.convert_operators import convert_load
 
+        from engine.graph.paddle_compat import convert_load
         from engine.layers.norm import rms_norm
         from engine.moe.experts import routed_experts
 

@@ -30,7 +30,7 @@ from engine.graph.capture_sizes import (
     default_prefill_sizes,
 )
 from engine.graph.guard import DECODE, EAGER, PREFILL, CaptureGuard, CaptureState
-from engine.graph.protocol import run_pieces
+from engine.graph.protocol import PiecewiseModel, WholeStepModel, run_pieces
 from engine.graph.runner import GraphRunner
 from engine.graph.stats import CaptureStats
 
@@ -400,6 +400,7 @@ def test_toy_steps_pad_and_route_padding_to_minus_one(shared_toy_runners, backen
 def test_the_eager_toy_runs_the_same_loop_with_no_padding():
     """`run_pieces` with the pieces called directly is the eager path: real rows only, known answer."""
     model = ToyModel(CaptureGuard())
+    assert isinstance(model, PiecewiseModel) and not isinstance(model, WholeStepModel)
     tokens = [5, 0, 7]
     step, attend = toy_inputs(tokens)
     last = run_pieces(model.num_pieces, model.piece, attend, step)[-1]

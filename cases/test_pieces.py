@@ -21,8 +21,9 @@ from engine.config import ModelConfig
 from engine.graph.backends import StaticBackend
 from engine.graph.capture_sizes import CaptureSizes
 from engine.graph.guard import PREFILL, CaptureGuard
+from engine.graph import paddle_compat
 from engine.graph.paddle_compat import short_op_callstacks
-from engine.graph.protocol import Named, input_specs
+from engine.graph.protocol import Named, PiecewiseModel, WholeStepModel, input_specs
 from engine.graph.runner import GraphRunner
 from engine.graph.stats import CaptureStats
 from engine.checkpoint.loader import load_weights
@@ -50,6 +51,23 @@ def piece_values(model: MoEDecoder, index: int, size: int = 12, real: int = 9) -
         else:
             values[spec.name] = paddle.to_tensor(rng.standard_normal((size, *spec.row_shape)).astype("float32"))
     return values
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_decoder_declares_the_graph_protocol_by_name(name):
+    """The decoder implements engine/graph/protocol.py (structurally: it imports nothing from graph),
+    and each piece returns exactly the names it declares."""
+    model = decoder(name)
+    assert isinstance(model, PiecewiseModel) and isinstance(model, WholeStepModel)
+    for index in range(model.num_pieces):
+        assert tuple(model.piece(index, piece_values(model, index))) == model.piece_outputs(index)
+    assert set(model.step_inputs) <= {spec.name for spec in input_specs(model, 0)}
+
+
+def test_paddle_compat_names_both_versions_when_paddle_moves():
+    assert paddle_compat.check_version(paddle_compat.WRITTEN_FOR) is None
+    with pytest.warns(RuntimeWarning, match=r"written against PaddlePaddle 3\.3\.1, this is 9\.0\.0"):
+        paddle_compat.check_version("9.0.0")
 
 
 @pytest.mark.parametrize("name", NAMES)

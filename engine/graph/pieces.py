@@ -15,7 +15,7 @@ from collections.abc import Callable
 import paddle
 
 from engine.graph.paddle_compat import convert_load
-from engine.graph.protocol import Named, PiecewiseModel, run_pieces
+from engine.graph.protocol import Named, PiecewiseModel, WholeStepModel, run_pieces
 
 Tensors = tuple[paddle.Tensor, ...]
 
@@ -31,7 +31,7 @@ def piece_program(model: PiecewiseModel, index: int) -> Callable[[list], Tensors
     return piece
 
 
-def whole_step_program(model, table_width: int) -> Callable[[list, list, list], Tensors]:
+def whole_step_program(model: WholeStepModel, table_width: int) -> Callable[[list, list, list], Tensors]:
     """A decode-only step as one function of (its input list, the cache's key tensors, its value
     tensors), one per layer. Outputs: `model.whole_step_outputs(i)` of every piece i, in piece order."""
     names = tuple(spec[0] for spec in model.whole_step_inputs(table_width))
@@ -42,7 +42,7 @@ def whole_step_program(model, table_width: int) -> Callable[[list, list, list], 
     return whole_step
 
 
-def whole_step_layout(model) -> list[tuple[int, str]]:
+def whole_step_layout(model: WholeStepModel) -> list[tuple[int, str]]:
     """(piece, output name) of each output of `whole_step_program`, in order."""
     return [(index, name) for index in range(model.num_pieces) for name in model.whole_step_outputs(index)]
 
@@ -64,7 +64,7 @@ def _trace_piece(model: PiecewiseModel, index: int, inputs: Named, outputs: tupl
 
 
 @paddle.jit.not_to_static
-def _trace_whole_step(model, step: Named, keys: list, values: list) -> Tensors:
+def _trace_whole_step(model: WholeStepModel, step: Named, keys: list, values: list) -> Tensors:
     """The stack of a decode step with the model's fixed-shape attention between pieces (see
     `_trace_piece` for why it is traced unconverted)."""
     view = model.with_weights(convert_load, None)

@@ -20,7 +20,7 @@ one-element tensor such as the real-row count.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import paddle
 
@@ -41,6 +41,7 @@ class TensorSpec(NamedTuple):
         return paddle.zeros(shape, dtype=self.dtype)
 
 
+@runtime_checkable
 class PiecewiseModel(Protocol):
     """What the graph runner, the backends and the loop below need from a model."""
 
@@ -58,6 +59,21 @@ class PiecewiseModel(Protocol):
 
     def with_weights(self, convert: Callable[[paddle.Tensor], paddle.Tensor], index: int | None) -> PiecewiseModel:
         """A view whose weights read by piece `index` (None: every piece) are `convert(weight)`."""
+
+
+@runtime_checkable
+class WholeStepModel(PiecewiseModel, Protocol):
+    """What a model adds to have a decode-only step captured as one graph (full_and_piecewise)."""
+
+    def whole_step_inputs(self, table_width: int) -> Sequence[tuple]:
+        """(name, dtype, row_shape) of the whole step's inputs; `table_width` is each row's slot-table width."""
+
+    def whole_step_outputs(self, index: int) -> tuple[str, ...]:
+        """Which outputs of piece `index` the whole-step graph returns."""
+
+    def static_attention(self, layer: int, outputs: Named, step: Named, keys: list[paddle.Tensor],
+                         values: list[paddle.Tensor]) -> Named:
+        """Fixed-shape attention of `layer` reading the cache (`keys`/`values`: one tensor per layer)."""
 
 
 def input_specs(model: PiecewiseModel, index: int) -> tuple[TensorSpec, ...]:
