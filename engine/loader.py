@@ -16,13 +16,14 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from engine.config import GLM4_MOE, ModelConfig
+from engine.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match its config; the message names the file and tensor."""
 
 

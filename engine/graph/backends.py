@@ -27,6 +27,7 @@ from typing import Protocol
 import paddle
 
 from engine.config import GRAPH_BACKENDS
+from engine.errors import UserError
 
 Tensors = tuple[paddle.Tensor, ...]
 _PADDLE_DIR = os.path.dirname(paddle.__file__) + os.sep  # frames under it are Paddle's own
@@ -45,7 +46,7 @@ class Replay:
         return self.run()
 
 
-class GraphBackendError(ValueError):
+class GraphBackendError(UserError, ValueError):
     """A backend that cannot run on this build of Paddle."""
 
 
