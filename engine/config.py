@@ -79,18 +79,18 @@ GRAPH_BACKENDS = tuple(b.value for b in GraphBackend)
 
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
+        raise ConfigError(f"{name}={value!r} is not a positive integer", field=name)
 
 
 def check_non_negative_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}", field=name)
+        raise ConfigError(f"{name}={value!r} is not a non-negative integer", field=name)
 
 
 def check_positive_float(name: str, value: Any) -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}", field=name)
+        raise ConfigError(f"{name}={value!r} is not a positive finite number", field=name)
 
 
 def check_grouping(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
@@ -233,7 +233,7 @@ def _check_moe_layers(cfg: ModelConfig) -> None:
     layers = cfg.moe_layers
     ok = all(isinstance(i, int) and 0 <= i < cfg.num_layers for i in layers) and list(layers) == sorted(set(layers))
     if not ok:
-        raise ConfigError(f"moe_layers={list(layers)} must be sorted, unique layer indices below num_layers="
+        raise ConfigError(f"moe_layers={layers!r} must be sorted, unique layer indices below num_layers="
                           f"{cfg.num_layers}", field="moe_layers")
 
 
@@ -282,9 +282,9 @@ class GraphConfig:
     capture: CaptureTiming = CaptureTiming.LAZY
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", GraphMode.parse("graph mode", self.mode))
-        object.__setattr__(self, "backend", GraphBackend.parse("graph backend", self.backend))
-        object.__setattr__(self, "capture", CaptureTiming.parse("graph capture", self.capture))
+        object.__setattr__(self, "mode", GraphMode.parse("graph.mode", self.mode))
+        object.__setattr__(self, "backend", GraphBackend.parse("graph.backend", self.backend))
+        object.__setattr__(self, "capture", CaptureTiming.parse("graph.capture", self.capture))
 
 
 @dataclass(frozen=True)
