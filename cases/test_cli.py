@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.__main__ import main
+from engine.__main__ import build_parser, main
+from engine.config import CaptureTiming, GraphBackend, GraphMode
 from engine.dump import read_dump
-from fixtures.pytest_fixtures import PROMPTS, checkpoint_dir
+from fixtures.pytest_fixtures import PROMPTS, checkpoint_dir, rewrite_config
 
 
 def run_cli(capsys, *args):
@@ -107,3 +108,82 @@ def test_module_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(tmp_path),
                           "--prompts", str(PROMPTS)], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "config.json" in bad.stderr
+
+
+# Invalid configurations through the CLI: one `error:` line naming the field and its value, exit 2.
+# (checkpoint whose config.json is changed, or None for the bundled glm4_moe; extra CLI arguments)
+CONFIG_REFUSALS = [
+    ({"n_group": 16, "topk_group": 4}, [], "n_group=16 splits the 16 routed experts into groups of 1"),
+    ({"topk_group": 5}, [], "topk_group=5 exceeds n_group=4"),
+    ({"n_group": 3}, [], "n_group=3 does not divide the 16 routed experts"),
+    ({"num_experts_per_tok": 9}, [], "field 'num_experts_per_tok': top_k=9 exceeds the 8 experts"),
+    ({"num_key_value_heads": 3}, [], "field 'num_key_value_heads': num_kv_heads=3 does not divide num_heads=4"),
+    ({"rms_norm_eps": 0}, [], "rms_norm_eps=0.0 is not a positive finite number"),
+    ({"routed_scaling_factor": -2.5}, [], "routed_scaling_factor=-2.5 is not a positive finite number"),
+    ({"head_dim": 31}, [], "field 'partial_rotary_factor': rotary_dim=15 (head_dim * partial_rotary_factor) must "
+                           "be even"),
+    ({"first_k_dense_replace": 7}, [], "field 'first_k_dense_replace': 7 is not a layer count within "
+                                       "num_hidden_layers=3"),
+    ({}, ["--max-num-batched-tokens", 0], "max_num_batched_tokens=0 is not a positive integer"),
+    ({}, ["--max-num-seqs", -1], "max_num_seqs=-1 is not a positive integer"),
+    ({}, ["--graph", "piecewise", "--capture-sizes", "8,4"],
+     "prefill_capture_sizes: must be sorted and unique, but 8 comes before 4"),
+    ({}, ["--decode-capture-sizes", "0,4"], "decode_capture_sizes: 0 is not a positive integer"),
+    ({}, ["--ep", 2], "ep=2 must be 1 or equal to tp=1"),
+    ({}, ["--tp", 2, "--ep", 3], "ep=3 must be 1 or equal to tp=2"),  # refused before any rank starts
+]
+
+
+@pytest.mark.parametrize("changes,args,message", CONFIG_REFUSALS, ids=[m.split(" ")[0] for _, _, m in CONFIG_REFUSALS])
+def test_bad_config_is_one_clear_line(capsys, copy_checkpoint, changes, args, message):
+    model = copy_checkpoint("glm4_moe")
+    rewrite_config(model, **changes)
+    code, out, err = run_cli(capsys, "--model", model, "--prompts", PROMPTS, "--max-new-tokens", 2, *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+QWEN_REFUSALS = [
+    ({"num_experts_per_tok": 9}, "field 'num_experts_per_tok': top_k=9 exceeds the 8 routed experts"),
+    ({"decoder_sparse_step": 0}, "field 'decoder_sparse_step' must be a positive integer, got 0"),
+    ({"mlp_only_layers": [5]}, "field 'mlp_only_layers' must be a list of layer indices below num_hidden_layers=3"),
+]
+
+
+@pytest.mark.parametrize("changes,message", QWEN_REFUSALS, ids=[m.split(" ")[1] for _, m in QWEN_REFUSALS])
+def test_bad_qwen_config_is_one_clear_line(capsys, copy_checkpoint, changes, message):
+    model = copy_checkpoint("qwen3_moe")
+    rewrite_config(model, **changes)
+    code, out, err = run_cli(capsys, "--model", model, "--prompts", PROMPTS)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and str(model / "config.json") in err and message in err
+
+
+def test_dump_path_is_one_clear_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--model", checkpoint_dir("glm4_moe"), "--prompts", PROMPTS,
+                           "--max-new-tokens", 1, "--dump", tmp_path / "out.txt")
+    assert code == 2 and err.splitlines()[-1] == f"error: dump path {tmp_path / 'out.txt'} must end in .npz"
+
+
+def test_drifted_grouping_through_the_real_process(copy_checkpoint):
+    """The grouping the config once accepted and the router then refused mid-run, with a traceback."""
+    model = copy_checkpoint("glm4_moe")
+    rewrite_config(model, n_group=16, topk_group=4)
+    bad = subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(model), "--prompts", str(PROMPTS)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {model / 'config.json'}: n_group=16 splits the 16 routed experts into groups of 1; "
+                      "a group's score (the sum of its top-2 scores) needs at least 2 per group"]
+
+
+@pytest.mark.parametrize("option,choice", [("--graph", GraphMode), ("--graph-backend", GraphBackend),
+                                           ("--capture", CaptureTiming)])
+def test_graph_options_offer_every_enum_value(option, choice):
+    """The CLI's choices come from the config enums: every member is accepted, nothing else."""
+    base = ["run", "--model", "m", "--prompts", "p.json"]
+    for member in choice:
+        args = build_parser().parse_args([*base, option, member.value])
+        assert getattr(args, option.lstrip("-").replace("-", "_")) == member.value
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, option, "bogus"])

@@ -15,6 +15,8 @@ import time
 import warnings
 
 from engine import launch
+from engine.config import CaptureTiming, GraphBackend, GraphMode
+from engine.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token budget of one step; smaller values force chunked prefill (default 8192)")
     run.add_argument("--max-num-seqs", type=int, default=64, metavar="S",
                      help="sequences running at once (default 64)")
-    run.add_argument("--graph", choices=("eager", "piecewise", "full_and_piecewise"), default="eager",
+    run.add_argument("--graph", choices=_values(GraphMode), default=GraphMode.EAGER.value,
                      help="eager: no graphs; piecewise: replay the pieces between attention ops, captured per "
                           "padded token count; full_and_piecewise: pure-decode steps replay one whole-model "
                           "graph (default eager)")
@@ -45,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prefill/mixed capture sizes (default: a 4..8192 ladder cut at the token budget)")
     run.add_argument("--decode-capture-sizes", type=_sizes, metavar="S1,S2,...",
                      help="decode capture sizes (default: 1,2,4,8,16,... up to --max-num-seqs)")
-    run.add_argument("--graph-backend", choices=("auto", "static", "cudagraph", "uncompiled"), default="auto",
+    run.add_argument("--graph-backend", choices=_values(GraphBackend), default=GraphBackend.AUTO.value,
                      help="auto: CUDA graphs on a CUDA build, else static programs (default auto)")
-    run.add_argument("--capture", choices=("lazy", "eager"), default="lazy",
+    run.add_argument("--capture", choices=_values(CaptureTiming), default=CaptureTiming.LAZY.value,
                      help="capture each size on first use (lazy) or all sizes at start-up (eager)")
     run.add_argument("--tp", type=int, default=1, metavar="N",
                      help="tensor-parallel ranks; N > 1 starts an N-rank job through paddle.distributed.launch "
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated faults to plant, for testing the gate (default: $ENGINE_FAILPOINTS)")
     run.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return parser
+
+
+def _values(choice: type) -> tuple[str, ...]:
+    """An enum's values as argparse choices (plain strings, so --help lists them as users type them)."""
+    return tuple(member.value for member in choice)
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -113,20 +120,6 @@ def run(args: argparse.Namespace, out=None) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad input: reported as one line, no traceback."""
-    from engine.config import ConfigError
-    from engine.distributed import ParallelError
-    from engine.graph.backends import GraphBackendError
-    from engine.kv_cache import CacheFullError
-    from engine.llm import PromptError
-    from engine.checkpoint.loader import CheckpointError
-    from engine.moe.router import RouterError
-    from engine.prompts import PromptsFileError
-    return (ConfigError, CheckpointError, PromptError, PromptsFileError, RouterError, CacheFullError,
-            GraphBackendError, ParallelError)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -139,17 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         return _run_as_rank(args)
     try:
         return run(args)
-    except _user_errors() as err:
+    except UserError as err:  # bad input: one line, exit 2; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
 def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
-    from engine.config import ConfigError
-
     try:
         engine_config(args)  # refuse a bad configuration before starting any rank
-    except ConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return launch.relaunch(argv, args.tp, args.log_dir)
@@ -160,7 +151,7 @@ def _run_as_rank(args: argparse.Namespace) -> int:
     output = io.StringIO()
     try:
         code = run(args, out=output)
-    except _user_errors() as err:
+    except UserError as err:
         launch.write_report(args.report_dir, f"error: {err}\n", error=True)
         return 2
     launch.write_report(args.report_dir, output.getvalue(), error=False)

@@ -1,29 +1,152 @@
-"""Frozen, validated configuration: the model (read from a Hugging Face config.json) and the engine.
+"""Frozen, validated configuration: the model, parallelism, graph execution and the engine.
 
-`ModelConfig.from_hf(dir)` understands the two MoE architectures this runtime supports, in both
-spellings found on the Hub: transformers 4.x files (top-level `rope_theta`, `partial_rotary_factor`,
-`num_experts`) and transformers 5.x files (`rope_parameters`, `num_local_experts`). Anything it does
-not understand, or that contradicts itself, raises `ConfigError` naming the file and the field.
+Every dataclass here checks itself when it is built, with the validators of this module (plain
+Python, no Paddle), and raises `ConfigError` naming the field and its value; nothing invalid
+exists past construction. The router uses the same grouping check for its own arguments
+(`check_grouping`), so the two cannot drift apart. Derived values are computed once, at
+construction. Reading a Hugging Face config.json into a `ModelConfig` is `engine/hf_config.py`'s
+job; the default capture-size ladders live here because the list of sizes is configuration
+(`engine/graph/capture_sizes.py` builds its padding lookup on them).
 """
 
 from __future__ import annotations
 
-import json
+import enum
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.errors import CaptureSizeError, ConfigError
 from engine.failpoints import NO_FAULTS, Failpoints
-from engine.graph.capture_sizes import CaptureSizes, default_decode_sizes, default_prefill_sizes
 
 GLM4_MOE = "Glm4MoeForCausalLM"
 QWEN3_MOE = "Qwen3MoeForCausalLM"
 SUPPORTED_ARCHITECTURES = (GLM4_MOE, QWEN3_MOE)
 
 
-class ConfigError(ValueError):
-    """A configuration file or value the engine cannot accept; the message names the field."""
+class _Choice(str, enum.Enum):
+    """A closed set of string values. Members compare, hash and format as their value, so code and
+    files that spell a value as a plain string keep working."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, name: str, value: Any):
+        """The member for `value`, or ConfigError naming the field `name` and the allowed values."""
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ConfigError(f"{name}={value!r} is not one of {allowed}", field=name) from None
+
+
+class RouterKind(_Choice):
+    NOAUX_TC = "noaux_tc"  # DeepSeek-V3 / GLM-4.5: sigmoid, correction bias, expert groups
+    SOFTMAX_TOPK = "softmax_topk"  # Qwen3-MoE
+
+
+class GraphMode(_Choice):
+    EAGER = "eager"  # no graphs
+    PIECEWISE = "piecewise"  # every step replays the pieces between attention ops
+    FULL_AND_PIECEWISE = "full_and_piecewise"  # pure-decode steps replay one whole-model graph
+
+
+class GraphBackend(_Choice):
+    AUTO = "auto"  # cudagraph on a CUDA build, else static
+    STATIC = "static"  # paddle.jit.to_static programs, one per piece and size
+    CUDAGRAPH = "cudagraph"  # Paddle's CUDA graph capture
+    UNCOMPILED = "uncompiled"  # the same pieces run eagerly on the padded buffers
+
+
+class CaptureTiming(_Choice):
+    LAZY = "lazy"  # a size is captured on first use
+    EAGER = "eager"  # every size is captured at start-up
+
+
+# The backend names as plain strings, for engine/graph/backends.py's own check.
+GRAPH_BACKENDS = tuple(b.value for b in GraphBackend)
+
+
+# ---------------------------------------------------------------------------------------------
+# The validators: each names the field and the value it refuses
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigError(f"{name}={value!r} is not a positive integer", field=name)
+
+
+def check_non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ConfigError(f"{name}={value!r} is not a non-negative integer", field=name)
+
+
+def check_positive_float(name: str, value: Any) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} is not a positive finite number", field=name)
+
+
+def check_grouping(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
+    """noaux_tc grouping: groups split the experts evenly into groups of at least 2 (a group's score
+    is the sum of its top-2 scores), `topk_group <= n_group`, and the kept groups hold >= top_k
+    experts. The message starts with the field at fault."""
+    for name, value in (("num_experts", num_experts), ("top_k", top_k), ("n_group", n_group),
+                        ("topk_group", topk_group)):
+        check_positive_int(name, value)
+    if num_experts % n_group:
+        raise ConfigError(f"n_group={n_group} does not divide the {num_experts} routed experts", field="n_group")
+    per_group = num_experts // n_group
+    if per_group < 2:
+        raise ConfigError(f"n_group={n_group} splits the {num_experts} routed experts into groups of 1; a group's "
+                          "score (the sum of its top-2 scores) needs at least 2 per group", field="n_group")
+    if topk_group > n_group:
+        raise ConfigError(f"topk_group={topk_group} exceeds n_group={n_group}", field="topk_group")
+    if top_k > topk_group * per_group:
+        raise ConfigError(f"top_k={top_k} exceeds the {topk_group * per_group} experts in topk_group="
+                          f"{topk_group} groups of {per_group}", field="top_k")
+
+
+def check_capture_sizes(sizes: tuple[int, ...], limit: int, label: str) -> None:
+    """A capture-size list: non-empty, positive integers, sorted, unique, none above `limit` (the
+    step's token budget, max_num_batched_tokens). Raises CaptureSizeError naming `label`."""
+    if not sizes:
+        raise CaptureSizeError(f"{label}: the list is empty", field=label)
+    bad = next((s for s in sizes if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s <= 0), None)
+    if bad is not None:
+        raise CaptureSizeError(f"{label}: {bad!r} is not a positive integer", field=label)
+    for a, b in zip(sizes, sizes[1:]):
+        if a >= b:
+            raise CaptureSizeError(f"{label}: must be sorted and unique, but {a} comes before {b}", field=label)
+    if sizes[-1] > limit:
+        raise CaptureSizeError(f"{label}: largest size {sizes[-1]} exceeds max_num_batched_tokens={limit}",
+                               field=label)
+
+
+def default_prefill_sizes(max_tokens: int = 8192) -> tuple[int, ...]:
+    """A 4..8192 ladder in the shape of SGLang's piecewise list: every 4 up to 32, then coarser
+    steps (16, 32, 128, 256, 512) as sizes grow, 58 sizes in all; cut at `max_tokens`."""
+    ladder = [range(4, 33, 4), range(48, 257, 16), range(288, 513, 32), range(640, 2049, 128),
+              range(2304, 4097, 256), range(4608, 8193, 512)]
+    return tuple(s for r in ladder for s in r if s <= max_tokens) or (max_tokens,)
+
+
+def default_decode_sizes(max_num_seqs: int = 64) -> tuple[int, ...]:
+    """FastDeploy's decode shape, [1, 2, 4] + multiples of 8 up to 128, then of 16; the last size
+    covers `max_num_seqs` so no decode step falls back."""
+    ladder = [1, 2, 4, *range(8, 129, 8), *range(144, 1025, 16)]
+    sizes = [s for s in ladder if s < max_num_seqs]
+    return tuple(sizes + [max_num_seqs])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
 
 
 @dataclass(frozen=True)
@@ -47,7 +170,7 @@ class ModelConfig:
     use_qk_norm: bool
     tie_word_embeddings: bool
     # MoE
-    router: str  # "noaux_tc" (GLM-4.5) or "softmax_topk" (Qwen3-MoE)
+    router: RouterKind
     moe_layers: tuple[int, ...]
     num_experts: int
     top_k: int
@@ -60,30 +183,8 @@ class ModelConfig:
     num_mtp_layers: int = 0  # GLM's multi-token-prediction layers: stored after the decoder, not run
 
     def __post_init__(self) -> None:
-        _check_positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                        "head_dim", "max_position_embeddings", "intermediate_size")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
-                              f"num_key_value_heads={self.num_kv_heads}")
-        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
-            raise ConfigError(f"rotary dimension {self.rotary_dim} (head_dim * partial_rotary_factor) "
-                              f"must be even and within head_dim={self.head_dim}")
-        if self.moe_layers:
-            self._check_moe()
-
-    def _check_moe(self) -> None:
-        _check_positive(self, "num_experts", "top_k", "moe_intermediate_size", "n_group", "topk_group")
-        if max(self.moe_layers) >= self.num_layers:
-            raise ConfigError(f"MoE layer {max(self.moe_layers)} is beyond num_hidden_layers={self.num_layers}")
-        if self.top_k > self.num_experts:
-            raise ConfigError(f"num_experts_per_tok={self.top_k} exceeds the expert count {self.num_experts}")
-        if self.num_experts % self.n_group:
-            raise ConfigError(f"n_group={self.n_group} does not divide the expert count {self.num_experts}")
-        if self.topk_group > self.n_group:
-            raise ConfigError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
-        if self.top_k > self.topk_group * self.num_experts // self.n_group:
-            raise ConfigError(f"num_experts_per_tok={self.top_k} exceeds the experts in topk_group="
-                              f"{self.topk_group} kept groups")
+        object.__setattr__(self, "router", RouterKind.parse("router", self.router))
+        _check_model(self)
 
     @property
     def q_size(self) -> int:
@@ -98,13 +199,58 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, model_dir: str | Path) -> "ModelConfig":
-        """Read `model_dir/config.json` as written by Hugging Face transformers 4.x or 5.x."""
-        path = Path(model_dir) / "config.json"
-        raw = _read_json(path)
-        try:
-            return _parse(raw)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+        """Read `model_dir/config.json` as written by Hugging Face transformers 4.x or 5.x (see
+        engine/hf_config.py; imported here, not at the top, because it builds on this module)."""
+        from engine.hf_config import read_model_config
+
+        return read_model_config(model_dir)
+
+
+def _check_model(cfg: ModelConfig) -> None:
+    if cfg.architecture not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"architecture={cfg.architecture!r} is not supported (supported: "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)})", field="architecture")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "max_position_embeddings", "intermediate_size"):
+        check_positive_int(name, getattr(cfg, name))
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(f"num_kv_heads={cfg.num_kv_heads} does not divide num_heads={cfg.num_heads}",
+                          field="num_kv_heads")
+    check_positive_int("rotary_dim", cfg.rotary_dim)
+    if cfg.rotary_dim > cfg.head_dim or cfg.rotary_dim % 2:
+        raise ConfigError(f"rotary_dim={cfg.rotary_dim} (head_dim * partial_rotary_factor) must be even and "
+                          f"within head_dim={cfg.head_dim}", field="rotary_dim")
+    check_positive_float("rope_theta", cfg.rope_theta)
+    check_positive_float("rms_norm_eps", cfg.rms_norm_eps)
+    check_non_negative_int("n_shared_experts", cfg.n_shared_experts)
+    check_non_negative_int("num_mtp_layers", cfg.num_mtp_layers)
+    _check_moe_layers(cfg)
+    if cfg.moe_layers:
+        _check_experts(cfg)
+
+
+def _check_moe_layers(cfg: ModelConfig) -> None:
+    layers = cfg.moe_layers
+    ok = all(isinstance(i, int) and 0 <= i < cfg.num_layers for i in layers) and list(layers) == sorted(set(layers))
+    if not ok:
+        raise ConfigError(f"moe_layers={layers!r} must be sorted, unique layer indices below num_layers="
+                          f"{cfg.num_layers}", field="moe_layers")
+
+
+def _check_experts(cfg: ModelConfig) -> None:
+    check_positive_int("moe_intermediate_size", cfg.moe_intermediate_size)
+    check_positive_float("routed_scaling_factor", cfg.routed_scaling_factor)
+    if cfg.router is RouterKind.NOAUX_TC:
+        check_grouping(cfg.num_experts, cfg.top_k, cfg.n_group, cfg.topk_group)
+        return
+    check_positive_int("num_experts", cfg.num_experts)
+    check_positive_int("top_k", cfg.top_k)
+    if cfg.top_k > cfg.num_experts:
+        raise ConfigError(f"top_k={cfg.top_k} exceeds the {cfg.num_experts} routed experts", field="top_k")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallelism, graphs, the engine
 
 
 @dataclass(frozen=True)
@@ -118,40 +264,41 @@ class ParallelConfig:
     fused_allreduce_max_tokens: int = 2048
 
     def __post_init__(self) -> None:
-        _check_positive(self, "tp", "ep", "fused_allreduce_max_tokens")
+        for name in ("tp", "ep", "fused_allreduce_max_tokens"):
+            check_positive_int(name, getattr(self, name))
         if self.ep not in (1, self.tp):
-            raise ConfigError(f"ep={self.ep} must be 1 or equal to tp={self.tp}")
-
-
-GRAPH_MODES = ("eager", "piecewise", "full_and_piecewise")
-GRAPH_BACKENDS = ("auto", "static", "cudagraph", "uncompiled")
-CAPTURE_TIMING = ("lazy", "eager")
+            raise ConfigError(f"ep={self.ep} must be 1 or equal to tp={self.tp}", field="ep")
 
 
 @dataclass(frozen=True)
 class GraphConfig:
-    """Graph execution. `piecewise`: prefill, mixed and decode steps replay the pieces between
-    attention ops; `full_and_piecewise`: pure-decode steps replay one whole-model graph instead.
-    Capture sizes of None take the defaults, cut to the engine's limits."""
+    """Graph execution (see GraphMode, GraphBackend, CaptureTiming; plain strings are accepted and
+    turned into members). Capture sizes of None take the defaults, cut to the engine's limits."""
 
-    mode: str = "eager"
-    backend: str = "auto"  # see engine/graph/backends.py
+    mode: GraphMode = GraphMode.EAGER
+    backend: GraphBackend = GraphBackend.AUTO  # see engine/graph/backends.py
     prefill_capture_sizes: tuple[int, ...] | None = None
     decode_capture_sizes: tuple[int, ...] | None = None
-    capture: str = "lazy"  # lazy: a size is captured on first use; eager: all at start-up
+    capture: CaptureTiming = CaptureTiming.LAZY
 
     def __post_init__(self) -> None:
-        if self.mode not in GRAPH_MODES:
-            raise ConfigError(f"graph mode {self.mode!r} is not one of {GRAPH_MODES}")
-        if self.backend not in GRAPH_BACKENDS:
-            raise ConfigError(f"graph backend {self.backend!r} is not one of {GRAPH_BACKENDS}")
-        if self.capture not in CAPTURE_TIMING:
-            raise ConfigError(f"graph capture {self.capture!r} is not one of {CAPTURE_TIMING}")
+        object.__setattr__(self, "mode", GraphMode.parse("graph.mode", self.mode))
+        object.__setattr__(self, "backend", GraphBackend.parse("graph.backend", self.backend))
+        object.__setattr__(self, "capture", CaptureTiming.parse("graph.capture", self.capture))
+
+
+@dataclass(frozen=True)
+class CaptureSizeLists:
+    """The validated capture sizes per phase: `prefill` covers mixed steps too."""
+
+    prefill: tuple[int, ...]
+    decode: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine batches, caches and runs graphs."""
+    """How the engine batches, caches and runs graphs. `capture_sizes` is derived at construction:
+    the graph config's lists, or the default ladders cut to the token budget, validated."""
 
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 64
@@ -161,202 +308,24 @@ class EngineConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     faults: Failpoints = field(default=NO_FAULTS)
+    capture_sizes: CaptureSizeLists = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "max_num_batched_tokens", "max_num_seqs", "block_size")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+            check_positive_int(name, getattr(self, name))
         for name in ("num_kv_blocks", "max_model_len"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
-        if self.graph.mode != "eager":
-            try:
-                self.capture_sizes()
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        object.__setattr__(self, "capture_sizes", self._capture_sizes())
 
-    def capture_sizes(self) -> dict[str, CaptureSizes]:
-        """Validated capture sizes per phase ("prefill" covers mixed steps too)."""
+    def _capture_sizes(self) -> CaptureSizeLists:
         g, limit = self.graph, self.max_num_batched_tokens
-        prefill = g.prefill_capture_sizes or default_prefill_sizes(limit)
-        decode = g.decode_capture_sizes or default_decode_sizes(min(self.max_num_seqs, limit))
-        return {"prefill": CaptureSizes(tuple(prefill), limit, "prefill_capture_sizes"),
-                "decode": CaptureSizes(tuple(decode), limit, "decode_capture_sizes")}
+        prefill = tuple(g.prefill_capture_sizes or default_prefill_sizes(limit))
+        decode = tuple(g.decode_capture_sizes or default_decode_sizes(min(self.max_num_seqs, limit)))
+        check_capture_sizes(prefill, limit, "prefill_capture_sizes")
+        check_capture_sizes(decode, limit, "decode_capture_sizes")
+        return CaptureSizeLists(prefill, decode)
 
-
-# ---------------------------------------------------------------------------------------------
-# Parsing config.json
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file (a Hugging Face checkpoint directory has config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return raw
-
-
-def _parse(raw: dict[str, Any]) -> ModelConfig:
-    arch = _architecture(raw)
-    common = _common_fields(raw)
-    moe = _glm_moe_fields(raw, common["num_layers"]) if arch == GLM4_MOE else \
-        _qwen_moe_fields(raw, common["num_layers"])
-    return ModelConfig(architecture=arch, **common, **moe)
-
-
-def _architecture(raw: dict[str, Any]) -> str:
-    archs = raw.get("architectures")
-    if not isinstance(archs, list) or len(archs) != 1:
-        raise ConfigError(f"field 'architectures' must list exactly one architecture, got {archs!r}")
-    if archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"field 'architectures': {archs[0]!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    return archs[0]
-
-
-def _common_fields(raw: dict[str, Any]) -> dict[str, Any]:
-    _unsupported(raw)
-    hidden = _int(raw, "hidden_size")
-    heads = _int(raw, "num_attention_heads")
-    head_dim = _int(raw, "head_dim", default=None)
-    if head_dim is None:
-        if hidden % heads:
-            raise ConfigError(f"field 'head_dim' is absent and hidden_size={hidden} is not divisible "
-                              f"by num_attention_heads={heads}")
-        head_dim = hidden // heads
-    theta, partial = _rope(raw)
-    rotary_dim = int(head_dim * partial)
-    return dict(
-        vocab_size=_int(raw, "vocab_size"), hidden_size=hidden, num_layers=_int(raw, "num_hidden_layers"),
-        num_heads=heads, num_kv_heads=_int(raw, "num_key_value_heads", default=heads), head_dim=head_dim,
-        rotary_dim=rotary_dim, rope_theta=theta, rms_norm_eps=_float(raw, "rms_norm_eps", default=1e-6),
-        max_position_embeddings=_int(raw, "max_position_embeddings"),
-        intermediate_size=_int(raw, "intermediate_size"),
-        attention_bias=_bool(raw, "attention_bias", default=False),
-        o_proj_bias=_bool(raw, "attention_bias", default=False) and raw["architectures"][0] == QWEN3_MOE,
-        tie_word_embeddings=_bool(raw, "tie_word_embeddings", default=False),
-        use_qk_norm=_bool(raw, "use_qk_norm", default=False) if raw["architectures"][0] == GLM4_MOE else True,
-    )
-
-
-def _unsupported(raw: dict[str, Any]) -> None:
-    """Features of these architectures the runtime does not implement: refuse, never ignore."""
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"field 'hidden_act': {act!r} is not supported (only 'silu')")
-    if raw.get("use_sliding_window"):
-        raise ConfigError("field 'use_sliding_window': sliding-window attention is not supported")
-
-
-def _rope(raw: dict[str, Any]) -> tuple[float, float]:
-    """rope_theta and partial_rotary_factor from either spelling; contradictions are errors."""
-    params = raw.get("rope_parameters") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"field 'rope_parameters' must be an object, got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"field 'rope_parameters.rope_type': {rope_type!r} is not supported (only 'default')")
-    if raw.get("rope_scaling"):
-        raise ConfigError(f"field 'rope_scaling': {raw['rope_scaling']!r} is not supported")
-    default_partial = 0.5 if raw["architectures"][0] == GLM4_MOE else 1.0
-    theta = _one_of(raw, params, "rope_theta", float, 10000.0)
-    partial = _one_of(raw, params, "partial_rotary_factor", float, default_partial)
-    if not 0.0 < partial <= 1.0:
-        raise ConfigError(f"field 'partial_rotary_factor' must be in (0, 1], got {partial}")
-    return theta, partial
-
-
-def _one_of(raw: dict, params: dict, key: str, kind: type, default: Any) -> Any:
-    """A value that may sit at the top level (4.x) or in rope_parameters (5.x), but must agree."""
-    top = _number(raw, key, kind, None)
-    nested = _number(params, f"rope_parameters.{key}", kind, None, lookup=key)
-    if top is not None and nested is not None and not math.isclose(top, nested):
-        raise ConfigError(f"fields '{key}'={top} and 'rope_parameters.{key}'={nested} disagree")
-    return next((v for v in (nested, top) if v is not None), default)
-
-
-def _glm_moe_fields(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    experts = _expert_count(raw, "n_routed_experts")
-    first_dense = _int(raw, "first_k_dense_replace", default=1)
-    return dict(
-        router="noaux_tc", moe_layers=tuple(range(first_dense, num_layers)) if experts else (),
-        num_experts=experts or 0, top_k=_int(raw, "num_experts_per_tok", default=1),
-        moe_intermediate_size=_int(raw, "moe_intermediate_size"),
-        norm_topk_prob=_bool(raw, "norm_topk_prob", default=True),
-        n_group=_int(raw, "n_group", default=1), topk_group=_int(raw, "topk_group", default=1),
-        routed_scaling_factor=_float(raw, "routed_scaling_factor", default=1.0),
-        n_shared_experts=_int(raw, "n_shared_experts", default=0) or 0,
-        num_mtp_layers=_int(raw, "num_nextn_predict_layers", default=0),
-    )
-
-
-def _qwen_moe_fields(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    experts = _expert_count(raw, "num_experts")
-    step = _int(raw, "decoder_sparse_step", default=1)
-    dense_only = raw.get("mlp_only_layers") or []
-    if not isinstance(dense_only, list) or not all(isinstance(i, int) for i in dense_only):
-        raise ConfigError(f"field 'mlp_only_layers' must be a list of layer indices, got {dense_only!r}")
-    moe_layers = tuple(i for i in range(num_layers)
-                       if experts and i not in dense_only and (i + 1) % step == 0)
-    return dict(
-        router="softmax_topk", moe_layers=moe_layers, num_experts=experts or 0,
-        top_k=_int(raw, "num_experts_per_tok", default=1),
-        moe_intermediate_size=_int(raw, "moe_intermediate_size"),
-        norm_topk_prob=_bool(raw, "norm_topk_prob", default=False),
-    )
-
-
-def _expert_count(raw: dict[str, Any], own_key: str) -> int | None:
-    """The routed expert count under the architecture's own key or the 5.x alias; both must agree."""
-    own = _int(raw, own_key, default=None)
-    alias = _int(raw, "num_local_experts", default=None)
-    if own is not None and alias is not None and own != alias:
-        raise ConfigError(f"fields '{own_key}'={own} and 'num_local_experts'={alias} disagree")
-    return own if own is not None else alias
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed field access with errors that name the field
-
-_MISSING = object()
-
-
-def _number(raw: dict, name: str, kind: type, default: Any, lookup: str | None = None) -> Any:
-    value = raw.get(lookup or name, _MISSING)
-    if value is _MISSING or value is None:
-        if default is _MISSING:
-            raise ConfigError(f"required field '{name}' is missing")
-        return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    if not ok:
-        raise ConfigError(f"field '{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    return kind(value)
-
-
-def _int(raw: dict, name: str, default: Any = _MISSING) -> Any:
-    return _number(raw, name, int, default)
-
-
-def _float(raw: dict, name: str, default: Any = _MISSING) -> Any:
-    return _number(raw, name, float, default)
-
-
-def _bool(raw: dict, name: str, default: bool) -> bool:
-    value = raw.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ConfigError(f"field '{name}' must be true or false, got {value!r}")
-    return value
-
-
-def _check_positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    def max_len(self, model: ModelConfig) -> int:
+        """The longest sequence (prompt + generated tokens) this engine runs on `model`."""
+        return self.max_model_len or model.max_position_embeddings

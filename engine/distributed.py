@@ -25,9 +25,10 @@ import paddle.distributed as dist
 
 from engine.checkpoint.hub_schema import Role, role
 from engine.config import ConfigError, ModelConfig, ParallelConfig
+from engine.errors import UserError
 
 
-class ParallelError(RuntimeError):
+class ParallelError(UserError, RuntimeError):
     """Ranks that disagree, or a job whose world does not match its parallel config."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import UserError
 from engine.llm import RequestOutput
 
 
@@ -43,11 +44,15 @@ def _decode_ids(out: RequestOutput, layer: int) -> np.ndarray:
     return ids.astype(np.int64)
 
 
+class DumpError(UserError, ValueError):
+    """A dump path the engine cannot write to; the message names the path."""
+
+
 def write_dump(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     """Write atomically: temporary file in the same folder, fsync, rename."""
     path = Path(path)
     if path.suffix != ".npz":
-        raise ValueError(f"dump path {path} must end in .npz")
+        raise DumpError(f"dump path {path} must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import paddle
 
+from engine.errors import UserError
 
-class CacheFullError(RuntimeError):
+
+class CacheFullError(UserError, RuntimeError):
     """The block pool cannot hold the tokens a step needs."""
 
 

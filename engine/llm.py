@@ -16,6 +16,7 @@ import numpy as np
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed import init_parallel
 from engine.checkpoint.loader import load_weights
+from engine.errors import UserError
 from engine.models.moe_decoder import MoEDecoder
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Batch, Request, Scheduler
@@ -23,7 +24,7 @@ from engine.scheduler import Batch, Request, Scheduler
 log = logging.getLogger(__name__)
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt the model cannot run; the message names the prompt."""
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.errors import UserError
 from engine.llm import Prompt
 
 
-class PromptsFileError(ValueError):
+class PromptsFileError(UserError, ValueError):
     """A prompts file that cannot be read; the message names the file and entry."""
 
 

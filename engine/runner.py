@@ -15,6 +15,7 @@ import paddle
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import ForwardContext
 from engine.graph.backends import make_backend
+from engine.graph.capture_sizes import capture_sizes_for
 from engine.graph.guard import DECODE, PREFILL, CaptureGuard
 from engine.graph.protocol import Named, run_pieces
 from engine.graph.runner import GraphRunner, WholeStep
@@ -63,7 +64,7 @@ class ModelRunner:
         if graph.mode == "eager":
             return None
         whole = WholeStep(self.cache, self.decode_table_width) if graph.mode == "full_and_piecewise" else None
-        runner = GraphRunner(self.model, make_backend(graph.backend), self.engine.capture_sizes(), self.guard,
+        runner = GraphRunner(self.model, make_backend(graph.backend), capture_sizes_for(self.engine), self.guard,
                              self.stats, self.engine.faults, whole_step=whole)
         if graph.capture == "eager":
             runner.capture_all()

@@ -18,13 +18,14 @@ from safetensors import SafetensorError, safe_open
 
 from engine.checkpoint.hub_schema import expected_tensors, layer_of, optional_tensors
 from engine.config import ModelConfig
+from engine.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match its config; the message names the file and tensor."""
 
 

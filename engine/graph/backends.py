@@ -24,6 +24,7 @@ import paddle
 
 from engine.config import GRAPH_BACKENDS
 from engine.graph import paddle_compat
+from engine.errors import UserError
 
 Tensors = tuple[paddle.Tensor, ...]
 
@@ -41,7 +42,7 @@ class Replay:
         return self.run()
 
 
-class GraphBackendError(ValueError):
+class GraphBackendError(UserError, ValueError):
     """A backend that cannot run on this build of Paddle."""
 
 

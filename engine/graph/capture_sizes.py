@@ -2,6 +2,10 @@
 
 A step of n tokens replays the graph of the smallest capture size >= n, its extra rows padding.
 Steps larger than the largest size run eagerly (and are counted as fallbacks).
+
+Which sizes to capture is configuration: the default ladders and the validation of a size list
+live in engine/config.py (which imports nothing from this package); this module turns a
+validated list into the padding lookup the graph runner uses.
 """
 
 from __future__ import annotations
@@ -9,25 +13,11 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-
-class CaptureSizeError(ValueError):
-    """A capture-size list that cannot be used; the message names the offending value."""
-
-
-def default_prefill_sizes(max_tokens: int = 8192) -> tuple[int, ...]:
-    """A 4..8192 ladder in the shape of SGLang's piecewise list: every 4 up to 32, then coarser
-    steps (16, 32, 128, 256, 512) as sizes grow, 58 sizes in all; cut at `max_tokens`."""
-    ladder = [range(4, 33, 4), range(48, 257, 16), range(288, 513, 32), range(640, 2049, 128),
-              range(2304, 4097, 256), range(4608, 8193, 512)]
-    return tuple(s for r in ladder for s in r if s <= max_tokens) or (max_tokens,)
-
-
-def default_decode_sizes(max_num_seqs: int = 64) -> tuple[int, ...]:
-    """FastDeploy's decode shape, [1, 2, 4] + multiples of 8 up to 128, then of 16; the last size
-    covers `max_num_seqs` so no decode step falls back."""
-    ladder = [1, 2, 4, *range(8, 129, 8), *range(144, 1025, 16)]
-    sizes = [s for s in ladder if s < max_num_seqs]
-    return tuple(sizes + [max_num_seqs])
+from engine.config import EngineConfig, check_capture_sizes
+from engine.config import default_decode_sizes as default_decode_sizes  # re-exported: the ladders' old home
+from engine.config import default_prefill_sizes as default_prefill_sizes
+from engine.errors import CaptureSizeError as CaptureSizeError
+from engine.graph.guard import DECODE, PREFILL
 
 
 @dataclass(frozen=True)
@@ -39,18 +29,7 @@ class CaptureSizes:
     label: str = "capture sizes"
 
     def __post_init__(self) -> None:
-        sizes = self.sizes
-        if not sizes:
-            raise CaptureSizeError(f"{self.label}: the list is empty")
-        bad = next((s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s <= 0), None)
-        if bad is not None:
-            raise CaptureSizeError(f"{self.label}: {bad!r} is not a positive integer")
-        for a, b in zip(sizes, sizes[1:]):
-            if a >= b:
-                raise CaptureSizeError(f"{self.label}: must be sorted and unique, but {a} comes before {b}")
-        if sizes[-1] > self.limit:
-            raise CaptureSizeError(f"{self.label}: largest size {sizes[-1]} exceeds max_num_batched_tokens="
-                                   f"{self.limit}")
+        check_capture_sizes(self.sizes, self.limit, self.label)
 
     @property
     def largest(self) -> int:
@@ -66,3 +45,11 @@ class CaptureSizes:
     def largest_first(self) -> tuple[int, ...]:
         """Capture order: largest first, so later (smaller) captures reuse memory already reserved."""
         return tuple(reversed(self.sizes))
+
+
+def capture_sizes_for(engine: EngineConfig) -> dict[str, CaptureSizes]:
+    """The engine's capture sizes per phase (PREFILL covers mixed steps too), from the lists its
+    config derived and validated once at construction."""
+    lists, limit = engine.capture_sizes, engine.max_num_batched_tokens
+    return {PREFILL: CaptureSizes(lists.prefill, limit, "prefill_capture_sizes"),
+            DECODE: CaptureSizes(lists.decode, limit, "decode_capture_sizes")}

@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
+from engine.config import check_grouping
+from engine.errors import UserError
 from engine.failpoints import NO_FAULTS, Failpoints
 
 # Added to the renormalisation denominator, as in the DeepSeek-V3 / GLM-4.5 reference, so that a
@@ -40,7 +42,7 @@ from engine.failpoints import NO_FAULTS, Failpoints
 RENORM_EPS = 1e-20
 
 
-class RouterError(ValueError):
+class RouterError(UserError, ValueError):
     """Router logits of a real token row were NaN or infinite."""
 
 
@@ -48,23 +50,10 @@ class RouterError(ValueError):
 
 
 def validate_grouping(num_experts, top_k, n_group, topk_group, bias_len=None) -> None:
-    """Raise ValueError naming the offending field if this noaux_tc grouping cannot route.
-
-    Groups must split the experts evenly into groups of at least 2 (the group score is a top-2
-    sum), `topk_group <= n_group`, and the kept groups must hold at least `top_k` experts.
-    """
-    _require_positive(num_experts=num_experts, top_k=top_k, n_group=n_group, topk_group=topk_group)
-    if num_experts % n_group:
-        raise ValueError(f"n_group={n_group} does not divide num_experts={num_experts}")
-    if num_experts // n_group < 2:
-        raise ValueError(f"n_group={n_group} leaves {num_experts // n_group} expert per group; "
-                         "the group score (sum of the top-2 scores) needs at least 2")
-    if topk_group > n_group:
-        raise ValueError(f"topk_group={topk_group} exceeds n_group={n_group}")
-    available = topk_group * (num_experts // n_group)
-    if top_k > available:
-        raise ValueError(f"top_k={top_k} exceeds the {available} experts in "
-                         f"topk_group={topk_group} groups of {num_experts // n_group}")
+    """Raise ConfigError (a ValueError) naming the offending field if this noaux_tc grouping cannot
+    route. The grouping rules are the config validator's (`engine.config.check_grouping`), so a
+    config that loads is one the router accepts; the bias length is the router's own check."""
+    check_grouping(num_experts, top_k, n_group, topk_group)
     if bias_len is not None and bias_len != num_experts:
         raise ValueError(f"bias (e_score_correction_bias) has length {bias_len}, "
                          f"expected num_experts={num_experts}")
