@@ -78,15 +78,26 @@ class StaticBackend:
         program cache on the shapes and dtypes of the actual inputs, so each size still gets its
         own fixed-shape program, but the function is converted only once. Replays call that
         program directly, skipping the per-call input-spec hashing of the to_static wrapper."""
-        compiled = self._compiled.get(fn)
-        if compiled is None:
-            compiled = self._compiled[fn] = paddle.jit.to_static(fn, full_graph=True)
-            compiled.eval()  # inference programs: no backward program is built
+        compiled = self._converted(fn)
         with _short_op_callstacks():
             first = compiled(*inputs)
         _, program = compiled.get_concrete_program(*inputs, is_train=False)  # the one just built
         args = tuple(inputs)
         return _into_buffers(lambda: program(args), first)
+
+    def program(self, fn: Callable[..., Tensors], inputs: list[paddle.Tensor]):
+        """The program `capture(fn, inputs)` replays, as Paddle's ConcreteProgram (`main_program`,
+        `inputs`, `outputs`, `parameters`); traced now, without running, if it was not built yet.
+        For inspection only (verifier/capture_lint.py)."""
+        with _short_op_callstacks():
+            return self._converted(fn).get_concrete_program(*inputs, is_train=False)[0]
+
+    def _converted(self, fn: Callable[..., Tensors]):
+        compiled = self._compiled.get(fn)
+        if compiled is None:
+            compiled = self._compiled[fn] = paddle.jit.to_static(fn, full_graph=True)
+            compiled.eval()  # inference programs: no backward program is built
+        return compiled
 
 
 @contextmanager
