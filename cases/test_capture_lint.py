@@ -58,6 +58,15 @@ def _numpy(x, n):
     return (x * scale,)
 
 
+def _numpy_converted(x, n):  # converted by Paddle's AST converter, which deletes the .numpy() call
+    return (x * paddle.to_tensor(x.numpy()),)  # planted: numpy-converted
+
+
+@paddle.jit.not_to_static
+def _eager_read(x, n):
+    return (x * float(STALE.numpy().max()),)  # planted: eager-read
+
+
 @paddle.jit.not_to_static
 def _item(x, n):
     count = n.item()  # planted: item
@@ -130,6 +139,8 @@ def test_a_clean_toy_piece_has_no_finding(body):
 @pytest.mark.parametrize("body, tag, rule, op", [
     (_nonzero, "nonzero", "data-dependent-shape", "pd_op.nonzero"),
     (_numpy, "numpy", "host-read", "Value.numpy"),
+    (_numpy_converted, "numpy-converted", "host-read", ".numpy() (erased by the converter)"),
+    (_eager_read, "eager-read", "host-read", "Tensor.numpy"),
     (_item, "item", "host-read", "Value.item"),
     (_print, "print", "host-read", "Value.__repr__"),
     (_print_op, "print-op", "host-sync", "pd_op.print"),
@@ -151,8 +162,9 @@ def test_a_planted_pattern_is_flagged_with_its_piece_size_and_line(body, tag, ru
 def test_numpy_on_a_traced_value_also_stops_the_capture():
     """In the engine's tracing path `.numpy()` raises inside Paddle: the lint reports both the read
     and that the piece could not be captured, and keeps going."""
-    rules = {f.rule for f in lint_one(_numpy)}
-    assert rules == {"host-read", "capture-failed"}
+    findings = lint_one(_numpy)
+    assert {f.rule for f in findings} == {"host-read", "capture-failed"}
+    assert all(at_line(f, planted("numpy")) for f in findings)
 
 
 def test_every_size_is_linted_on_its_own():

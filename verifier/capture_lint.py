@@ -18,15 +18,27 @@ Exit 0: no finding; 1: findings; 2: could not run (the error names the file or v
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, is_dataclass
 
 import paddle
 
-from verifier.capture_program import CapturedPiece, Finding, flat_tensors, lint_piece, source_line, tensor_dims
+from verifier.capture_program import (
+    CapturedPiece,
+    Finding,
+    flat_tensors,
+    innermost_frame,
+    lint_piece,
+    source_line,
+    tensor_dims,
+)
 from verifier.capture_rules import BY_NAME
 
 _PADDLE_DIR = os.path.dirname(paddle.__file__) + os.sep
@@ -72,6 +84,44 @@ def _internal(filename: str) -> bool:
     return filename.startswith(_PADDLE_DIR) or filename == __file__
 
 
+@contextmanager
+def watch_converted_sources(record: Callable[[str, str], None]) -> Iterator[None]:
+    """While active, each function Paddle's AST converter reads the source of (to rewrite it) is
+    scanned for `.numpy()` / `.tolist()` calls, and `record(method, line)` is called for each.
+
+    The converter deletes those calls before tracing (`y = x.numpy()` becomes `y = x`), so neither
+    the trace nor the program shows them: the source is the only witness. Paddle converts a function
+    once per process, so a read is reported at the first size traced. The engine's pieces are traced
+    unconverted (`engine/graph/pieces.py`), where `watch_host_reads` sees these calls instead."""
+    original = inspect.getsourcelines
+
+    def scanned(obj):
+        lines, start = original(obj)
+        filename = inspect.getsourcefile(obj) or "?"
+        if inspect.isfunction(obj) and not _internal(filename):
+            for method, offset in _erased_reads(lines):
+                record(f"{method} (erased by the converter)", source_line(filename, start + offset, obj.__name__))
+        return lines, start
+
+    inspect.getsourcelines = scanned
+    try:
+        yield
+    finally:
+        inspect.getsourcelines = original
+
+
+def _erased_reads(lines: list[str]) -> Iterator[tuple[str, int]]:
+    """(method, 0-based line offset) of each `.numpy()` / `.tolist()` call in a function's source."""
+    try:
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except SyntaxError:  # a lambda's line, or source that does not parse alone: nothing to scan
+        return
+    for node in ast.walk(tree):
+        method = node.func.attr if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+        if method in ("numpy", "tolist"):
+            yield f".{method}()", node.lineno - 1
+
+
 # ---- driving the engine's capture ---------------------------------------------------------
 
 
@@ -105,14 +155,16 @@ def recording_backend(owned: frozenset[str]):
 
         def trace(self, name: str, fn, inputs):
             def read(method: str, line: str) -> None:
-                self.findings.append(Finding(name, self.size, "host-read", method, line))
+                finding = Finding(name, self.size, "host-read", method, line)
+                if finding not in self.findings:  # the converter reads a function's source twice
+                    self.findings.append(finding)
 
-            with watch_host_reads(read):
+            with watch_host_reads(read), watch_converted_sources(read):
                 try:
                     return self.program(fn, inputs)
                 except Exception as err:  # any trace failure is the finding, not a crash of the lint
                     self.findings.append(Finding(name, self.size, "capture-failed", type(err).__name__,
-                                                 _raise_line(err), _first_line(err)))
+                                                 _raise_line(err), _error_line(err)))
                     raise CaptureStopped(name) from err
 
     return Recorder()
@@ -124,21 +176,24 @@ def _defined(fn) -> str:
 
 
 def _raise_line(err: BaseException) -> str:
-    frames = []
-    tb = err.__traceback__
+    """Where a trace failed: Paddle prints the user's frames into its error message."""
+    from_message = innermost_frame(str(err).splitlines(), skip=(_PADDLE_DIR, __file__))
+    if from_message != "?":
+        return from_message
+    tb, frames = err.__traceback__, []
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     outside = [f for f in frames if not _internal(f.f_code.co_filename)]
-    if not outside:
-        return "?"
-    frame = outside[-1]
-    return source_line(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+    frame = outside[-1] if outside else None
+    return source_line(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name) if frame else "?"
 
 
-def _first_line(err: BaseException) -> str:
+def _error_line(err: BaseException) -> str:
+    """The line of Paddle's error message that names the error ("TypeError: ..."), else its first."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
+    named = [line for line in lines if re.match(r"\w*(Error|Exception)\b", line)]
+    return (named[-1] if named else lines[0] if lines else type(err).__name__)[:200]
 
 
 def lint_captures(captures: Iterable[tuple[str, int, Callable, list]], owned: Iterable[paddle.Tensor] = ()
@@ -275,7 +330,7 @@ def render(report: LintReport) -> None:
     rows: dict[tuple, list[int]] = {}
     for f in report.findings:
         rows.setdefault((f.piece, f.rule, f.op, f.line, f.detail), []).append(f.size)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # CI logs: rows on one line each
     sizes = ", ".join(f"{phase} {len(s)} sizes" for phase, s in report.sizes.items())
     console.print(f"capture lint: {report.model}, ranks {report.ranks}, {sizes}, {report.programs} programs")
     if not rows:

@@ -67,13 +67,19 @@ def _finding(piece: CapturedPiece, rule: str, op, detail: str = "", line: str | 
 
 def op_line(op) -> str:
     """The innermost Python frame Paddle recorded for `op` ("path:line in function"), or "?"."""
-    stack = op.attrs().get("op_callstack") or []
-    frames = [entry.strip() for entry in stack if entry.strip().startswith('File "')]
-    if not frames:
-        return "?"
-    path, rest = frames[-1][len('File "'):].split('", line ', 1)
-    line, _, function = rest.partition(", in ")
-    return source_line(path, line, function)
+    return innermost_frame(op.attrs().get("op_callstack") or [])
+
+
+def innermost_frame(entries: list[str], skip: tuple[str, ...] = ()) -> str:
+    """The last `File "path", line N, in function` entry of a printed stack whose path does not
+    start with one of `skip`, as "path:line in function"; "?" when there is none."""
+    for entry in reversed(entries):
+        entry = entry.strip()
+        if entry.startswith('File "') and '", line ' in entry and not entry[len('File "'):].startswith(skip):
+            path, rest = entry[len('File "'):].split('", line ', 1)
+            line, _, function = rest.partition(", in ")
+            return source_line(path, line, function)
+    return "?"
 
 
 def _op_findings(piece: CapturedPiece, op) -> list[Finding]:

@@ -87,3 +87,16 @@ ALLOWED_COLLECTIVES = re.compile(r"pd_op\.(c_)?all_?reduce(_sum)?_?")  # what th
 def op_rule(op_name: str) -> Rule | None:
     """The first op-name rule that `op_name` breaks, or None."""
     return next((rule for rule in RULES if rule.matches(op_name)), None)
+
+
+def markdown_table() -> str:
+    """The rules as the README's table (`python -m verifier.capture_rules`)."""
+    rows = ["| rule | matches | why it breaks capture | source |", "|---|---|---|---|"]
+    for rule in RULES:
+        matches = "`{}`".format(rule.ops.replace("|", "\\|")) if rule.ops else "structural check"  # | splits cells
+        rows.append(f"| `{rule.name}` | {matches} | {rule.why} | {rule.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
