@@ -26,9 +26,16 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field, is_dataclass, replace
 
 import paddle
+
+from engine.config import EngineConfig, GraphConfig, ModelConfig, ParallelConfig
+from engine.distributed import Collectives, Partition
+from engine.graph.backends import Replay, StaticBackend
+from engine.loader import load_weights
+from engine.models.moe_decoder import MoEDecoder
+from engine.runner import ModelRunner
 
 from verifier.capture_program import (
     CapturedPiece,
@@ -129,45 +136,47 @@ class CaptureStopped(RuntimeError):
     """A piece could not be traced; its finding is recorded, later pieces of that size are not linted."""
 
 
-def recording_backend(owned: frozenset[str]):
-    """A static backend that builds each program without running it and records it for the lint.
-    Replays return zero buffers of the program's output shapes (the runner only chains them)."""
-    from engine.graph.backends import Replay, StaticBackend
+class Recorder(StaticBackend):
+    """A static backend that builds each program without running it and keeps it for the lint,
+    with what was seen while tracing it. Replays return zero buffers of the program's output shapes
+    (the graph runner only chains them from piece to piece)."""
 
-    class Recorder(StaticBackend):
-        def __init__(self) -> None:
-            super().__init__()
-            self.size, self.count = 0, 0
-            self.pieces: list[CapturedPiece] = []
-            self.findings: list[Finding] = []
+    def __init__(self, owned: frozenset[str]) -> None:
+        super().__init__()
+        self.owned = owned  # parameter names the pieces may hold: the model's weights
+        self.size, self.count = 0, 0
+        self.pieces: list[CapturedPiece] = []
+        self.findings: list[Finding] = []
 
-        def start(self, size: int) -> None:
-            self.size, self.count = size, 0
+    def start(self, size: int) -> None:
+        """The captures that follow build the pieces of one size, in order."""
+        self.size, self.count = size, 0
 
-        def capture(self, fn, inputs):
-            name = "full_decode" if fn.__name__ == "full_decode" else f"piece_{self.count}"
-            self.count += 1
-            program = self.trace(name, fn, inputs)
-            self.pieces.append(CapturedPiece(name, self.size, program, inputs, owned, _defined(fn)))
-            outputs = tuple(paddle.zeros([max(d, 0) for d in tensor_dims(v)], dtype=v.dtype)
-                            for v in flat_tensors(program.outputs))
-            return Replay(lambda: outputs, outputs)
+    def capture(self, fn, inputs, name: str | None = None) -> Replay:
+        name = name or ("full_decode" if fn.__name__ == "full_decode" else f"piece_{self.count}")
+        self.count += 1
+        program = self._trace(name, fn, inputs)
+        self.pieces.append(CapturedPiece(name, self.size, program, inputs, self.owned, _defined(fn)))
+        outputs = tuple(paddle.zeros([max(d, 0) for d in tensor_dims(v)], dtype=v.dtype)
+                        for v in flat_tensors(program.outputs))
+        return Replay(lambda: outputs, outputs)
 
-        def trace(self, name: str, fn, inputs):
-            def read(method: str, line: str) -> None:
-                finding = Finding(name, self.size, "host-read", method, line)
-                if finding not in self.findings:  # the converter reads a function's source twice
-                    self.findings.append(finding)
+    def lint(self) -> list[Finding]:
+        return self.findings + [f for piece in self.pieces for f in lint_piece(piece)]
 
-            with watch_host_reads(read), watch_converted_sources(read):
-                try:
-                    return self.program(fn, inputs)
-                except Exception as err:  # any trace failure is the finding, not a crash of the lint
-                    self.findings.append(Finding(name, self.size, "capture-failed", type(err).__name__,
-                                                 _raise_line(err), _error_line(err)))
-                    raise CaptureStopped(name) from err
+    def _trace(self, name: str, fn, inputs):
+        def read(method: str, line: str) -> None:
+            finding = Finding(name, self.size, "host-read", method, line)
+            if finding not in self.findings:  # the converter reads a function's source twice
+                self.findings.append(finding)
 
-    return Recorder()
+        with watch_host_reads(read), watch_converted_sources(read):
+            try:
+                return self.program(fn, inputs)
+            except Exception as err:  # any trace failure is the finding, not a crash of the lint
+                self.findings.append(Finding(name, self.size, "capture-failed", type(err).__name__,
+                                             _raise_line(err), _error_line(err)))
+                raise CaptureStopped(name) from err
 
 
 def _defined(fn) -> str:
@@ -200,16 +209,14 @@ def lint_captures(captures: Iterable[tuple[str, int, Callable, list]], owned: It
                   ) -> list[Finding]:
     """Lint functions captured directly (toy pieces): each `(name, size, fn, inputs)` is traced the
     way the static backend traces a piece; `owned` are the tensors the pieces may hold as weights."""
-    names = frozenset(t.name for t in owned)
-    recorder = recording_backend(names)
+    recorder = Recorder(frozenset(t.name for t in owned))
     for name, size, fn, inputs in captures:
         recorder.start(size)
         try:
-            program = recorder.trace(name, fn, inputs)
+            recorder.capture(fn, inputs, name)
         except CaptureStopped:
             continue
-        recorder.pieces.append(CapturedPiece(name, size, program, inputs, names, _defined(fn)))
-    return recorder.findings + [f for piece in recorder.pieces for f in lint_piece(piece)]
+    return recorder.lint()
 
 
 @dataclass
@@ -226,8 +233,6 @@ def lint_model(model_dir: str, sizes: tuple[int, ...] | None = None, phases: tup
     """Trace every piece of the checkpoint in `model_dir` at `sizes` (default: each phase's capture
     sizes) for each phase, as rank r of a tp-way job for every r in `ranks` (default: all), and
     lint each program. Prefill builds the pieces; decode builds the whole-model decode graph."""
-    from engine.config import EngineConfig, GraphConfig, ModelConfig, ParallelConfig
-
     engine = EngineConfig(graph=GraphConfig(mode="full_and_piecewise", backend="static"),
                           parallel=ParallelConfig(tp=tp, ep=ep))
     cfg = ModelConfig.from_hf(model_dir)
@@ -235,7 +240,7 @@ def lint_model(model_dir: str, sizes: tuple[int, ...] | None = None, phases: tup
     report = LintReport(str(model_dir), list(ranks if ranks is not None else range(tp)), ladder)
     for rank in report.ranks:
         runner, owned = _rank_runner(model_dir, cfg, engine, rank)
-        recorder = recording_backend(owned)
+        recorder = Recorder(owned)
         runner.backend = recorder
         for phase, phase_sizes in ladder.items():
             for size in sorted(phase_sizes, reverse=True):
@@ -246,19 +251,13 @@ def lint_model(model_dir: str, sizes: tuple[int, ...] | None = None, phases: tup
                     pass
         label = f"rank {rank}: " if tp > 1 else ""
         report.programs += len(recorder.pieces)
-        found = recorder.findings + [f for piece in recorder.pieces for f in lint_piece(piece)]
-        report.findings += [Finding(label + f.piece, f.size, f.rule, f.op, f.line, f.detail) for f in found]
+        report.findings += [replace(f, piece=label + f.piece) for f in recorder.lint()]
     return report
 
 
 def _rank_runner(model_dir: str, cfg, engine, rank: int):
     """The engine's graph runner for `rank` (weights sliced as that rank reads them, no process
     group joined) and the names of the model's weights."""
-    from engine.distributed import Collectives, Partition
-    from engine.loader import load_weights
-    from engine.models.moe_decoder import MoEDecoder
-    from engine.runner import ModelRunner
-
     par = engine.parallel
     partition = Partition(rank, par.tp, expert_parallel=par.ep > 1)
     weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))
@@ -303,9 +302,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(s) for s in text.split(","))
+        sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes {text!r}: expected comma-separated integers") from None
+        sizes = ()
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers")
+    return sizes
 
 
 def run(args: argparse.Namespace) -> int:
