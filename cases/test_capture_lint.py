@@ -20,6 +20,7 @@ from engine.config import ModelConfig
 from engine.graph.backends import StaticBackend
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 from verifier.capture_lint import lint_captures, lint_model, main
+from verifier.capture_program import CapturedPiece, lint_piece
 from verifier.capture_rules import RULES
 
 SOURCE = Path(__file__).read_text().splitlines()
@@ -94,6 +95,20 @@ def _dropout(x, n):
 
 
 @paddle.jit.not_to_static
+def _tensor_bound(x, n):
+    return (x[: n[0]] * 2,)  # planted: tensor-bound
+
+
+KEPT: list = []  # where a buggy piece leaves a result for the host to read after the step
+
+
+@paddle.jit.not_to_static
+def _kept(x, n):
+    KEPT.append(x * 3)  # planted: kept
+    return (x * 2,)
+
+
+@paddle.jit.not_to_static
 def _inplace(x, n):
     paddle.assign(x * 2, output=x)  # planted: inplace
     return (x + 1,)
@@ -146,6 +161,8 @@ def test_a_clean_toy_piece_has_no_finding(body):
     (_print_op, "print-op", "host-sync", "pd_op.print"),
     (_closed_over, "closed-over", "closed-over-tensor", "builtin.parameter"),
     (_dropout, "dropout", "unseeded-random", "pd_op.dropout"),
+    (_tensor_bound, "tensor-bound", "dynamic-shape", "pd_op.slice"),
+    (_kept, "kept", "escaped-output", "pd_op.scale"),
     (_inplace, "inplace", "foreign-inplace", "pd_op.assign_out_"),
     (_passthrough, "piece", "escaped-output", "pd_op.data"),
     (_broadcast, "broadcast", "uncapturable-collective", "pd_op.broadcast_"),
@@ -165,6 +182,15 @@ def test_numpy_on_a_traced_value_also_stops_the_capture():
     findings = lint_one(_numpy)
     assert {f.rule for f in findings} == {"host-read", "capture-failed"}
     assert all(at_line(f, planted("numpy")) for f in findings)
+
+
+def test_a_program_traced_at_another_size_than_its_buffers_is_a_mismatch():
+    """What a fixed-shape program fed buffers of another shape would do (Paddle silently retraces)."""
+    fn = piece(_clean)
+    program = StaticBackend().program(fn, inputs(8))
+    findings = lint_piece(CapturedPiece("toy", 12, program, inputs(12), frozenset([WEIGHT.name])))
+    assert [(f.rule, f.detail) for f in findings] == [
+        ("buffer-mismatch", f"feed 0 is [8, 4] {paddle.float32}, its buffer [12, 4] {paddle.float32}")]
 
 
 def test_every_size_is_linted_on_its_own():

@@ -148,12 +148,12 @@ def _parameter_findings(piece: CapturedPiece, ops: list) -> list[Finding]:
 def _feed_findings(piece: CapturedPiece, feeds: list) -> list[Finding]:
     buffers = list(flat_tensors(piece.inputs))
     if len(feeds) != len(buffers):
-        return [Finding(piece.name, piece.size, "buffer-mismatch", "pd_op.data", "?",
+        return [Finding(piece.name, piece.size, "buffer-mismatch", "pd_op.data", piece.where,
                         f"{len(feeds)} feeds for {len(buffers)} input buffers")]
     found = []
     for i, (feed, buffer) in enumerate(zip(feeds, buffers)):
         if tensor_dims(feed) != list(buffer.shape) or feed.dtype != buffer.dtype:
-            found.append(Finding(piece.name, piece.size, "buffer-mismatch", "pd_op.data", "?",
+            found.append(Finding(piece.name, piece.size, "buffer-mismatch", "pd_op.data", piece.where,
                                  f"feed {i} is {tensor_dims(feed)} {feed.dtype}, its buffer {list(buffer.shape)} "
                                  f"{buffer.dtype}"))
     return found
@@ -187,7 +187,7 @@ def _escape_findings(piece: CapturedPiece, ops: list, feeds: list, outputs: list
     return found
 
 
-
 def source_line(filename: str, line: int | str, function: str) -> str:
+    """"path:line in function", the path relative to the working directory when it lies below it."""
     path = os.path.relpath(filename) if filename.startswith(os.getcwd()) else filename
     return f"{path}:{line} in {function}"
