@@ -99,6 +99,11 @@ def _tensor_bound(x, n):
     return (x[: n[0]] * 2,)  # planted: tensor-bound
 
 
+@paddle.jit.not_to_static
+def _baked(x, n):
+    return (x + paddle.to_tensor([[1.0, 2.0, 3.0, 4.0]]),)  # planted: baked
+
+
 KEPT: list = []  # where a buggy piece leaves a result for the host to read after the step
 
 
@@ -163,6 +168,7 @@ def test_a_clean_toy_piece_has_no_finding(body):
     (_dropout, "dropout", "unseeded-random", "pd_op.dropout"),
     (_tensor_bound, "tensor-bound", "dynamic-shape", "pd_op.slice"),
     (_kept, "kept", "escaped-output", "pd_op.scale"),
+    (_baked, "baked", "baked-host-data", "pd_op.assign_value_"),
     (_inplace, "inplace", "foreign-inplace", "pd_op.assign_out_"),
     (_passthrough, "piece", "escaped-output", "pd_op.data"),
     (_broadcast, "broadcast", "uncapturable-collective", "pd_op.broadcast_"),

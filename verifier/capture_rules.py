@@ -67,8 +67,8 @@ RULES: tuple[Rule, ...] = (
          "input buffer or a weight passed through, or a value computed and not returned (a reference kept "
          "in Python at trace time, which no replay updates)", PADDLE_GRAPHS),
     Rule("buffer-mismatch", None,
-         "the program's feeds or fetches differ in count, shape or dtype from the static buffers the runner "
-         "copies into and reads from", PADDLE_GRAPHS),
+         "the program's feeds differ in count, shape or dtype from the static input buffers the runner "
+         "copies into: a replay would read memory of another layout", PADDLE_GRAPHS),
     Rule("uncapturable-collective",
          r"pd_op\.(c_)?(all_?gather|all_?to_?all|alltoall|reduce_?scatter|c_reducescatter|broadcast|reduce|barrier"
          r"|p_send|p_recv|send_v2|recv_v2|partial_send|partial_recv|partial_allgather|c_concat|c_broadcast)_?",
