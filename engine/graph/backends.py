@@ -67,15 +67,26 @@ class StaticBackend:
         program cache on the shapes and dtypes of the actual inputs, so each size still gets its
         own fixed-shape program, but the function is converted only once. Replays call that
         program directly, skipping the per-call input-spec hashing of the to_static wrapper."""
-        compiled = self._compiled.get(fn)
-        if compiled is None:
-            compiled = self._compiled[fn] = paddle.jit.to_static(fn, full_graph=True)
-            compiled.eval()  # inference programs: no backward program is built
+        compiled = self._converted(fn)
         with paddle_compat.short_op_callstacks():
             first = compiled(*inputs)
         program = paddle_compat.concrete_program(compiled, inputs)  # the one just built
         args = tuple(inputs)
         return _into_buffers(lambda: program(args), first)
+
+    def program(self, fn: Callable[..., Tensors], inputs: list[paddle.Tensor]):
+        """The program `capture(fn, inputs)` replays, as Paddle's ConcreteProgram (`main_program`,
+        `inputs`, `outputs`, `parameters`); traced now, without running, if it was not built yet.
+        For inspection only (verifier/capture_lint.py)."""
+        with paddle_compat.short_op_callstacks():
+            return paddle_compat.traced_program(self._converted(fn), inputs)
+
+    def _converted(self, fn: Callable[..., Tensors]):
+        compiled = self._compiled.get(fn)
+        if compiled is None:
+            compiled = self._compiled[fn] = paddle.jit.to_static(fn, full_graph=True)
+            compiled.eval()  # inference programs: no backward program is built
+        return compiled
 
 
 class UncompiledBackend:

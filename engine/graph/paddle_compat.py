@@ -66,6 +66,12 @@ def concrete_program(compiled, inputs: list) -> Callable[[tuple], tuple]:
     return program
 
 
+def traced_program(compiled, inputs: list):
+    """Paddle's ConcreteProgram for `inputs`' shapes (`main_program`, `inputs`, `outputs`,
+    `parameters`), traced now without running if it was not built yet; for inspection only."""
+    return compiled.get_concrete_program(*inputs, is_train=False)[0]
+
+
 @contextmanager
 def short_op_callstacks(depth: int = 2) -> Iterator[None]:
     """Record each op's creating Python stack as the `depth` frames that called into Paddle, lines unread.
