@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.config import ModelConfig
-from engine.checkpoint.hub_schema import expected_tensors
+from engine.checkpoint.hub_schema import Role, expected_tensors, layer_of, role
 from engine.checkpoint.loader import CheckpointError, load_weights
+from engine.config import ModelConfig
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 
 BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
@@ -23,6 +23,34 @@ def test_bundled_checkpoints_load_completely(name):
     absent = set(expected_tensors(cfg)) - set(weights)
     assert absent == ({BIAS, BIAS.replace("layers.1", "layers.2")} if name == "glm4_moe_nobias" else set())
     assert all(w.dtype == np.float32 for w in weights.values())
+
+
+@pytest.mark.parametrize("name, want", [
+    ("model.embed_tokens.weight", Role("vocab")),
+    ("lm_head.weight", Role("vocab")),
+    ("model.layers.3.self_attn.q_proj.bias", Role("q_proj")),
+    ("model.layers.3.self_attn.v_proj.weight", Role("kv_proj")),
+    ("model.layers.3.self_attn.o_proj.weight", Role("o_proj")),
+    ("model.layers.3.self_attn.o_proj.bias", None),  # added once, by rank 0: read whole
+    ("model.layers.3.mlp.experts.12.down_proj.weight", Role("expert", "down", 12)),
+    ("model.layers.3.mlp.shared_experts.up_proj.weight", Role("shared_expert", "up")),
+    ("model.layers.0.mlp.gate_proj.weight", Role("dense_mlp", "gate")),
+    ("model.layers.3.mlp.gate.weight", None),  # the router: replicated
+    ("model.layers.3.mlp.gate.e_score_correction_bias", None),
+    ("model.norm.weight", None),
+])
+def test_the_schema_reads_a_hub_name_back_as_its_sharding_role(name, want):
+    assert role(name) == want
+
+
+def test_every_bundled_tensor_has_the_role_its_name_says():
+    """Across the fixtures' names: projections and experts are sharded, norms and routers are not."""
+    for name in CHECKPOINT_NAMES:
+        for tensor in expected_tensors(ModelConfig.from_hf(checkpoint_dir(name))):
+            sharded = tensor.endswith("_proj.weight") or "embed_tokens" in tensor or tensor == "lm_head.weight"
+            sharded |= tensor.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))
+            assert (role(tensor) is not None) == sharded, tensor
+            assert (layer_of(tensor) is None) == (not tensor.startswith("model.layers.")), tensor
 
 
 def edit(model_dir, change):
