@@ -21,10 +21,11 @@ import numpy as np
 from bench import machine, workload
 from bench.synthetic import synthetic_config, synthetic_model
 from bench.timers import Clock, instrument, timed_programs
+from engine.checkpoint.loader import load_weights
 from engine.config import EngineConfig, GraphConfig, ModelConfig
 from engine.graph.capture_sizes import default_prefill_sizes
 from engine.graph.guard import PREFILL
-from engine.checkpoint.loader import load_weights
+from engine.hf_config import read_model_config
 from engine.models.moe_decoder import MoEDecoder
 from engine.runner import ModelRunner
 
@@ -46,7 +47,7 @@ class Plan:
 
 def load(name: str) -> MoEDecoder:
     if name == "fixture":
-        cfg = ModelConfig.from_hf(FIXTURE_DIR)
+        cfg = read_model_config(FIXTURE_DIR)
         return MoEDecoder(cfg, load_weights(FIXTURE_DIR, cfg))
     return synthetic_model(synthetic_config())
 

@@ -16,8 +16,8 @@ import pytest
 from paddle.jit.dy2static.convert_operators import convert_load
 
 import engine.moe.router as router_module
-from engine.config import ModelConfig
 from engine.graph.backends import StaticBackend
+from engine.hf_config import read_model_config
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 from verifier.capture_lint import lint_captures, lint_model, main
 from verifier.capture_program import CapturedPiece, lint_piece
@@ -220,7 +220,7 @@ def test_the_engine_pieces_have_no_finding(name):
     """Every piece (prefill) and the whole-model decode graph, at sizes from both ends of the
     ladders and a padded one between."""
     report = lint_model(checkpoint_dir(name), sizes=(4, 24, 64))
-    assert report.programs == 3 * (ModelConfig.from_hf(checkpoint_dir(name)).num_layers + 1) + 3
+    assert report.programs == 3 * (read_model_config(checkpoint_dir(name)).num_layers + 1) + 3
     assert report.findings == []
 
 
@@ -240,7 +240,7 @@ def test_a_pattern_planted_in_the_engine_names_the_moe_pieces(monkeypatch):
         return original(logits, num_real)
 
     monkeypatch.setattr(router_module, "nonfinite_rows", with_nonzero)
-    cfg = ModelConfig.from_hf(checkpoint_dir("glm4_moe"))
+    cfg = read_model_config(checkpoint_dir("glm4_moe"))
     report = lint_model(checkpoint_dir("glm4_moe"), sizes=(8,), phases=("prefill",))
     hits = [f for f in report.findings if f.rule == "data-dependent-shape"]
     moe_pieces = {f"piece_{layer + 1}" for layer in cfg.moe_layers}

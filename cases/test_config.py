@@ -1,4 +1,4 @@
-"""ModelConfig.from_hf: both Hub spellings, and errors that name the field."""
+"""read_model_config (engine/hf_config.py): both Hub spellings, and errors that name the field."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from engine.config import (
     ModelConfig,
     ParallelConfig,
 )
+from engine.hf_config import read_model_config
 from engine.moe import router
 from fixtures.pytest_fixtures import checkpoint_dir, rewrite_config
 
 
 def test_glm_fields():
-    cfg = ModelConfig.from_hf(checkpoint_dir("glm4_moe"))
+    cfg = read_model_config(checkpoint_dir("glm4_moe"))
     assert (cfg.router, cfg.moe_layers, cfg.num_experts, cfg.top_k) == ("noaux_tc", (1, 2), 16, 4)
     assert (cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, cfg.n_shared_experts) == (4, 2, 2.5, 1)
     assert cfg.head_dim * cfg.num_heads != cfg.hidden_size
@@ -34,7 +35,7 @@ def test_glm_fields():
 
 
 def test_qwen_fields():
-    cfg = ModelConfig.from_hf(checkpoint_dir("qwen3_moe"))
+    cfg = read_model_config(checkpoint_dir("qwen3_moe"))
     assert (cfg.router, cfg.moe_layers, cfg.num_experts, cfg.top_k) == ("softmax_topk", (1, 2), 8, 2)
     assert cfg.rotary_dim == cfg.head_dim and cfg.use_qk_norm and cfg.n_shared_experts == 0
 
@@ -46,20 +47,20 @@ def test_glm_4x_spelling_equals_5x(copy_checkpoint):
     rewrite_config(model, rope_parameters=None, rope_theta=rope["rope_theta"],
                    partial_rotary_factor=rope["partial_rotary_factor"], n_routed_experts=None,
                    num_local_experts=16)
-    assert ModelConfig.from_hf(model) == ModelConfig.from_hf(checkpoint_dir("glm4_moe"))
+    assert read_model_config(model) == read_model_config(checkpoint_dir("glm4_moe"))
 
 
 def test_qwen_5x_spelling_equals_4x(copy_checkpoint):
     model = copy_checkpoint("qwen3_moe")
     rewrite_config(model, rope_theta=None, num_experts=None, num_local_experts=8,
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    assert ModelConfig.from_hf(model) == ModelConfig.from_hf(checkpoint_dir("qwen3_moe"))
+    assert read_model_config(model) == read_model_config(checkpoint_dir("qwen3_moe"))
 
 
 def test_qwen_sparse_step_and_dense_layers(copy_checkpoint):
     model = copy_checkpoint("qwen3_moe")
     rewrite_config(model, decoder_sparse_step=2, mlp_only_layers=[])
-    assert ModelConfig.from_hf(model).moe_layers == (1,)
+    assert read_model_config(model).moe_layers == (1,)
 
 
 BAD_CONFIGS = [
@@ -84,16 +85,16 @@ def test_bad_field_is_named(copy_checkpoint, changes, field):
     config.update(changes)
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=field) as err:
-        ModelConfig.from_hf(model)
+        read_model_config(model)
     assert str(model / "config.json") in str(err.value)
 
 
 def test_malformed_and_missing_config(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        ModelConfig.from_hf(tmp_path)
+        read_model_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        ModelConfig.from_hf(tmp_path)
+        read_model_config(tmp_path)
 
 
 def test_engine_config_rejects_nonsense():
@@ -106,8 +107,8 @@ def test_engine_config_rejects_nonsense():
 # ---------------------------------------------------------------------------------------------
 # The one validator: every value it refuses, named with the field and the value
 
-GLM = ModelConfig.from_hf(checkpoint_dir("glm4_moe"))
-QWEN = ModelConfig.from_hf(checkpoint_dir("qwen3_moe"))
+GLM = read_model_config(checkpoint_dir("glm4_moe"))
+QWEN = read_model_config(checkpoint_dir("qwen3_moe"))
 BASES = {"glm": GLM, "qwen": QWEN}
 
 MODEL_REFUSALS = [

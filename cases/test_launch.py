@@ -13,8 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from verifier.launch import (RankJobError, RankPool, _decode, _encode, _ephemeral_range, free_port,
-                             job_pids, run_ranks)
+from verifier.launch import (
+    RankJobError,
+    RankPool,
+    _decode,
+    _encode,
+    _ephemeral_range,
+    free_port,
+    job_pids,
+    run_ranks,
+)
 
 PROGRAMS = Path(__file__).parent / "rank_programs"
 ALLREDUCE = str(PROGRAMS / "allreduce.py")

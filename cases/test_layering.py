@@ -12,8 +12,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 COMPAT = ENGINE / "graph" / "paddle_compat.py"
 INTERNALS = ("dy2static", "set_flags", "extract_stack", "get_concrete_program")
@@ -95,17 +93,12 @@ def test_the_parser_sees_function_level_and_from_imports(tmp_path):
     assert imported_modules(source) == {"os", "engine.graph", "engine.graph.protocol"}
 
 
-@pytest.mark.xfail(strict=True, reason="engine/config.py imports engine/graph/capture_sizes.py until the config "
-                                       "helper's branch (issue 11 item 5) lands: then drop this mark")
 def test_no_import_cycle_between_engine_units():
     assert find_cycle(unit_edges(engine_imports())) is None
 
 
-def test_no_import_cycle_between_engine_units_but_the_config_one():
-    """Until the config move lands, every cycle but config <-> graph is refused."""
-    edges = unit_edges(engine_imports())
-    edges["engine.config"].discard("engine.graph")
-    assert find_cycle(edges) is None
+def test_config_imports_nothing_from_graph():
+    assert crossing(engine_imports(), "engine.config", "engine.graph") == []
 
 
 def test_graph_and_models_do_not_import_each_other():

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from engine.checkpoint.hub_schema import Role, expected_tensors, layer_of, role
 from engine.checkpoint.loader import CheckpointError, load_weights
-from engine.config import ModelConfig
+from engine.hf_config import read_model_config
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 
 BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
@@ -18,7 +18,7 @@ BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
 
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)
 def test_bundled_checkpoints_load_completely(name):
-    cfg = ModelConfig.from_hf(checkpoint_dir(name))
+    cfg = read_model_config(checkpoint_dir(name))
     weights = load_weights(checkpoint_dir(name), cfg)
     absent = set(expected_tensors(cfg)) - set(weights)
     assert absent == ({BIAS, BIAS.replace("layers.1", "layers.2")} if name == "glm4_moe_nobias" else set())
@@ -46,7 +46,7 @@ def test_the_schema_reads_a_hub_name_back_as_its_sharding_role(name, want):
 def test_every_bundled_tensor_has_the_role_its_name_says():
     """Across the fixtures' names: projections and experts are sharded, norms and routers are not."""
     for name in CHECKPOINT_NAMES:
-        for tensor in expected_tensors(ModelConfig.from_hf(checkpoint_dir(name))):
+        for tensor in expected_tensors(read_model_config(checkpoint_dir(name))):
             sharded = tensor.endswith("_proj.weight") or "embed_tokens" in tensor or tensor == "lm_head.weight"
             sharded |= tensor.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))
             assert (role(tensor) is not None) == sharded, tensor
@@ -62,7 +62,7 @@ def edit(model_dir, change):
 
 
 def load(model_dir):
-    return load_weights(model_dir, ModelConfig.from_hf(model_dir))
+    return load_weights(model_dir, read_model_config(model_dir))
 
 
 def test_sharded_checkpoint_loads_the_same(copy_checkpoint):
@@ -148,7 +148,7 @@ def test_tensor_parallel_rank_reads_only_its_share():
     parallelism only its own experts (4 of 16)."""
     from engine.distributed import Partition
 
-    cfg = ModelConfig.from_hf(checkpoint_dir("glm4_moe"))
+    cfg = read_model_config(checkpoint_dir("glm4_moe"))
     full = load(checkpoint_dir("glm4_moe"))
     for ep in (False, True):
         part = Partition(2, 4, expert_parallel=ep)

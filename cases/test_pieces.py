@@ -17,16 +17,16 @@ import numpy as np
 import paddle
 import pytest
 
-from engine.config import ModelConfig
+from engine.checkpoint.loader import load_weights
+from engine.graph import paddle_compat
 from engine.graph.backends import StaticBackend
 from engine.graph.capture_sizes import CaptureSizes
 from engine.graph.guard import PREFILL, CaptureGuard
-from engine.graph import paddle_compat
 from engine.graph.paddle_compat import short_op_callstacks
 from engine.graph.protocol import Named, PiecewiseModel, WholeStepModel, input_specs
 from engine.graph.runner import GraphRunner
 from engine.graph.stats import CaptureStats
-from engine.checkpoint.loader import load_weights
+from engine.hf_config import read_model_config
 from engine.models.moe_decoder import MoEDecoder
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 
@@ -34,7 +34,7 @@ NAMES = [pytest.param(name, id=name) for name in CHECKPOINT_NAMES]
 
 
 def decoder(name: str) -> MoEDecoder:
-    cfg = ModelConfig.from_hf(checkpoint_dir(name))
+    cfg = read_model_config(checkpoint_dir(name))
     return MoEDecoder(cfg, load_weights(checkpoint_dir(name), cfg))
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import paddle
 from safetensors.numpy import load_file, save_file
 
-from engine.config import ModelConfig
-from engine.dump import dump_arrays
-from engine.llm import LLM
 from engine.checkpoint.loader import load_weights
+from engine.dump import dump_arrays
+from engine.hf_config import read_model_config
+from engine.llm import LLM
 from engine.models.moe_decoder import MoEDecoder
 from fixtures.pytest_fixtures import checkpoint_dir
 from verifier.compare import assert_equal
@@ -23,7 +23,7 @@ MOE_LAYER = 1
 
 
 def decoder(name: str) -> MoEDecoder:
-    cfg = ModelConfig.from_hf(checkpoint_dir(name))
+    cfg = read_model_config(checkpoint_dir(name))
     return MoEDecoder(cfg, load_weights(checkpoint_dir(name), cfg))
 
 
@@ -59,7 +59,7 @@ def test_seed_regression_model_without_correction_bias(engine_for, prompts, copy
     exactly: logits, tokens and routed experts, prefill and decode."""
     zero = copy_checkpoint("glm4_moe_nobias")
     tensors = load_file(zero / "model.safetensors")
-    cfg = ModelConfig.from_hf(zero)
+    cfg = read_model_config(zero)
     for layer in cfg.moe_layers:
         tensors[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = np.zeros(cfg.num_experts, np.float32)
     save_file(tensors, zero / "model.safetensors")

@@ -15,7 +15,6 @@ import enum
 import math
 import numbers
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from engine.errors import CaptureSizeError, ConfigError
@@ -196,14 +195,6 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
-
-    @classmethod
-    def from_hf(cls, model_dir: str | Path) -> "ModelConfig":
-        """Read `model_dir/config.json` as written by Hugging Face transformers 4.x or 5.x (see
-        engine/hf_config.py; imported here, not at the top, because it builds on this module)."""
-        from engine.hf_config import read_model_config
-
-        return read_model_config(model_dir)
 
 
 def _check_model(cfg: ModelConfig) -> None:

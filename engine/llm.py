@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import EngineConfig, ModelConfig
-from engine.distributed import init_parallel
 from engine.checkpoint.loader import load_weights
+from engine.config import EngineConfig
+from engine.distributed import init_parallel
 from engine.errors import UserError
+from engine.hf_config import read_model_config
 from engine.models.moe_decoder import MoEDecoder
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Batch, Request, Scheduler
@@ -61,7 +62,7 @@ class LLM:
 
     def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None):
         self.engine = engine or EngineConfig()
-        self.model_config = cfg = ModelConfig.from_hf(model_dir)
+        self.model_config = cfg = read_model_config(model_dir)
         partition, comm = init_parallel(self.engine.parallel)
         weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))
         self.model = MoEDecoder(cfg, weights, self.engine.faults, partition, comm,

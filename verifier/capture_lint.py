@@ -30,13 +30,13 @@ from dataclasses import dataclass, field, is_dataclass, replace
 
 import paddle
 
-from engine.config import EngineConfig, GraphConfig, ModelConfig, ParallelConfig
+from engine.checkpoint.loader import load_weights
+from engine.config import EngineConfig, GraphConfig, ParallelConfig
 from engine.distributed import Collectives, Partition
 from engine.graph.backends import Replay, StaticBackend
-from engine.checkpoint.loader import load_weights
+from engine.hf_config import read_model_config
 from engine.models.moe_decoder import MoEDecoder
 from engine.runner import ModelRunner
-
 from verifier.capture_program import (
     CapturedPiece,
     Finding,
@@ -235,7 +235,7 @@ def lint_model(model_dir: str, sizes: tuple[int, ...] | None = None, phases: tup
     lint each program. Prefill builds the pieces; decode builds the whole-model decode graph."""
     engine = EngineConfig(graph=GraphConfig(mode="full_and_piecewise", backend="static"),
                           parallel=ParallelConfig(tp=tp, ep=ep))
-    cfg = ModelConfig.from_hf(model_dir)
+    cfg = read_model_config(model_dir)
     ladder = {phase: sizes or engine.capture_sizes()[phase].sizes for phase in phases}
     report = LintReport(str(model_dir), list(ranks if ranks is not None else range(tp)), ladder)
     for rank in report.ranks:
