@@ -18,7 +18,6 @@ from engine.config import (
     GraphBackend,
     GraphConfig,
     GraphMode,
-    ModelConfig,
     ParallelConfig,
 )
 from engine.hf_config import read_model_config
