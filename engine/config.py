@@ -68,10 +68,6 @@ class CaptureTiming(_Choice):
     EAGER = "eager"  # every size is captured at start-up
 
 
-# The backend names as plain strings, for engine/graph/backends.py's own check.
-GRAPH_BACKENDS = tuple(b.value for b in GraphBackend)
-
-
 # ---------------------------------------------------------------------------------------------
 # The validators: each names the field and the value it refuses
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import CaptureTiming, EngineConfig, GraphMode, ModelConfig
 from engine.forward_context import ForwardContext
 from engine.graph.backends import make_backend
 from engine.graph.capture_sizes import capture_sizes_for
@@ -61,12 +61,12 @@ class ModelRunner:
 
     def _graph_runner(self) -> GraphRunner | None:
         graph = self.engine.graph
-        if graph.mode == "eager":
+        if graph.mode is GraphMode.EAGER:
             return None
-        whole = WholeStep(self.cache, self.decode_table_width) if graph.mode == "full_and_piecewise" else None
+        whole = WholeStep(self.cache, self.decode_table_width) if graph.mode is GraphMode.FULL_AND_PIECEWISE else None
         runner = GraphRunner(self.model, make_backend(graph.backend), capture_sizes_for(self.engine), self.guard,
                              self.stats, self.engine.faults, whole_step=whole)
-        if graph.capture == "eager":
+        if graph.capture is CaptureTiming.EAGER:
             runner.capture_all()
         return runner
 

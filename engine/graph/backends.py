@@ -22,7 +22,7 @@ from typing import Protocol
 
 import paddle
 
-from engine.config import GRAPH_BACKENDS
+from engine.config import GraphBackend as BackendKind
 from engine.graph import paddle_compat
 from engine.errors import UserError
 
@@ -54,7 +54,7 @@ class GraphBackend(Protocol):
 
 
 class StaticBackend:
-    name = "static"
+    name = BackendKind.STATIC
 
     def __init__(self) -> None:
         paddle_compat.set_process_flags()  # serial executor, no GC threads: why in paddle_compat
@@ -90,7 +90,7 @@ class StaticBackend:
 
 
 class UncompiledBackend:
-    name = "uncompiled"
+    name = BackendKind.UNCOMPILED
 
     def capture(self, fn: Callable[..., Tensors], inputs: list[paddle.Tensor]) -> Replay:
         return _into_buffers(lambda: fn(*inputs), fn(*inputs))
@@ -116,7 +116,7 @@ class CudaGraphBackend:
     """Paddle's CUDA graphs. Written against the documented `paddle.device.cuda.graphs.CUDAGraph`
     API; it cannot run on the CPU-only build this project is tested on."""
 
-    name = "cudagraph"
+    name = BackendKind.CUDAGRAPH
     POOL_ID = 1  # every graph of a runner allocates from this one pool, as vLLM/SGLang share theirs
 
     def __init__(self) -> None:
@@ -149,9 +149,13 @@ def cuda_graphs_available() -> bool:
     return paddle.is_compiled_with_cuda() and is_cuda_graph_supported()
 
 
-def make_backend(name: str) -> GraphBackend:
-    if name not in GRAPH_BACKENDS:
-        raise GraphBackendError(f"graph backend {name!r} is not one of {GRAPH_BACKENDS}")
-    if name == "auto":
-        name = "cudagraph" if cuda_graphs_available() else "static"
-    return {"cudagraph": CudaGraphBackend, "static": StaticBackend, "uncompiled": UncompiledBackend}[name]()
+def make_backend(kind: BackendKind | str) -> GraphBackend:
+    """The backend of that kind; `auto` is cudagraph on a CUDA build with graph support, else static."""
+    try:
+        kind = BackendKind(kind)
+    except ValueError:
+        raise GraphBackendError(f"graph backend {kind!r} is not one of {[k.value for k in BackendKind]}") from None
+    if kind is BackendKind.AUTO:
+        kind = BackendKind.CUDAGRAPH if cuda_graphs_available() else BackendKind.STATIC
+    return {BackendKind.CUDAGRAPH: CudaGraphBackend, BackendKind.STATIC: StaticBackend,
+            BackendKind.UNCOMPILED: UncompiledBackend}[kind]()

@@ -31,7 +31,7 @@ import numpy as np
 import paddle
 
 from engine.checkpoint import hub_schema as hub
-from engine.config import ModelConfig
+from engine.config import ModelConfig, RouterKind
 from engine.distributed import Collectives, Partition
 from engine.failpoints import NO_FAULTS, Failpoints
 from engine.kv_cache import KVCache
@@ -209,7 +209,7 @@ class MoEDecoder:
         cfg = self.cfg
         if self.faults.on("moe.route_padding"):
             num_real = None
-        if cfg.router == "softmax_topk":
+        if cfg.router is RouterKind.SOFTMAX_TOPK:
             return router.softmax_topk(logits, top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob,
                                        num_real=num_real, faults=self.faults)
         return router.noaux_tc(logits, bias, top_k=cfg.top_k, n_group=cfg.n_group, topk_group=cfg.topk_group,
