@@ -68,7 +68,7 @@ class LLM:
         self.model = MoEDecoder(cfg, weights, self.engine.faults, partition, comm,
                                 self.engine.parallel.fused_allreduce_max_tokens)
         self.runner = ModelRunner(self.model, self.engine)
-        self.max_model_len = self.engine.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = self.engine.max_len(self.model_config)
 
     def generate(self, prompts: list[Prompt], max_new_tokens: int,
                  record_prompt_logits: bool = True) -> list[RequestOutput]:

@@ -40,8 +40,7 @@ PHASE_CODES = {PREFILL: 1, DECODE: 2}
 
 
 def default_num_blocks(model: ModelConfig, engine: EngineConfig) -> int:
-    max_len = engine.max_model_len or model.max_position_embeddings
-    return engine.num_kv_blocks or engine.max_num_seqs * blocks_needed(max_len, engine.block_size)
+    return engine.num_kv_blocks or engine.max_num_seqs * blocks_needed(engine.max_len(model), engine.block_size)
 
 
 class ModelRunner:
@@ -53,8 +52,7 @@ class ModelRunner:
         cfg = model.cfg
         self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
                              model.kv_heads, cfg.head_dim)
-        max_len = engine.max_model_len or cfg.max_position_embeddings
-        self.decode_table_width = blocks_needed(max_len, engine.block_size) * engine.block_size
+        self.decode_table_width = blocks_needed(engine.max_len(cfg), engine.block_size) * engine.block_size
         self.guard = CaptureGuard()
         self.stats = CaptureStats()
         self.graphs = self._graph_runner()
