@@ -1,4 +1,4 @@
-"""verifier.launch: N-rank jobs through paddle.distributed.launch, and the persistent RankPool.
+"""engine.launch: N-rank jobs through paddle.distributed.launch, and verifier.rank_pool's RankPool.
 
 Each launched test costs one 4-rank start (10-20 s on two cores); the rank programs live in
 cases/rank_programs/. Every test that launches also checks that no process of the job is left.
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from verifier.launch import (RankJobError, RankPool, _decode, _encode, _ephemeral_range, free_port,
-                             job_pids, run_ranks)
+from engine.launch import RankJobError, free_port, job_pids, run_ranks
+from engine.launch.ports import ephemeral_range
+from engine.launch.wire import decode, encode
+from verifier.rank_pool import RankPool
 
 PROGRAMS = Path(__file__).parent / "rank_programs"
 ALLREDUCE = str(PROGRAMS / "allreduce.py")
@@ -118,7 +120,7 @@ def test_pool_names_the_rank_whose_handler_raised_and_stops(tmp_path):
 
 def test_payloads_round_trip_without_pickle():
     payload = {"ids": np.arange(6, dtype=np.int64).reshape(2, 3), "name": "x", "sizes": [1, 2], "none": None}
-    decoded = _decode(_encode(payload))
+    decoded = decode(encode(payload))
     np.testing.assert_array_equal(decoded["ids"], payload["ids"])
     assert decoded["ids"].dtype == np.int64
     assert {k: decoded[k] for k in ("name", "sizes", "none")} == {"name": "x", "sizes": [1, 2], "none": None}
@@ -131,11 +133,11 @@ def test_payloads_round_trip_without_pickle():
 ])
 def test_payloads_that_cannot_be_sent_are_refused(payload, message):
     with pytest.raises((TypeError, ValueError), match=message):
-        _encode(payload)
+        encode(payload)
 
 
 def test_free_ports_avoid_the_ephemeral_range():
-    low = _ephemeral_range()[0]
+    low = ephemeral_range()[0]
     ports = [free_port(4) for _ in range(20)]
     assert all(10000 <= p and p + 3 < low for p in ports)
 
