@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.__main__ import main
 from engine.dump import dump_arrays, read_dump
+from engine.launch import RankJobError, cli_job
 from fixtures.pytest_fixtures import PROMPTS, checkpoint_dir
 from verifier.dumps import compare_dumps
 from verifier.tolerance import tolerance_for
@@ -81,6 +83,23 @@ def test_a_rank_killed_mid_run_is_the_rank_the_cli_names(tmp_path):
     assert len(tail) == 2 and "step 3:" in tail[1], err  # rank 1's own log, up to where it died
     assert [pid for pid in job if alive(pid)] == []  # the CLI left no process of its job behind
 
+
+
+def test_a_used_log_dir_is_refused_before_any_rank_starts(tmp_path, capsys):
+    (tmp_path / "workerlog.0").write_text("an earlier job's log, which the launcher would append to")
+    code = main(["run", "--model", str(checkpoint_dir("glm4_moe")), "--prompts", str(PROMPTS), "--tp", "2",
+                 "--log-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: --log-dir: {tmp_path} is not empty: every job needs a fresh log folder\n"
+
+
+def test_a_user_error_on_a_rank_is_reported_as_that_ranks_one_line(tmp_path, capsys):
+    """All ranks usually hit the same user error; the blamed (first) rank's line is the one shown."""
+    for rank in (0, 3):
+        (tmp_path / f"rank{rank}.err").write_text(f"error: prompt 0 is empty (seen on {rank})\n")
+    failure = RankJobError([3], "exit code 2", tmp_path, "token", "")
+    assert cli_job._report_failure(tmp_path, 4, failure) == 2
+    assert capsys.readouterr().err == "error: prompt 0 is empty (seen on 3) (rank 3)\n"
 
 def wait_for_step(cli_proc: subprocess.Popen, rank: int, log: Path, step: int) -> int:
     """The pid of `rank`'s process once its log shows it ran `step` (the CLI's -v step lines)."""

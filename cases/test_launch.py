@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from engine.launch import RankJobError, free_port, job_pids, run_ranks
+from engine.launch.blame import HARD_DEATH, Evidence, first_failure
 from engine.launch.ports import ephemeral_range
 from engine.launch.wire import decode, encode
 from verifier.rank_pool import RankPool
@@ -151,3 +152,39 @@ def test_bad_arguments_are_refused_before_launching(tmp_path):
     (tmp_path / "c" / "old").write_text("")
     with pytest.raises(ValueError, match="not empty"):
         run_ranks([ALLREDUCE], 2, timeout_s=1, log_dir=tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- blame, as data
+
+
+def evidence(records=None, deaths=None, launcher_log="", stopping_since=None) -> Evidence:
+    records = {r: {"code": code, "time": t, "error": ""} for r, (code, t) in (records or {}).items()}
+    return Evidence(records, deaths or {}, launcher_log, stopping_since, launcher_code=1)
+
+
+@pytest.mark.parametrize("noticed_after_peer_s", [0.0, 0.3])
+def test_a_hard_death_is_blamed_before_the_peer_failures_it_causes(noticed_after_peer_s):
+    # Rank 2 was SIGKILLed; rank 0 failed on the broken all_reduce 50 ms later, and the death watch
+    # may notice rank 2's end after that record (a loaded machine).
+    peer_failed = 100.05
+    ranks, reason = first_failure(evidence(records={0: (1, peer_failed)},
+                                           deaths={2: peer_failed + noticed_after_peer_s, 0: peer_failed + 0.01}))
+    assert ranks == [2]
+    assert reason.startswith(HARD_DEATH) and "then rank 0 (exit code 1)" in reason
+
+
+def test_an_exit_record_well_before_a_death_is_blamed_first():
+    ranks, reason = first_failure(evidence(records={1: (3, 100.0)}, deaths={3: 101.0}))
+    assert ranks == [1] and reason == "exit code 3"
+
+
+def test_deaths_after_the_parent_began_stopping_the_job_are_not_failures():
+    ranks, _ = first_failure(evidence(records={1: (3, 104.0)}, deaths={0: 108.0}, stopping_since=104.5))
+    assert ranks == [1]
+    assert first_failure(evidence(deaths={0: 105.0}, stopping_since=104.5)) == ([], "launcher exited with code 1")
+
+
+def test_the_launcher_report_gives_the_signal_of_a_rank_without_a_record():
+    line = "Container rank 2 status failed cmd ['python'] code -9 log /tmp/workerlog.2\n"
+    assert first_failure(evidence(deaths={2: 100.0}, launcher_log=line)) == ([2], "killed by signal 9 (SIGKILL)")
+    assert first_failure(evidence(launcher_log=line)) == ([2], "killed by signal 9 (SIGKILL)")

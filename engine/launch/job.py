@@ -72,5 +72,5 @@ def fresh_dir(path: Path | None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if any(path.iterdir()):
-        raise ValueError(f"log_dir {path} is not empty: every job needs a fresh folder")
+        raise ValueError(f"{path} is not empty: every job needs a fresh log folder")
     return path.resolve()
