@@ -84,7 +84,6 @@ def test_a_rank_killed_mid_run_is_the_rank_the_cli_names(tmp_path):
     assert [pid for pid in job if alive(pid)] == []  # the CLI left no process of its job behind
 
 
-
 def test_a_used_log_dir_is_refused_before_any_rank_starts(tmp_path, capsys):
     (tmp_path / "workerlog.0").write_text("an earlier job's log, which the launcher would append to")
     code = main(["run", "--model", str(checkpoint_dir("glm4_moe")), "--prompts", str(PROMPTS), "--tp", "2",
@@ -106,8 +105,9 @@ def wait_for_step(cli_proc: subprocess.Popen, rank: int, log: Path, step: int) -
     deadline = time.monotonic() + BOUND_S
     while time.monotonic() < deadline:
         assert cli_proc.poll() is None, f"the CLI ended before rank {rank} ran step {step}: {cli_proc.stderr.read()}"
-        pid = rank_process(cli_proc.pid, rank)
-        if pid is not None and log.exists() and f"step {step}:" in log.read_text(errors="replace"):
+        if log.exists() and f"step {step}:" in log.read_text(errors="replace"):
+            pid = rank_process(cli_proc.pid, rank)
+            assert pid is not None, f"rank {rank} logged step {step} but has no process below the CLI"
             return pid
         time.sleep(0.05)
     raise AssertionError(f"rank {rank} did not reach step {step} within {BOUND_S:g} s")

@@ -6,6 +6,10 @@ cases/rank_programs/. Every test that launches also checks that no process of th
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +20,7 @@ import pytest
 from engine.launch import RankJobError, free_port, job_pids, run_ranks
 from engine.launch.blame import HARD_DEATH, Evidence, first_failure
 from engine.launch.ports import ephemeral_range
+from engine.launch.processes import has_ended
 from engine.launch.wire import decode, encode
 from verifier.rank_pool import RankPool
 
@@ -188,3 +193,19 @@ def test_the_launcher_report_gives_the_signal_of_a_rank_without_a_record():
     line = "Container rank 2 status failed cmd ['python'] code -9 log /tmp/workerlog.2\n"
     assert first_failure(evidence(deaths={2: 100.0}, launcher_log=line)) == ([2], "killed by signal 9 (SIGKILL)")
     assert first_failure(evidence(launcher_log=line)) == ([2], "killed by signal 9 (SIGKILL)")
+
+
+def test_a_killed_process_has_ended_before_it_is_reaped():
+    """The stop's last look for deaths the watcher thread has not reported yet: a killed rank
+    stays a zombie until the launcher reaps it (up to a second later), and counts as ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not has_ended(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        while not Path(f"/proc/{child.pid}/stat").read_bytes().rsplit(b")", 1)[1].startswith(b" Z"):
+            time.sleep(0.01)  # not reaped: this process has not called wait() yet
+        assert has_ended(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert has_ended(child.pid)

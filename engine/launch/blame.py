@@ -70,7 +70,7 @@ def first_failure(evidence: Evidence, any_exit_fails: bool = False) -> tuple[lis
     failures = {r: (rec["time"], exit_reason(rec)) for r, rec in records.items()
                 if rec["code"] != 0 or any_exit_fails}
     failures |= {r: (died, named.get(r, HARD_DEATH)) for r, died in evidence.deaths.items()
-                 if r not in records and died < (evidence.stopping_since or math.inf)}
+                 if r not in records and died <= (evidence.stopping_since or math.inf)}
     if not failures and named:
         [(rank, text)] = named.items()
         return [rank], text

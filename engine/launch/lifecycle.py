@@ -65,7 +65,8 @@ class Launch:
         self.rank_logs = {r: self.log_dir / f"workerlog.{r}" for r in range(nproc)}
         self.token = uuid.uuid4().hex
         self.port = free_port(nproc)
-        self.deaths: dict[int, float] = {}  # rank -> time.time() its process ended (_watch_deaths)
+        self.deaths: dict[int, float] = {}  # rank -> time.time() its process was seen to end
+        self._watched_pids: dict[int, int] = {}  # rank -> pid, once _watch_deaths found it
         self._stopping_since: float | None = None
         self._stopped = threading.Event()
         child_env = {**os.environ, **_check_env(env), TOKEN_ENV: self.token, PARENT_ENV: str(os.getpid())}
@@ -116,9 +117,10 @@ class Launch:
                         if rank not in watched.values() and rank not in self.deaths:
                             with contextlib.suppress(ProcessLookupError):
                                 watched[os.pidfd_open(pid)] = rank
+                                self._watched_pids[rank] = pid
                 ready, _, _ = select.select(list(watched), [], [], _POLL_S)
                 for fd in ready:
-                    self.deaths[watched.pop(fd)] = time.time()
+                    self.deaths.setdefault(watched.pop(fd), time.time())
                     os.close(fd)
         finally:
             for fd in watched:
@@ -135,7 +137,9 @@ class Launch:
     def stop(self, first_signal: int = signal.SIGTERM) -> None:
         """End every process of the job: `first_signal`, SIGKILL what is left after a grace
         period; reap the launcher. Safe to call again."""
-        self._stopping_since = self._stopping_since or time.time()
+        if self._stopping_since is None:
+            self._note_ended_ranks()
+            self._stopping_since = time.time()
         self._signal_all(first_signal)
         if not self._wait_gone(_STOP_GRACE_S):
             _log.warning("job %s: processes left after SIGTERM, sending SIGKILL", self.log_dir)
@@ -144,6 +148,14 @@ class Launch:
         self.proc.wait()
         self._out.close()
         self._stopped.set()
+
+    def _note_ended_ranks(self) -> None:
+        """Record the deaths the watcher thread has not reported yet (a loaded machine may run
+        it late): a rank that is gone before this process stops the job died by itself, and blame
+        must not mistake it for a rank ended by the stop."""
+        for rank, pid in list(self._watched_pids.items()):
+            if rank not in self.deaths and processes.has_ended(pid):
+                self.deaths.setdefault(rank, time.time())
 
     def _signal_all(self, sig: int) -> None:
         unreaped = self.proc.pid if self.proc.poll() is None else None  # a reaped pid may be reused

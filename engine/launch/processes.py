@@ -55,6 +55,15 @@ def rank_pids(token: str) -> dict[int, int]:
             and not (p.ppid in by_pid and by_pid[p.ppid].rank == p.rank)}
 
 
+def has_ended(pid: int) -> bool:
+    """True once the process is gone or a zombie (ended, waiting for its parent to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no such process any more
+        return True
+    return state in (b"Z", b"X")
+
+
 def signal_job(token: str, launcher_pid: int | None, sig: int) -> None:
     """Send `sig` to every process group holding a job process (and the launcher's group, while
     `launcher_pid` is unreaped), then to each job process itself (one may have left its group).
