@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fixtures.pytest_fixtures import default_prompts
-from verifier.launch import RankPool
+from verifier.rank_pool import RankPool
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = str(ROOT / "cases" / "rank_programs" / "engine_server.py")

@@ -1,4 +1,4 @@
-"""verifier.launch: N-rank jobs through paddle.distributed.launch, and the persistent RankPool.
+"""engine.launch: N-rank jobs through paddle.distributed.launch, and verifier.rank_pool's RankPool.
 
 Each launched test costs one 4-rank start (10-20 s on two cores); the rank programs live in
 cases/rank_programs/. Every test that launches also checks that no process of the job is left.
@@ -6,6 +6,10 @@ cases/rank_programs/. Every test that launches also checks that no process of th
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,16 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from verifier.launch import (
-    RankJobError,
-    RankPool,
-    _decode,
-    _encode,
-    _ephemeral_range,
-    free_port,
-    job_pids,
-    run_ranks,
-)
+from engine.launch import RankJobError, free_port, job_pids, run_ranks
+from engine.launch.blame import HARD_DEATH, Evidence, first_failure
+from engine.launch.ports import ephemeral_range
+from engine.launch.processes import has_ended
+from engine.launch.wire import decode, encode
+from verifier.rank_pool import RankPool
 
 PROGRAMS = Path(__file__).parent / "rank_programs"
 ALLREDUCE = str(PROGRAMS / "allreduce.py")
@@ -126,7 +126,7 @@ def test_pool_names_the_rank_whose_handler_raised_and_stops(tmp_path):
 
 def test_payloads_round_trip_without_pickle():
     payload = {"ids": np.arange(6, dtype=np.int64).reshape(2, 3), "name": "x", "sizes": [1, 2], "none": None}
-    decoded = _decode(_encode(payload))
+    decoded = decode(encode(payload))
     np.testing.assert_array_equal(decoded["ids"], payload["ids"])
     assert decoded["ids"].dtype == np.int64
     assert {k: decoded[k] for k in ("name", "sizes", "none")} == {"name": "x", "sizes": [1, 2], "none": None}
@@ -139,11 +139,11 @@ def test_payloads_round_trip_without_pickle():
 ])
 def test_payloads_that_cannot_be_sent_are_refused(payload, message):
     with pytest.raises((TypeError, ValueError), match=message):
-        _encode(payload)
+        encode(payload)
 
 
 def test_free_ports_avoid_the_ephemeral_range():
-    low = _ephemeral_range()[0]
+    low = ephemeral_range()[0]
     ports = [free_port(4) for _ in range(20)]
     assert all(10000 <= p and p + 3 < low for p in ports)
 
@@ -157,3 +157,55 @@ def test_bad_arguments_are_refused_before_launching(tmp_path):
     (tmp_path / "c" / "old").write_text("")
     with pytest.raises(ValueError, match="not empty"):
         run_ranks([ALLREDUCE], 2, timeout_s=1, log_dir=tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- blame, as data
+
+
+def evidence(records=None, deaths=None, launcher_log="", stopping_since=None) -> Evidence:
+    records = {r: {"code": code, "time": t, "error": ""} for r, (code, t) in (records or {}).items()}
+    return Evidence(records, deaths or {}, launcher_log, stopping_since, launcher_code=1)
+
+
+@pytest.mark.parametrize("noticed_after_peer_s", [0.0, 0.3])
+def test_a_hard_death_is_blamed_before_the_peer_failures_it_causes(noticed_after_peer_s):
+    # Rank 2 was SIGKILLed; rank 0 failed on the broken all_reduce 50 ms later, and the death watch
+    # may notice rank 2's end after that record (a loaded machine).
+    peer_failed = 100.05
+    ranks, reason = first_failure(evidence(records={0: (1, peer_failed)},
+                                           deaths={2: peer_failed + noticed_after_peer_s, 0: peer_failed + 0.01}))
+    assert ranks == [2]
+    assert reason.startswith(HARD_DEATH) and "then rank 0 (exit code 1)" in reason
+
+
+def test_an_exit_record_well_before_a_death_is_blamed_first():
+    ranks, reason = first_failure(evidence(records={1: (3, 100.0)}, deaths={3: 101.0}))
+    assert ranks == [1] and reason == "exit code 3"
+
+
+def test_deaths_after_the_parent_began_stopping_the_job_are_not_failures():
+    ranks, _ = first_failure(evidence(records={1: (3, 104.0)}, deaths={0: 108.0}, stopping_since=104.5))
+    assert ranks == [1]
+    assert first_failure(evidence(deaths={0: 105.0}, stopping_since=104.5)) == ([], "launcher exited with code 1")
+
+
+def test_the_launcher_report_gives_the_signal_of_a_rank_without_a_record():
+    line = "Container rank 2 status failed cmd ['python'] code -9 log /tmp/workerlog.2\n"
+    assert first_failure(evidence(deaths={2: 100.0}, launcher_log=line)) == ([2], "killed by signal 9 (SIGKILL)")
+    assert first_failure(evidence(launcher_log=line)) == ([2], "killed by signal 9 (SIGKILL)")
+
+
+def test_a_killed_process_has_ended_before_it_is_reaped():
+    """The stop's last look for deaths the watcher thread has not reported yet: a killed rank
+    stays a zombie until the launcher reaps it (up to a second later), and counts as ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not has_ended(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        while not Path(f"/proc/{child.pid}/stat").read_bytes().rsplit(b")", 1)[1].startswith(b" Z"):
+            time.sleep(0.01)  # not reaped: this process has not called wait() yet
+        assert has_ended(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert has_ended(child.pid)

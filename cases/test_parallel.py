@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.dump import dump_arrays
+from engine.launch import RankJobError, job_pids
 from engine.llm import Prompt
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES
 from verifier.dumps import compare_dumps
-from verifier.launch import RankJobError, RankPool, job_pids
+from verifier.rank_pool import RankPool
 from verifier.tolerance import tolerance_for
 
 pytestmark = pytest.mark.xdist_group("four_ranks")

@@ -1,7 +1,8 @@
 """`python -m engine run`: run a prompts file through a checkpoint and optionally dump every output.
 
-Environment variables are read here and nowhere else: ENGINE_FAILPOINTS (comma-separated
-failpoint names) is the default of --failpoints.
+Environment variables: ENGINE_FAILPOINTS (comma-separated failpoint names), the default of
+--failpoints, is read here; the launcher's own variables (which rank this process is, in a
+multi-rank job) only in engine/launch/rank_entry.py. No other engine module reads the environment.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import sys
 import time
 import warnings
 
-from engine import launch
 from engine.config import CaptureTiming, GraphBackend, GraphMode
 from engine.errors import UserError
+from engine.launch import cli_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace, out=None) -> int:
         if args.dump_all_ranks:
             write_dump(args.dump.removesuffix(".npz") + f".rank{rank}.npz", arrays)
     print(f"{len(outputs)} prompts, {args.max_new_tokens} new tokens each, {elapsed:.2f} s", file=sys.stderr)
-    if args.graph != "eager":
+    if engine.graph.mode is not GraphMode.EAGER:
         print(f"graphs: {llm.runner.stats.summary()}", file=sys.stderr)
     return 0
 
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace, out=None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.tp > 1 and not launch.inside_launched_job():
+    if args.tp > 1 and not cli_job.inside_launched_job():
         return _relaunch(args, argv)
     warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -143,7 +144,7 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return launch.relaunch(argv, args.tp, args.log_dir)
+    return cli_job.relaunch(argv, args.tp, args.log_dir)
 
 
 def _run_as_rank(args: argparse.Namespace) -> int:
@@ -152,9 +153,9 @@ def _run_as_rank(args: argparse.Namespace) -> int:
     try:
         code = run(args, out=output)
     except UserError as err:
-        launch.write_report(args.report_dir, f"error: {err}\n", error=True)
+        cli_job.write_report(args.report_dir, f"error: {err}\n", error=True)
         return 2
-    launch.write_report(args.report_dir, output.getvalue(), error=False)
+    cli_job.write_report(args.report_dir, output.getvalue(), error=False)
     return code
 
 

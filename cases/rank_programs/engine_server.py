@@ -19,7 +19,7 @@ from engine.dump import dump_arrays
 from engine.failpoints import Failpoints
 from engine.llm import LLM, Prompt
 from fixtures.pytest_fixtures import checkpoint_dir
-from verifier.launch import serve
+from engine.launch import serve
 
 ENGINES: dict[tuple, LLM] = {}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import paddle
 import paddle.distributed as dist
 
-from verifier.launch import serve
+from engine.launch import serve
 
 
 def handle(request: dict) -> dict:

@@ -1,0 +1,141 @@
+"""The rank side of a job: every rank starts here, and a pool's ranks serve from here.
+
+This module is the one place that reads the launcher's environment variables in a rank:
+  PADDLE_TRAINER_ID     this rank's number (set by paddle.distributed.launch for each worker)
+  PADDLE_LOG_DIR        the job's log folder (set by paddle.distributed.launch), for the exit record
+  GRAPHGATE_JOB_TOKEN   marks every process of one job, for the clean-up scan (set by lifecycle.py)
+  GRAPHGATE_JOB_PARENT  pid of the process that launched the job (set by lifecycle.py)
+  GRAPHGATE_POOL_DIR    a pool's request/reply folder (set by the pool; only `serve` needs it)
+
+`main` runs the rank's program as `python` would, with a Python stack dump on SIGUSR1
+(faulthandler), an exit record `exit.R.json` in the log folder for the parent's blame, and an
+exit when the launching process is gone (so a killed test run or CLI leaves no ranks behind).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import itertools
+import json
+import os
+import runpy
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from engine.launch import wire
+
+TOKEN_ENV = "GRAPHGATE_JOB_TOKEN"
+PARENT_ENV = "GRAPHGATE_JOB_PARENT"
+POOL_DIR_ENV = "GRAPHGATE_POOL_DIR"
+RANK_ENV = "PADDLE_TRAINER_ID"
+_LOG_DIR_ENV = "PADDLE_LOG_DIR"
+_PARENT_GONE_EXIT = 70  # EX_SOFTWARE: a rank whose launcher vanished
+_CHECKOUT = Path(__file__).resolve().parents[2]
+# `python -c` code that starts a rank: the ranks import this checkout's packages, like the parent
+# (its root replaces `python -c`'s ''), then `main` runs the program in sys.argv[1:].
+ENTRY_CODE = (f"import sys; sys.path[0:1] = [{str(_CHECKOUT)!r}]; "
+              "from engine.launch.rank_entry import main; main()")
+
+
+def exit_record_path(log_dir: Path, rank: int) -> Path:
+    return log_dir / f"exit.{rank}.json"
+
+
+def inside_launched_job() -> bool:
+    """True in a worker that paddle.distributed.launch started."""
+    return RANK_ENV in os.environ
+
+
+def this_rank() -> int:
+    """This worker's rank (0 outside a launched job)."""
+    return int(os.environ.get(RANK_ENV, "0"))
+
+
+def main() -> None:
+    """Each rank's entry point (run as `python -c ENTRY_CODE program args`)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _watch_parent()
+    code, error = 0, ""
+    try:
+        _run_program(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        raise
+    except BaseException as exc:
+        code, error = 1, traceback.format_exception_only(exc)[-1].strip()[:300]
+        raise
+    finally:
+        _record_exit(code, error)
+
+
+def serve(handler: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
+    """Answer a RankPool's requests on this rank until the pool closes; call it after set-up.
+
+    `handler(payload)` returns a dict of numpy arrays and JSON values (reply keys must not start
+    with "__"). An exception in `handler` is sent back as this rank's error and serving goes on.
+    Only for programs started by a pool (it reads the pool folder from the environment)."""
+    pool_dir = Path(os.environ[POOL_DIR_ENV])
+    rank = int(os.environ[RANK_ENV])
+    wire.write_atomic(wire.ready_path(pool_dir, rank), b"")
+    for number in itertools.count():
+        payload = wire.decode(wire.wait_for(wire.request_path(pool_dir, number)))
+        if payload.get(wire.SHUTDOWN_KEY):
+            return
+        wire.write_atomic(wire.reply_path(pool_dir, number, rank), _answer(handler, payload))
+
+
+def _answer(handler: Callable, payload: dict[str, Any]) -> bytes:
+    try:
+        return wire.encode(handler(payload))
+    except Exception:
+        return wire.encode({wire.ERROR_KEY: traceback.format_exc()}, reserved_ok=True)
+
+
+def _run_program(argv: list[str]) -> None:
+    """As `python -m module args` or `python script args` would (sys.path[0], sys.argv)."""
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path.insert(0, str(Path(argv[0]).resolve().parent))
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+def _record_exit(code: int, error: str) -> None:
+    """Leave {rank, code, time, error} for the parent, which blames the earliest failure."""
+    rank, log_dir = os.environ.get(RANK_ENV), os.environ.get(_LOG_DIR_ENV)
+    if rank is None or log_dir is None:
+        return
+    record = {"rank": int(rank), "code": code, "time": time.time(), "error": error}
+    wire.write_atomic(exit_record_path(Path(log_dir), int(rank)), json.dumps(record).encode())
+
+
+def _watch_parent() -> None:
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    if parent <= 0:
+        return
+
+    def watch() -> None:
+        while _pid_alive(parent):
+            time.sleep(1.0)
+        print(f"engine.launch: parent process {parent} is gone; this rank exits", file=sys.stderr)
+        os._exit(_PARENT_GONE_EXIT)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
