@@ -87,7 +87,7 @@ def _case_panel(case: Case, frame, plain: bool) -> Panel:
     failures = case.comparisons["failures"]
     if failures:
         parts.append(_failure_table(failures, frame, minimised=case.example is not None))
-    if case.comparisons["layers"]:
+    if any(entry["max_abs_err"] for entry in case.comparisons["layers"]):  # an all-zero picture says nothing
         parts.append(_layer_picture(case.comparisons["layers"], frame, plain))
     title = f"{case.outcome.upper()} {case.nodeid}"
     return Panel(Group(*parts), title=title, title_align="left", box=frame,
@@ -107,7 +107,7 @@ def _fields(case: Case) -> Table:
     failed = sum(c["failed"] for c in case.comparisons["counts"].values())
     grid.add_row("comparisons", f"{ran} ran, {failed} failed")
     if case.reproduce:
-        grid.add_row("reproduce", Text(case.reproduce, style="cyan", no_wrap=True, overflow="ignore"))
+        grid.add_row("reproduce", Text(case.reproduce, style="cyan", overflow="fold"))
     return grid
 
 
@@ -163,8 +163,8 @@ def _num(value) -> str:
 def _layer_picture(layers: list[dict], frame, plain: bool) -> Table:
     """One bar per (tensor, layer): where the error first appears and how it grows."""
     top = max((entry["max_abs_err"] for entry in layers), default=0.0) or 1.0
-    table = Table(title="Error per layer (greatest absolute difference)", box=frame, title_justify="left")
-    for column in ("tensor", "layer", "max abs err", ""):
+    table = Table(title="Error per layer", box=frame, title_justify="left")
+    for column in ("tensor", "layer", "max abs err", "(bar: relative to the largest)"):
         table.add_column(column, justify="right" if column in ("layer", "max abs err") else "left")
     mark = "#" if plain else "\u2588"
     for entry in layers:
