@@ -36,7 +36,9 @@ import numpy as np
 import pytest
 from verifier.compare import assert_close, compare
 
-@pytest.mark.parametrize("k", range({CASES}))
+# the first three share an xdist group: under --dist loadgroup their nodeids gain "@first"
+@pytest.mark.parametrize("k", [pytest.param(k, marks=pytest.mark.xdist_group("first")) if k < 3 else k
+                               for k in range({CASES})])
 def test_k(k):
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     for layer in range(k):
@@ -65,7 +67,8 @@ def inner_session(folder: Path, test_text: str, *args: str) -> subprocess.Comple
 def merged(tmp_path_factory):
     """(completed process, folder) of the 4-worker run, with JSON and JUnit artifacts."""
     folder = tmp_path_factory.mktemp("merge")
-    done = inner_session(folder, SYNTHETIC, "-n", "4", "--report-json", "report.json", "--junitxml", "junit.xml")
+    done = inner_session(folder, SYNTHETIC, "-n", "4", "--dist", "loadgroup", "--report-json", "report.json",
+                         "--junitxml", "junit.xml")
     return done, folder
 
 
@@ -164,7 +167,7 @@ def test_a_rel_l2_only_dump_comparison_records_no_exact_failure():
 
 
 def test_near_ties_are_shown_apart_and_colour_only_when_asked():
-    case = Case("cases/test_x.py::test_y", area="routing", outcome="failed", message="boom",
+    case = Case("cases/test_x.py::test_y[glm4_moe-piecewise]", area="routing", outcome="failed", message="boom",
                 comparisons={"counts": {"routing": {"ran": 2, "failed": 1}}, "failures": [],
                              "layers": [{"tensor": "keys[]", "layer": 0, "max_abs_err": 0.0},
                                         {"tensor": "keys[]", "layer": 1, "max_abs_err": 2e-3}],
@@ -173,6 +176,7 @@ def test_near_ties_are_shown_apart_and_colour_only_when_asked():
     report.add(case)
     plain = render(report, color=False)
     assert "Routing near-ties" in plain and "topk_ids_p0_layer1" in plain and "3, 5" in plain
+    assert "FAILED cases/test_x.py::test_y[glm4_moe-piecewise]" in plain  # brackets are not markup
     assert "#" * 30 in plain and "Error per layer" in plain  # the largest error gets the full bar
     case.comparisons["layers"][1]["max_abs_err"] = 0.0
     assert "Error per layer" not in render(report)  # no picture when every layer agrees

@@ -73,6 +73,8 @@ def check_setup(args: argparse.Namespace) -> str | None:
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         return f"missing dependency {', '.join(missing)} (install the project: pip install -e .)"
+    if args.cases is None and not (ROOT / "cases").is_dir():
+        return f"no cases/ folder beside {ROOT / 'verifier'}: install from a checkout (pip install -e .)"
     for model in args.model:
         if not (Path(model) / "config.json").is_file():
             return f"--model {model}: no config.json in that folder"
@@ -100,6 +102,8 @@ def pytest_command(args: argparse.Namespace, json_path: str) -> list[str]:
         command += ["-n", str(args.workers)]
     if args.failpoints:
         command += ["--failpoints", args.failpoints]
+    if args.cases is None and not (ROOT / "cases").is_dir():
+        return f"no cases/ folder beside {ROOT / 'verifier'}: install from a checkout (pip install -e .)"
     for model in args.model:
         command += ["--model", str(Path(model).resolve())]
     if args.junitxml:

@@ -12,6 +12,7 @@ prints the summary at the end of the terminal output and writes `--report-json` 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from verifier.report import AREA_OF_FILE, Case, GateReport
 RECORD = "graphgate.record"  # user_properties name of the JSON record (also a JUnit property)
 _RECORDER = pytest.StashKey[Recorder]()
 MESSAGE_CHARS = 4000
+XDIST_GROUP = re.compile(r"@[^\[\]:@]+$")  # `--dist loadgroup` appends "@group" to a nodeid; pytest rejects it
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -98,7 +100,8 @@ class Controller:
 
 def _merge(report: GateReport, test_report: pytest.TestReport, config: pytest.Config) -> None:
     """Fold one phase's report into the case of its nodeid (setup / call / teardown)."""
-    case = report.cases.get(test_report.nodeid) or Case(test_report.nodeid, area=_area_of_path(test_report.nodeid))
+    nodeid = XDIST_GROUP.sub("", test_report.nodeid)
+    case = report.cases.get(nodeid) or Case(nodeid, area=_area_of_path(nodeid))
     case.duration += test_report.duration
     case.worker = _worker(test_report)
     if test_report.when == "call":
@@ -106,7 +109,7 @@ def _merge(report: GateReport, test_report: pytest.TestReport, config: pytest.Co
     elif test_report.failed:  # setup or teardown: the case could not run, or not clean up
         case.outcome = "error"
         case.message = case.message or _crash(test_report)
-        case.reproduce = _reproduce(test_report.nodeid, config)
+        case.reproduce = _reproduce(nodeid, config)
     elif test_report.skipped:
         case.outcome = "skipped"
     report.add(case)
@@ -121,7 +124,7 @@ def _take_call(case: Case, test_report: pytest.TestReport, config: pytest.Config
     case.outcome = "skipped" if test_report.skipped else "failed" if test_report.failed else "passed"
     if test_report.failed:
         case.message = case.message or _crash(test_report)
-        case.reproduce = _reproduce(test_report.nodeid, config)
+        case.reproduce = _reproduce(case.nodeid, config)
 
 
 def _area(item: pytest.Item) -> str:

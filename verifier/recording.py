@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from verifier.tolerance import DEFAULT_TOLERANCES, EXACT, Tolerance
 
-KEPT_FAILURES = 5  # diff panels per case: the minimised example's, not every shrink step's
+KEPT_FAILURES = 3  # failed comparisons shown per case: the minimised example's, not every shrink step's
 KEPT_RECENT = 96  # comparisons kept for the per-layer picture (a fixture model has < 10 layers x 4)
 LAYER = re.compile(r"\[(\d+)\]|layer\s*(\d+)")
 

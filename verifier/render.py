@@ -31,8 +31,9 @@ VERDICT_STYLE = {"pass": "bold green", "divergence": "bold red", "could not run"
 
 def render(report: GateReport, color: bool = False, width: int | None = None) -> str:
     """The whole report as text: ANSI-styled when `color`, else plain ASCII."""
+    # markup off: test ids and tensor names hold brackets ("test_x[glm4_moe]", "keys[3]")
     console = Console(file=io.StringIO(), force_terminal=color, no_color=not color, width=width or WIDTH,
-                      color_system="standard" if color else None, emoji=False, highlight=False)
+                      color_system="standard" if color else None, emoji=False, highlight=False, markup=False)
     for part in renderables(report, plain=not color):
         console.print(part)
     return console.file.getvalue()
@@ -41,7 +42,7 @@ def render(report: GateReport, color: bool = False, width: int | None = None) ->
 def write_html(report: GateReport, path: str | Path) -> Path:
     """Rich's HTML export of the report (colours kept, per-layer pictures included)."""
     console = Console(record=True, file=io.StringIO(), force_terminal=True, width=WIDTH, emoji=False,
-                      highlight=False)
+                      highlight=False, markup=False)
     for part in renderables(report, plain=False):
         console.print(part)
     path = Path(path)
@@ -89,7 +90,7 @@ def _case_panel(case: Case, frame, plain: bool) -> Panel:
         parts.append(_failure_table(failures, frame, minimised=case.example is not None))
     if any(entry["max_abs_err"] for entry in case.comparisons["layers"]):  # an all-zero picture says nothing
         parts.append(_layer_picture(case.comparisons["layers"], frame, plain))
-    title = f"{case.outcome.upper()} {case.nodeid}"
+    title = Text(f"{case.outcome.upper()} {case.nodeid}")  # Text: a str title would be read as markup
     return Panel(Group(*parts), title=title, title_align="left", box=frame,
                  border_style="red" if case.outcome == "failed" else "yellow")
 
@@ -118,11 +119,11 @@ def _head(message: str) -> str:
 
 
 def _failure_table(failures: list[dict], frame, minimised: bool) -> Table:
-    title = "Failed comparisons" + (" (the latest are the minimised example's)" if minimised else "")
+    title = "Failed comparisons" + (", newest first (the first is the minimised example's)" if minimised else "")
     table = Table(title=title, box=frame, title_justify="left", show_lines=True)
     for column in ("tensor", "mismatched", "worst elements", "tolerance (source)"):
         table.add_column(column, overflow="fold")
-    for item in failures:
+    for item in reversed(failures):
         table.add_row(item["name"], _mismatched(item), _worst(item),
                       f"{item['tolerance']}\n({item['tolerance_source']})")
     return table
