@@ -24,7 +24,7 @@ from verifier.compare import compare
 from verifier.dumps import compare_dumps
 from verifier.recording import note, recording
 from verifier.render import render
-from verifier.report import SCHEMA, Case, GateReport, read_json
+from verifier.report import SCHEMA, Case, GateReport, area_of_file, read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = 12
@@ -95,11 +95,11 @@ def test_the_failing_case_names_its_tensor_index_tolerance_and_rerun(merged):
     failed = [c for c in json.loads((folder / "report.json").read_text())["cases"] if c["outcome"] == "failed"]
     [item] = failed[0]["comparisons"]["failures"]
     assert (item["name"], item["max_abs_index"], item["mismatches"]) == ("logits", [1, 2], 1)
-    assert item["tolerance"] == "rtol=1e-05, atol=1e-05" and "DEFAULT_TOLERANCES['float32']" in item["tolerance_source"]
+    assert item["tolerance"] == "rtol=1e-05, atol=1e-05" and item["tolerance_source"] == "verifier/tolerance.py, float32 row"
     assert failed[0]["reproduce"] == f"python -m pytest 'test_synthetic.py::test_k[{FAILING}]'"
     console = done.stdout
     assert console.count("graphgate report") == 1, "one summary, from the controller only"
-    assert f"FAILED test_synthetic.py::test_k[{FAILING}]" in console and "token 1, channel 2" in console
+    assert f"test_synthetic.py::test_k[{FAILING}]" in console and "token 1, channel 2" in console
     assert "\x1b[" not in console and console.isascii(), "NO_COLOR / no terminal: plain ASCII"
 
 
@@ -167,7 +167,8 @@ def test_a_rel_l2_only_dump_comparison_records_no_exact_failure():
 
 
 def test_near_ties_are_shown_apart_and_colour_only_when_asked():
-    case = Case("cases/test_x.py::test_y[glm4_moe-piecewise]", area="routing", outcome="failed", message="boom",
+    case = Case("cases/test_x.py::test_y[glm4_moe-piecewise]", area="routing", outcome="failed",
+                message="boom " + "-" * 300,  # a word longer than the panel: folded, never cut with an ellipsis
                 comparisons={"counts": {"routing": {"ran": 2, "failed": 1}}, "failures": [],
                              "layers": [{"tensor": "keys[]", "layer": 0, "max_abs_err": 0.0},
                                         {"tensor": "keys[]", "layer": 1, "max_abs_err": 2e-3}],
@@ -176,9 +177,15 @@ def test_near_ties_are_shown_apart_and_colour_only_when_asked():
     report.add(case)
     plain = render(report, color=False)
     assert "Routing near-ties" in plain and "topk_ids_p0_layer1" in plain and "3, 5" in plain
-    assert "FAILED cases/test_x.py::test_y[glm4_moe-piecewise]" in plain  # brackets are not markup
+    assert "cases/test_x.py::test_y[glm4_moe-piecewise]" in plain  # brackets are not markup
     assert "#" * 30 in plain and "Error per layer" in plain  # the largest error gets the full bar
     case.comparisons["layers"][1]["max_abs_err"] = 0.0
     assert "Error per layer" not in render(report)  # no picture when every layer agrees
     assert plain.isascii() and "\x1b[" not in plain
     assert "\x1b[" in render(report, color=True)
+
+
+@pytest.mark.parametrize(("stem", "area"), [("test_graph", "graph vs eager"), ("test_parallel", "ranks"),
+                                            ("test_routing_replay_store", "routing replay"), ("test_new", "other")])
+def test_case_files_map_to_report_areas(stem, area):
+    assert area_of_file(stem) == area

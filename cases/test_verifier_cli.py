@@ -66,8 +66,11 @@ def test_a_routing_flip_fails_unless_the_reference_marks_it_a_near_tie(tmp_path,
     ids = dump()["topk_ids_p0_layer1"].copy()
     ids[2] = [6, 7] if list(ids[2]) != [6, 7] else [0, 1]
     a = save(tmp_path / "a.npz", dump(topk_ids_p0_layer1=ids))
-    code, out, _ = run_compare(capsys, a, save(tmp_path / "b.npz", dump()))
-    assert code == 1 and "topk_ids_p0_layer1" in out and "rows [2]" in out
+    report = tmp_path / "report.json"
+    code, out, _ = run_compare(capsys, a, save(tmp_path / "b.npz", dump()), "--json", str(report))
+    [failure] = json.loads(report.read_text())["cases"][0]["comparisons"]["failures"]
+    assert code == 1 and "topk_ids_p0_layer1" in out and failure["name"] == "topk_ids_p0_layer1"
+    assert "rows [2] (1 of 5)" in failure["message"]
     margins = np.ones(5)
     margins[2] = NEAR_TIE_MARGIN / 2
     b = save(tmp_path / "tie.npz", dump(topk_margin_p0_layer1=margins))
@@ -126,13 +129,31 @@ def test_replay_repeats(faults):
 '''
 
 
-@pytest.fixture(scope="module")
-def planted_case(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("planted")
+# A case whose set-up fails (as when a rank of the 4-rank pool does not come up): nothing diverged,
+# the gate could not run.
+COULD_NOT_START = '''
+import pytest
+
+@pytest.fixture
+def rank_pool():
+    raise RuntimeError("rank 2 did not come up")
+
+def test_needs_ranks(rank_pool):
+    pass
+'''
+
+
+def case_file(folder: Path, text: str) -> Path:
+    """A case file under the repository's conftest.py, with cases/ importable (as in the gate)."""
     (folder / "conftest.py").write_text((ROOT / "conftest.py").read_text()
                                         + f"\nimport sys\nsys.path.insert(0, {str(ROOT / 'cases')!r})\n")
-    (folder / "test_planted.py").write_text(PLANTED)
-    return folder / "test_planted.py"
+    (folder / "test_synthetic.py").write_text(text)
+    return folder / "test_synthetic.py"
+
+
+@pytest.fixture(scope="module")
+def planted_case(tmp_path_factory) -> Path:
+    return case_file(tmp_path_factory.mktemp("planted"), PLANTED)
 
 
 def gate(case: Path, *argv: str) -> subprocess.CompletedProcess:
@@ -151,7 +172,7 @@ def test_a_planted_graph_fault_fails_the_gate_and_the_report_names_it(planted_ca
     assert case["outcome"] == "failed" and case["area"] == "graph vs eager" and "hidden (all rows)" in names
     assert "--failpoints graph.stale_padding" in case["reproduce"]
     assert "failpoints: graph.stale_padding" in done.stdout and "hidden (all rows)" in done.stdout
-    assert "test_planted.py::test_replay_repeats" in done.stdout and "\x1b[" not in done.stdout
+    assert "test_synthetic.py::test_replay_repeats" in done.stdout and "\x1b[" not in done.stdout
     assert "hidden (all rows)" in html.read_text()
 
 
@@ -159,3 +180,10 @@ def test_the_same_case_passes_the_gate_without_the_fault(planted_case):
     done = gate(planted_case)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "PASS" in done.stdout
+
+
+def test_a_case_that_cannot_start_makes_the_gate_exit_2(tmp_path):
+    done = gate(case_file(tmp_path, COULD_NOT_START))
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert "COULD NOT RUN" in done.stdout and "ERROR" in done.stdout and "test_synthetic.py::test_needs_ranks" in done.stdout
+    assert "rank 2 did not come up" in done.stdout

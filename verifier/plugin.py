@@ -20,7 +20,7 @@ import pytest
 
 from verifier.recording import Recorder, recording
 from verifier.render import render, write_html
-from verifier.report import AREA_OF_FILE, Case, GateReport
+from verifier.report import Case, GateReport, area_of_file
 
 RECORD = "graphgate.record"  # user_properties name of the JSON record (also a JUnit property)
 _RECORDER = pytest.StashKey[Recorder]()
@@ -133,7 +133,7 @@ def _area(item: pytest.Item) -> str:
 
 
 def _area_of_path(nodeid: str) -> str:
-    return AREA_OF_FILE.get(Path(nodeid.split("::", 1)[0]).stem, "other")
+    return area_of_file(Path(nodeid.split("::", 1)[0]).stem)
 
 
 def _example(excinfo) -> str | None:

@@ -131,10 +131,10 @@ def _rule(name: str, rule: str, failure: str | None) -> dict:
 def tolerance_source(tol: Tolerance, dtype: str) -> str:
     """Where a tolerance comes from: the table row for the dtype, EXACT, or a case's override."""
     if tol == DEFAULT_TOLERANCES.get(dtype):
-        return f"verifier/tolerance.py DEFAULT_TOLERANCES[{dtype!r}]"
+        return f"verifier/tolerance.py, {dtype} row"
     if tol == EXACT:
-        return "verifier/tolerance.py EXACT (bitwise by the case's contract)"
-    return "override given by the case"
+        return "verifier/tolerance.py, EXACT"
+    return "the case's own override"
 
 
 def _plain(item) -> dict:

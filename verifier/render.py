@@ -26,6 +26,7 @@ from verifier.report import Case, GateReport
 WIDTH = 110  # plain text and HTML: wide enough for a reproduce command on one line
 BAR = 30  # characters of the longest per-layer error bar
 MESSAGE_LINES = 8
+MAX_NAME = 32  # a tensor name up to this long is never folded
 VERDICT_STYLE = {"pass": "bold green", "divergence": "bold red", "could not run": "bold yellow"}
 
 
@@ -35,7 +36,7 @@ def render(report: GateReport, color: bool = False, width: int | None = None) ->
     console = Console(file=io.StringIO(), force_terminal=color, no_color=not color, width=width or WIDTH,
                       color_system="standard" if color else None, emoji=False, highlight=False, markup=False)
     for part in renderables(report, plain=not color):
-        console.print(part)
+        console.print(part, soft_wrap=isinstance(part, Text))  # a lone line (a command) is never wrapped
     return console.file.getvalue()
 
 
@@ -44,7 +45,7 @@ def write_html(report: GateReport, path: str | Path) -> Path:
     console = Console(record=True, file=io.StringIO(), force_terminal=True, width=WIDTH, emoji=False,
                       highlight=False, markup=False)
     for part in renderables(report, plain=False):
-        console.print(part)
+        console.print(part, soft_wrap=isinstance(part, Text))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(console.export_html(inline_styles=True, theme=None))
@@ -55,7 +56,10 @@ def renderables(report: GateReport, plain: bool) -> list:
     """Header, per-area table, one panel per failed case, near-ties, in that order."""
     frame = box.ASCII if plain else box.ROUNDED
     parts: list = [_headline(report), _area_table(report, frame)]
-    parts += [_case_panel(case, frame, plain) for case in report.failed()]
+    for case in report.failed():
+        parts.append(_case_panel(case, frame, plain))
+        if case.reproduce:  # under its panel, on one line whatever its length, to copy
+            parts.append(Text.assemble(("reproduce: ", "bold"), (case.reproduce, "cyan")))
     ties = _near_tie_table(report, frame)
     if ties is not None:
         parts.append(ties)
@@ -90,7 +94,7 @@ def _case_panel(case: Case, frame, plain: bool) -> Panel:
         parts.append(_failure_table(failures, frame, minimised=case.example is not None))
     if any(entry["max_abs_err"] for entry in case.comparisons["layers"]):  # an all-zero picture says nothing
         parts.append(_layer_picture(case.comparisons["layers"], frame, plain))
-    title = Text(f"{case.outcome.upper()} {case.nodeid}")  # Text: a str title would be read as markup
+    title = Text(case.outcome.upper())  # the test id goes inside, where a long one can wrap
     return Panel(Group(*parts), title=title, title_align="left", box=frame,
                  border_style="red" if case.outcome == "failed" else "yellow")
 
@@ -98,7 +102,8 @@ def _case_panel(case: Case, frame, plain: bool) -> Panel:
 def _fields(case: Case) -> Table:
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    grid.add_column(overflow="fold")  # never an ellipsis: plain text stays ASCII, and nothing is hidden
+    grid.add_row("case", Text(case.nodeid, style="bold", overflow="fold"))
     grid.add_row("area", case.area)
     if case.message:
         grid.add_row("failure", _head(case.message))
@@ -107,8 +112,6 @@ def _fields(case: Case) -> Table:
     ran = sum(c["ran"] for c in case.comparisons["counts"].values())
     failed = sum(c["failed"] for c in case.comparisons["counts"].values())
     grid.add_row("comparisons", f"{ran} ran, {failed} failed")
-    if case.reproduce:
-        grid.add_row("reproduce", Text(case.reproduce, style="cyan", overflow="fold"))
     return grid
 
 
@@ -119,10 +122,12 @@ def _head(message: str) -> str:
 
 
 def _failure_table(failures: list[dict], frame, minimised: bool) -> Table:
-    title = "Failed comparisons" + (", newest first (the first is the minimised example's)" if minimised else "")
-    table = Table(title=title, box=frame, title_justify="left", show_lines=True)
-    for column in ("tensor", "mismatched", "worst elements", "tolerance (source)"):
-        table.add_column(column, overflow="fold")
+    # Hypothesis ends on the minimised example, so its failures come first (unless it was flaky)
+    title = "Failed comparisons" + (", newest first" if minimised else "")
+    table = Table(title=title, box=frame, title_justify="left", show_lines=True, expand=True)
+    table.add_column("tensor", overflow="fold", max_width=MAX_NAME)  # natural width: a key stays on one line
+    for column, share in (("mismatched", 2), ("worst elements", 4), ("tolerance (source)", 3)):
+        table.add_column(column, overflow="fold", ratio=share)
     for item in reversed(failures):
         table.add_row(item["name"], _mismatched(item), _worst(item),
                       f"{item['tolerance']}\n({item['tolerance_source']})")

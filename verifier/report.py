@@ -46,6 +46,14 @@ AREA_OF_FILE = {
     "test_golden": "reference", "test_batching": "reference", "test_user_model": "graph vs eager",
     "test_verifier_compare": "verifier", "test_report": "verifier", "test_verifier_cli": "verifier",
 }
+AREA_OF_PREFIX = {"test_routing_replay": "routing replay"}  # a family of case files
+
+
+def area_of_file(stem: str) -> str:
+    """The report area of a case file (by its name without .py); "other" when not listed."""
+    if stem in AREA_OF_FILE:
+        return AREA_OF_FILE[stem]
+    return next((area for prefix, area in AREA_OF_PREFIX.items() if stem.startswith(prefix)), "other")
 
 _NUMBER_OR_TEXT = {"type": ["number", "string"]}
 _INDEX = {"type": ["array", "null"], "items": {"type": "integer"}}
