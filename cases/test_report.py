@@ -63,6 +63,10 @@ def inner_session(folder: Path, test_text: str, *args: str) -> subprocess.Comple
                           cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 
 
+# The cases reading the merged run share one xdist worker (`--dist loadgroup`), so it runs once.
+ON_ONE_WORKER = pytest.mark.xdist_group("report-merge")
+
+
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     """(completed process, folder) of the 4-worker run, with JSON and JUnit artifacts."""
@@ -72,6 +76,7 @@ def merged(tmp_path_factory):
     return done, folder
 
 
+@ON_ONE_WORKER
 def test_four_workers_merge_into_one_report_losing_and_duplicating_nothing(merged):
     done, folder = merged
     assert done.returncode == 1, done.stdout[-3000:]  # exactly the planted failure
@@ -90,6 +95,7 @@ def test_four_workers_merge_into_one_report_losing_and_duplicating_nothing(merge
     assert data["areas"][0]["failed_comparisons"] == 1  # expected failures in passing cases do not count
 
 
+@ON_ONE_WORKER
 def test_the_failing_case_names_its_tensor_index_tolerance_and_rerun(merged):
     done, folder = merged
     failed = [c for c in json.loads((folder / "report.json").read_text())["cases"] if c["outcome"] == "failed"]
@@ -103,6 +109,7 @@ def test_the_failing_case_names_its_tensor_index_tolerance_and_rerun(merged):
     assert "\x1b[" not in console and console.isascii(), "NO_COLOR / no terminal: plain ASCII"
 
 
+@ON_ONE_WORKER
 def test_junit_xml_carries_each_cases_record_once(merged):
     _, folder = merged
     testcases = ET.parse(folder / "junit.xml").getroot().iter("testcase")
@@ -115,6 +122,7 @@ def test_junit_xml_carries_each_cases_record_once(merged):
     assert records[f"test_k[{FAILING}]"]["comparisons"]["counts"]["numeric"] == {"ran": FAILING + 1, "failed": 1}
 
 
+@ON_ONE_WORKER
 def test_report_json_validates_against_its_schema(merged):
     jsonschema = pytest.importorskip("jsonschema")  # the `schema` extra
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
