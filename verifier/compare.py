@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from verifier.recording import note
 from verifier.tolerance import DEFAULT_TOLERANCES, EXACT, Tolerance, tolerance_for
 
 Index = tuple[int, ...]
@@ -144,7 +145,7 @@ def compare(
     close = _close(af, ef, abs_err, same, tol)
     max_abs_err, max_abs_index = _worst(abs_err, e.shape)
     max_rel_err, max_rel_index = _worst(rel_err, e.shape)
-    return Comparison(
+    return note(Comparison(  # the gate's report records it (verifier/recording.py)
         name=name,
         shape=tuple(e.shape),
         dtype=e_dtype,
@@ -165,7 +166,7 @@ def compare(
         topk=topk,
         topk_agreement=_topk_agreement(a, e, topk),
         first_mismatch_index=_first_index(~close, e.shape),
-    )
+    ))
 
 
 def assert_close(

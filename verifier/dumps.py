@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from verifier.compare import Comparison, compare
+from verifier.recording import dump_level
 from verifier.tolerance import EXACT, Tolerance
 
 ROUTING_KEY = re.compile(r"^(decode_)?topk_ids_p(\d+)_layer(\d+)$")
@@ -67,6 +68,7 @@ class DumpDiff:
             raise AssertionError(f"{len(problems)} divergence(s):\n" + "\n".join(problems))
 
 
+@dump_level  # the gate's report records the verdict per key (verifier/recording.py)
 def compare_dumps(
     actual: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],

@@ -1,0 +1,189 @@
+"""`python -m verifier`: compare's exit codes and report on small synthetic dumps, gate's
+one-line usage errors, and a planted graph fault that the gate's report names.
+
+Dumps here are written with NumPy in the format of engine/dump.py; expected indices and keys are
+the ones the case perturbs, never read back from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from verifier.__main__ import main
+from verifier.dumps import NEAR_TIE_MARGIN
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dump(**changes) -> dict[str, np.ndarray]:
+    """A two-prompt dump; `changes` replace or add keys."""
+    rng = np.random.default_rng(3)
+    arrays = {"names": np.asarray(["a", "b"])}
+    for i, length in enumerate((5, 9)):
+        arrays[f"input_ids_p{i}"] = rng.integers(0, 64, length).astype(np.int64)
+        arrays[f"logits_p{i}"] = rng.standard_normal((length, 64)).astype(np.float32)
+        arrays[f"greedy_p{i}"] = rng.integers(0, 64, 3).astype(np.int64)
+        arrays[f"greedy_logits_p{i}"] = rng.standard_normal((3, 64)).astype(np.float32)
+        arrays[f"topk_ids_p{i}_layer1"] = np.sort(rng.permutation(8)[:2].repeat(length).reshape(2, length).T, -1)
+    return arrays | changes
+
+
+def save(path: Path, arrays: dict) -> str:
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def run_compare(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["compare", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_identical_dumps_agree(tmp_path, capsys):
+    a, b = save(tmp_path / "a.npz", dump()), save(tmp_path / "b.npz", dump())
+    code, out, _ = run_compare(capsys, a, b)
+    assert code == 0 and "PASS" in out
+
+
+def test_a_perturbed_dump_names_the_key_and_the_worst_index(tmp_path, capsys):
+    logits = dump()["logits_p1"].copy()
+    logits[6, 41] += 1e-3  # far above float32's atol + rtol * |x|
+    a, b = save(tmp_path / "a.npz", dump(logits_p1=logits)), save(tmp_path / "b.npz", dump())
+    code, out, _ = run_compare(capsys, a, b)
+    assert code == 1
+    assert "logits_p1" in out and "token 6, channel 41" in out and "1 / 576" in out
+    assert run_compare(capsys, a, b, "--tolerance", "1e-2,1e-2")[0] == 0  # a looser explicit pair passes
+
+
+def test_a_routing_flip_fails_unless_the_reference_marks_it_a_near_tie(tmp_path, capsys):
+    ids = dump()["topk_ids_p0_layer1"].copy()
+    ids[2] = [6, 7] if list(ids[2]) != [6, 7] else [0, 1]
+    a = save(tmp_path / "a.npz", dump(topk_ids_p0_layer1=ids))
+    report = tmp_path / "report.json"
+    code, out, _ = run_compare(capsys, a, save(tmp_path / "b.npz", dump()), "--json", str(report))
+    [failure] = json.loads(report.read_text())["cases"][0]["comparisons"]["failures"]
+    assert code == 1 and "topk_ids_p0_layer1" in out and failure["name"] == "topk_ids_p0_layer1"
+    assert "rows [2] (1 of 5)" in failure["message"]
+    margins = np.ones(5)
+    margins[2] = NEAR_TIE_MARGIN / 2
+    b = save(tmp_path / "tie.npz", dump(topk_margin_p0_layer1=margins))
+    code, out, _ = run_compare(capsys, a, b)
+    assert code == 0 and "Routing near-ties" in out and "topk_ids_p0_layer1" in out
+
+
+def test_a_truncated_dump_is_one_error_line_and_exit_2(tmp_path, capsys):
+    whole = tmp_path / "whole.npz"
+    save(whole, dump())
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    code, out, err = run_compare(capsys, str(cut), str(whole))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(cut) in err
+
+
+def test_dumps_with_different_keys_are_exit_2_naming_the_key(tmp_path, capsys):
+    fewer = dump()
+    del fewer["greedy_p1"]
+    code, _, err = run_compare(capsys, save(tmp_path / "a.npz", fewer), save(tmp_path / "b.npz", dump()))
+    assert code == 2 and "greedy_p1" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["gate", "--profile", "bogus"], "bogus"),
+    (["gate", "-n", "-1"], "-1"),
+    (["gate", "--model", "/no/such/folder"], "/no/such/folder"),
+    (["gate", "--failpoints", "graph.no_such_fault"], "graph.no_such_fault"),
+    (["gate", "stray"], "stray"),
+    (["frobnicate"], "frobnicate"),
+    (["compare", "only_one.npz"], "B.npz"),
+    (["compare", "a.npz", "b.npz", "--tolerance", "1e-3"], "1e-3"),
+])
+def test_bad_arguments_are_one_error_line_and_exit_2(capsys, argv, named):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and named in err
+
+
+def test_the_module_entry_point_exits_2_on_bad_arguments():
+    done = subprocess.run([sys.executable, "-m", "verifier", "gate", "--profile", "bogus"], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "bogus" in done.stderr
+
+
+# A graph fault planted through the gate: padded input rows keep the previous step's values, which
+# the replay check (two runs of the same batch must agree bitwise, padded rows included) sees.
+PLANTED = '''
+import pytest
+from test_graph import FULLER, PADDED, check_replays, fresh_llm
+
+@pytest.mark.gate_area("graph vs eager")
+def test_replay_repeats(faults):
+    check_replays(fresh_llm("glm4_moe", faults.active).runner, PADDED, FULLER)
+'''
+
+
+# A case whose set-up fails (as when a rank of the 4-rank pool does not come up): nothing diverged,
+# the gate could not run.
+COULD_NOT_START = '''
+import pytest
+
+@pytest.fixture
+def rank_pool():
+    raise RuntimeError("rank 2 did not come up")
+
+def test_needs_ranks(rank_pool):
+    pass
+'''
+
+
+def case_file(folder: Path, text: str) -> Path:
+    """A case file under the repository's conftest.py, with cases/ importable (as in the gate)."""
+    (folder / "conftest.py").write_text((ROOT / "conftest.py").read_text()
+                                        + f"\nimport sys\nsys.path.insert(0, {str(ROOT / 'cases')!r})\n")
+    (folder / "test_synthetic.py").write_text(text)
+    return folder / "test_synthetic.py"
+
+
+@pytest.fixture(scope="module")
+def planted_case(tmp_path_factory) -> Path:
+    return case_file(tmp_path_factory.mktemp("planted"), PLANTED)
+
+
+def gate(case: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "verifier", "gate", "-n", "0", "--cases", str(case), *argv],
+                          capture_output=True, text=True, cwd=case.parent, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1"))
+
+
+def test_a_planted_graph_fault_fails_the_gate_and_the_report_names_it(planted_case):
+    report = planted_case.parent / "report.json"
+    html = planted_case.parent / "report.html"
+    done = gate(planted_case, "--failpoints", "graph.stale_padding", "--json", str(report), "--html", str(html))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    [case] = json.loads(report.read_text())["cases"]
+    names = [failure["name"] for failure in case["comparisons"]["failures"]]
+    assert case["outcome"] == "failed" and case["area"] == "graph vs eager" and "hidden (all rows)" in names
+    assert "--failpoints graph.stale_padding" in case["reproduce"]
+    assert "failpoints: graph.stale_padding" in done.stdout and "hidden (all rows)" in done.stdout
+    assert "test_synthetic.py::test_replay_repeats" in done.stdout and "\x1b[" not in done.stdout
+    assert "hidden (all rows)" in html.read_text()
+
+
+def test_the_same_case_passes_the_gate_without_the_fault(planted_case):
+    done = gate(planted_case)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "PASS" in done.stdout
+
+
+def test_a_case_that_cannot_start_makes_the_gate_exit_2(tmp_path):
+    done = gate(case_file(tmp_path, COULD_NOT_START))
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert "COULD NOT RUN" in done.stdout and "ERROR" in done.stdout and "test_synthetic.py::test_needs_ranks" in done.stdout
+    assert "rank 2 did not come up" in done.stdout

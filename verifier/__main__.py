@@ -1,0 +1,53 @@
+"""`python -m verifier VERB ...`: the gate's front door.
+
+Verbs (each has --help):
+  gate     run the cases (pytest + xdist) and report; exit 0 pass, 1 divergence, 2 could not run
+  compare  two engine dumps (engine/dump.py format) key by key; exit 0 agree, 1 differ, 2 unreadable
+
+A verb is a module with `add_arguments(parser)` and `run(args) -> int`, listed in VERBS; a new verb
+(the failpoint selftest, the capture lint) is one more row. Every user error is one `error:` line
+on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "gate": ("verifier.cli_gate", "run the gate's cases and print the report"),
+    "compare": ("verifier.cli_compare", "compare two engine dumps (.npz) key by key"),
+}
+USAGE_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single `error: ...` line (CI logs, scripts) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m verifier", description=__doc__.split("\n\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=OneLineParser)
+    for verb, (module, summary) in VERBS.items():
+        sub = verbs.add_parser(verb, help=summary, description=importlib.import_module(module).__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        importlib.import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and run one verb; returns the exit code (argparse's own exits become return values)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2)
+        return int(stop.code or 0)
+    return importlib.import_module(VERBS[args.verb][0]).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

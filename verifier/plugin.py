@@ -1,0 +1,185 @@
+"""pytest plugin: record each case's comparisons, merge them on the controller, report once.
+
+Registered from the root conftest.py. On every process (the xdist workers included) a case's call
+runs inside `verifier.recording.recording()`; its record (area, comparison counts, the latest
+failures, near-ties, hypothesis's minimised input, the failure head) is attached to the test
+report as `user_properties`, which xdist ships to the controller and pytest's JUnit writer turns
+into `<property>` elements. Only the controller (no `workerinput`) builds the `GateReport`,
+prints the summary at the end of the terminal output and writes `--report-json` /
+`--report-html`. Cases are keyed by nodeid, so a report merged from N workers holds each case once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from verifier.recording import Recorder, recording
+from verifier.render import render, write_html
+from verifier.report import Case, GateReport, area_of_file
+
+RECORD = "graphgate.record"  # user_properties name of the JSON record (also a JUnit property)
+_RECORDER = pytest.StashKey[Recorder]()
+MESSAGE_CHARS = 4000
+XDIST_GROUP = re.compile(r"@[^\[\]:@]+$")  # `--dist loadgroup` appends "@group" to a nodeid; pytest rejects it
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("graphgate", "graphgate report")
+    group.addoption("--report-json", metavar="PATH", help="write the gate report as JSON (schema: verifier/report.py)")
+    group.addoption("--report-html", metavar="PATH", help="write the gate report as HTML (rich's export)")
+    group.addoption("--model", action="append", default=[], metavar="DIR",
+                    help="also gate this Hugging Face checkpoint folder (repeatable); "
+                         "cases/test_user_model.py runs graph vs eager on it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gate_area(name): the report area of a case (default: from its file)")
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(Controller(config), "graphgate-controller")
+
+
+@pytest.fixture(scope="session")
+def user_models(pytestconfig) -> list[Path]:
+    """The `--model DIR` folders, each checked to exist (a missing one is a usage error)."""
+    folders = [Path(p) for p in pytestconfig.getoption("--model")]
+    missing = [str(p) for p in folders if not (p / "config.json").is_file()]
+    if missing:
+        raise pytest.UsageError(f"--model: no config.json in {', '.join(missing)}")
+    return folders
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with recording() as recorder:
+        item.stash[_RECORDER] = recorder
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    # Before the report exists: what is put on item.user_properties is copied into it.
+    if call.when == "call" and _RECORDER in item.stash:
+        record = {"area": _area(item), "comparisons": item.stash[_RECORDER].to_dict(),
+                  "example": _example(call.excinfo), "message": _message(call.excinfo)}
+        counts = record["comparisons"]["counts"].values()
+        item.user_properties += [
+            ("graphgate.area", record["area"]),
+            ("graphgate.comparisons", f"{sum(c['ran'] for c in counts)} ran, {sum(c['failed'] for c in counts)} failed"),
+            (RECORD, json.dumps(record)),
+        ]
+    return (yield)
+
+
+class Controller:
+    """The controller's side (the only process without `workerinput`): merge, print, write."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.report = GateReport(command=list(config.invocation_params.args),
+                                 failpoints=_option(config, "--failpoints") or "")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        _merge(self.report, report, self.config)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.report.cases:
+            terminalreporter.write_sep("=", "graphgate report")
+            terminalreporter.write(render(self.report, color=terminalreporter.hasmarkup))
+
+    def pytest_sessionfinish(self) -> None:
+        if _option(self.config, "--report-json"):
+            self.report.write_json(_option(self.config, "--report-json"))
+        if _option(self.config, "--report-html"):
+            write_html(self.report, _option(self.config, "--report-html"))
+
+
+def _merge(report: GateReport, test_report: pytest.TestReport, config: pytest.Config) -> None:
+    """Fold one phase's report into the case of its nodeid (setup / call / teardown)."""
+    nodeid = XDIST_GROUP.sub("", test_report.nodeid)
+    case = report.cases.get(nodeid) or Case(nodeid, area=_area_of_path(nodeid))
+    case.duration += test_report.duration
+    case.worker = _worker(test_report)
+    if test_report.when == "call":
+        _take_call(case, test_report, config)
+    elif test_report.failed:  # setup or teardown: the case could not run, or not clean up
+        case.outcome = "error"
+        case.message = case.message or _crash(test_report)
+        case.reproduce = _reproduce(nodeid, config)
+    elif test_report.skipped:
+        case.outcome = "skipped"
+    report.add(case)
+
+
+def _take_call(case: Case, test_report: pytest.TestReport, config: pytest.Config) -> None:
+    record = dict(test_report.user_properties).get(RECORD)
+    if record is not None:
+        data = json.loads(record)
+        case.area, case.comparisons, case.example = data["area"], data["comparisons"], data["example"]
+        case.message = data["message"] or ""
+    case.outcome = "skipped" if test_report.skipped else "failed" if test_report.failed else "passed"
+    if test_report.failed:
+        case.message = case.message or _crash(test_report)
+        case.reproduce = _reproduce(case.nodeid, config)
+
+
+def _area(item: pytest.Item) -> str:
+    mark = item.get_closest_marker("gate_area")
+    return mark.args[0] if mark else _area_of_path(item.nodeid)
+
+
+def _area_of_path(nodeid: str) -> str:
+    return area_of_file(Path(nodeid.split("::", 1)[0]).stem)
+
+
+def _example(excinfo) -> str | None:
+    """Hypothesis's "Falsifying example" note on the exception (or on one inside a group)."""
+    if excinfo is None:
+        return None
+    pending, notes = [excinfo.value], []
+    while pending:
+        error = pending.pop()
+        notes += [n for n in getattr(error, "__notes__", ()) if n.startswith("Falsifying")]
+        pending += list(getattr(error, "exceptions", ()))
+    return "\n".join(dict.fromkeys(notes)) or None
+
+
+def _message(excinfo) -> str:
+    if excinfo is None:
+        return ""
+    # str() of the exception leaves out its notes: the minimised example is reported on its own
+    return f"{excinfo.type.__name__}: {excinfo.value}"[:MESSAGE_CHARS]
+
+
+def _crash(test_report: pytest.TestReport) -> str:
+    crash = getattr(test_report.longrepr, "reprcrash", None)
+    return crash.message if crash is not None else str(test_report.longrepr)[-MESSAGE_CHARS:]
+
+
+def _worker(test_report: pytest.TestReport) -> str | None:
+    gateway = getattr(getattr(test_report, "node", None), "gateway", None)
+    return getattr(gateway, "id", None)
+
+
+def _reproduce(nodeid: str, config: pytest.Config) -> str:
+    """One command that reruns just this case with the run's faults, profile and models."""
+    words = ["python", "-m", "pytest", nodeid]
+    if _option(config, "--failpoints"):
+        words += ["--failpoints", _option(config, "--failpoints")]
+    profile = _option(config, "--hypothesis-profile")
+    if profile:
+        words += ["--hypothesis-profile", profile]
+    for model in _option(config, "--model") or ():
+        words += ["--model", model]
+    return shlex.join(words)
+
+
+def _option(config: pytest.Config, name: str):
+    try:
+        return config.getoption(name)
+    except ValueError:  # an option some other plugin or conftest would have declared
+        return None

@@ -1,0 +1,195 @@
+"""The gate's report on a console: rich tables and panels, plain text without a terminal.
+
+`render(report, color)` returns the text; `write_html(report, path)` exports the same renderables
+through rich's HTML export. Plain mode (no terminal, NO_COLOR, CI logs) uses ASCII boxes and no
+escape codes, so a log viewer shows the same report as a terminal.
+
+What a failed case shows: its test id, the head of its failure, the minimised input hypothesis
+found, each failed comparison with the worst elements and their indices and the tolerance with
+its source, the per-layer error picture when a tensor was compared at several layers, and one
+command that reproduces it. Routing near-ties get their own table: never failures, never hidden.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from verifier.report import Case, GateReport
+
+WIDTH = 110  # plain text and HTML: wide enough for a reproduce command on one line
+BAR = 30  # characters of the longest per-layer error bar
+MESSAGE_LINES = 8
+MAX_NAME = 32  # a tensor name up to this long is never folded
+VERDICT_STYLE = {"pass": "bold green", "divergence": "bold red", "could not run": "bold yellow"}
+
+
+def render(report: GateReport, color: bool = False, width: int | None = None) -> str:
+    """The whole report as text: ANSI-styled when `color`, else plain ASCII."""
+    # markup off: test ids and tensor names hold brackets ("test_x[glm4_moe]", "keys[3]")
+    console = Console(file=io.StringIO(), force_terminal=color, no_color=not color, width=width or WIDTH,
+                      color_system="standard" if color else None, emoji=False, highlight=False, markup=False)
+    for part in renderables(report, plain=not color):
+        console.print(part, soft_wrap=isinstance(part, Text))  # a lone line (a command) is never wrapped
+    return console.file.getvalue()
+
+
+def write_html(report: GateReport, path: str | Path) -> Path:
+    """Rich's HTML export of the report (colours kept, per-layer pictures included)."""
+    console = Console(record=True, file=io.StringIO(), force_terminal=True, width=WIDTH, emoji=False,
+                      highlight=False, markup=False)
+    for part in renderables(report, plain=False):
+        console.print(part, soft_wrap=isinstance(part, Text))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(console.export_html(inline_styles=True, theme=None))
+    return path
+
+
+def renderables(report: GateReport, plain: bool) -> list:
+    """Header, per-area table, one panel per failed case, near-ties, in that order."""
+    frame = box.ASCII if plain else box.ROUNDED
+    parts: list = [_headline(report), _area_table(report, frame)]
+    for case in report.failed():
+        parts.append(_case_panel(case, frame, plain))
+        if case.reproduce:  # under its panel, on one line whatever its length, to copy
+            parts.append(Text.assemble(("reproduce: ", "bold"), (case.reproduce, "cyan")))
+    ties = _near_tie_table(report, frame)
+    if ties is not None:
+        parts.append(ties)
+    return parts
+
+
+def _headline(report: GateReport) -> Text:
+    totals, verdict = report.totals(), report.verdict()
+    text = Text("graphgate: ", style="bold")
+    text.append(verdict.upper(), style=VERDICT_STYLE[verdict])
+    text.append(f"  ({totals['passed']} passed, {totals['failed']} failed, {totals['error']} errors, "
+                f"{totals['skipped']} skipped")
+    text.append(f"; failpoints: {report.failpoints})" if report.failpoints else ")")
+    return text
+
+
+def _area_table(report: GateReport, frame) -> Table:
+    table = Table(title="Comparisons by area", box=frame, title_justify="left")
+    for column in ("area", "cases", "comparisons", "failed", "failed cases", "near-tie rows"):
+        table.add_column(column, justify="left" if column == "area" else "right")
+    for row in report.areas():
+        style = "red" if row["failed_cases"] else None
+        table.add_row(row["area"], str(row["cases"]), str(row["comparisons"]), str(row["failed_comparisons"]),
+                      str(row["failed_cases"]), str(row["near_ties"]), style=style)
+    return table
+
+
+def _case_panel(case: Case, frame, plain: bool) -> Panel:
+    parts: list = [_fields(case)]
+    failures = case.comparisons["failures"]
+    if failures:
+        parts.append(_failure_table(failures, frame, minimised=case.example is not None))
+    if any(entry["max_abs_err"] for entry in case.comparisons["layers"]):  # an all-zero picture says nothing
+        parts.append(_layer_picture(case.comparisons["layers"], frame, plain))
+    title = Text(case.outcome.upper())  # the test id goes inside, where a long one can wrap
+    return Panel(Group(*parts), title=title, title_align="left", box=frame,
+                 border_style="red" if case.outcome == "failed" else "yellow")
+
+
+def _fields(case: Case) -> Table:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")  # never an ellipsis: plain text stays ASCII, and nothing is hidden
+    grid.add_row("case", Text(case.nodeid, style="bold", overflow="fold"))
+    grid.add_row("area", case.area)
+    if case.message:
+        grid.add_row("failure", _head(case.message))
+    if case.example:
+        grid.add_row("minimised input", case.example)
+    ran = sum(c["ran"] for c in case.comparisons["counts"].values())
+    failed = sum(c["failed"] for c in case.comparisons["counts"].values())
+    grid.add_row("comparisons", f"{ran} ran, {failed} failed")
+    return grid
+
+
+def _head(message: str) -> str:
+    lines = message.strip().splitlines()
+    more = len(lines) - MESSAGE_LINES
+    return "\n".join(lines[:MESSAGE_LINES] + ([f"... ({more} more lines)"] if more > 0 else []))
+
+
+def _failure_table(failures: list[dict], frame, minimised: bool) -> Table:
+    # Hypothesis ends on the minimised example, so its failures come first (unless it was flaky)
+    title = "Failed comparisons" + (", newest first" if minimised else "")
+    table = Table(title=title, box=frame, title_justify="left", show_lines=True, expand=True)
+    table.add_column("tensor", overflow="fold", max_width=MAX_NAME)  # natural width: a key stays on one line
+    for column, share in (("mismatched", 2), ("worst elements", 4), ("tolerance (source)", 3)):
+        table.add_column(column, overflow="fold", ratio=share)
+    for item in reversed(failures):
+        table.add_row(item["name"], _mismatched(item), _worst(item),
+                      f"{item['tolerance']}\n({item['tolerance_source']})")
+    return table
+
+
+def _mismatched(item: dict) -> str:
+    if "total" not in item:
+        return "-"
+    share = item["mismatches"] / item["total"] if item["total"] else 0.0
+    return f"{item['mismatches']} / {item['total']} ({share:.2%})\nshape {tuple(item['shape'])} {item['dtype']}"
+
+
+def _worst(item: dict) -> str:
+    """Worst absolute and relative errors with their indices, read as (token, channel) for 2-d."""
+    if "max_abs_err" not in item:
+        return item["message"]
+    two_d = len(item.get("shape", ())) == 2
+    lines = [f"abs {_num(item['max_abs_err'])} at {_index(item['max_abs_index'], two_d)}",
+             f"rel {_num(item['max_rel_err'])} at {_index(item['max_rel_index'], two_d)}"]
+    if item.get("first_mismatch_index") not in (None, item["max_abs_index"]):
+        lines.append(f"first mismatch at {_index(item['first_mismatch_index'], two_d)}")
+    lines.append(f"rel L2 {_num(item['rel_l2'])}")
+    return "\n".join(lines)
+
+
+def _index(index, two_d: bool) -> str:
+    if index is None:
+        return "-"
+    if two_d:
+        return f"token {index[0]}, channel {index[1]}"
+    return str(tuple(index))
+
+
+def _num(value) -> str:
+    return value if isinstance(value, str) else f"{value:.3g}"
+
+
+def _layer_picture(layers: list[dict], frame, plain: bool) -> Table:
+    """One bar per (tensor, layer): where the error first appears and how it grows."""
+    top = max((entry["max_abs_err"] for entry in layers), default=0.0) or 1.0
+    table = Table(title="Error per layer", box=frame, title_justify="left")
+    for column in ("tensor", "layer", "max abs err", "(bar: relative to the largest)"):
+        table.add_column(column, justify="right" if column in ("layer", "max abs err") else "left")
+    mark = "#" if plain else "\u2588"
+    for entry in layers:
+        width = round(BAR * entry["max_abs_err"] / top)
+        bar = mark * width if width or not entry["max_abs_err"] else "."
+        table.add_row(entry["tensor"], str(entry["layer"]), f"{entry['max_abs_err']:.3g}",
+                      Text(bar, style="red" if entry["max_abs_err"] else "green"))
+    return table
+
+
+def _near_tie_table(report: GateReport, frame) -> Table | None:
+    rows = [(case.nodeid, tie["key"], tie["rows"]) for case in report.sorted_cases()
+            for tie in case.comparisons["near_ties"]]
+    if not rows:
+        return None
+    table = Table(title="Routing near-ties (decision margin under the near-tie bound: reported, not failed)",
+                  box=frame, title_justify="left")
+    for column in ("case", "routing key", "rows"):
+        table.add_column(column, overflow="fold")
+    for nodeid, key, tie_rows in rows:
+        table.add_row(nodeid, key, ", ".join(map(str, tie_rows[:20])) + (" ..." if len(tie_rows) > 20 else ""))
+    return table

@@ -1,0 +1,213 @@
+"""The gate's report as data: one entry per case, merged on the pytest controller, saved as JSON.
+
+JSON schema "graphgate.report", version 1 (`SCHEMA` below is the normative JSON Schema; bump
+`VERSION` on any change a reader could notice):
+
+  schema, version          "graphgate.report", 1
+  created                  ISO 8601 UTC time the report was written
+  command                  the pytest arguments of the run
+  failpoints               the planted failpoints ("" when none)
+  verdict                  "pass" | "divergence" | "could not run"
+  totals                   {passed, failed, error, skipped}: cases by outcome
+  areas[]                  per area: cases, comparisons, failed_comparisons, failed_cases, near_ties
+  cases[]                  per case (sorted by nodeid, one entry per nodeid):
+    nodeid, area, outcome ("passed" | "failed" | "error" | "skipped"), duration (s),
+    message (head of the failure, "" when it passed), example (hypothesis's minimised input or
+    null), reproduce (one shell command, or null when it passed), worker (xdist id or null),
+    comparisons: {counts: {kind: {ran, failed}}, failures[], layers[], near_ties[]}
+      failures[]: name, passed, message, tolerance, tolerance_source, and for numeric
+                  comparisons dtype, shape, mismatches, total, max_abs_err / max_abs_index,
+                  max_rel_err / max_rel_index, first_mismatch_index, rel_l2
+                  (non-finite floats are the strings "nan", "inf", "-inf")
+      layers[]:   {tensor, layer, max_abs_err}: the per-layer error picture
+      near_ties[]: {key, rows}: routing rows within the near-tie margin, never failures
+
+A failed comparison inside a passed case is a check that was meant to fail (a planted-fault case
+asserting its check fires); it counts in `failed_comparisons` only when its case failed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA_NAME = "graphgate.report"
+VERSION = 1
+OUTCOMES = ("passed", "failed", "error", "skipped")
+# Areas in display order; a case outside them is "other".
+AREAS = ("graph vs eager", "ranks", "routing", "routing replay", "reference", "verifier", "other")
+# Case file stem -> area, for cases without a `gate_area` mark.
+AREA_OF_FILE = {
+    "test_graph": "graph vs eager", "test_graph_toy": "graph vs eager", "test_pieces": "graph vs eager",
+    "test_parallel": "ranks", "test_launch": "ranks",
+    "test_router": "routing", "test_seed_regression": "routing",
+    "test_golden": "reference", "test_batching": "reference", "test_user_model": "graph vs eager",
+    "test_verifier_compare": "verifier", "test_report": "verifier", "test_verifier_cli": "verifier",
+}
+AREA_OF_PREFIX = {"test_routing_replay": "routing replay"}  # a family of case files
+
+
+def area_of_file(stem: str) -> str:
+    """The report area of a case file (by its name without .py); "other" when not listed."""
+    if stem in AREA_OF_FILE:
+        return AREA_OF_FILE[stem]
+    return next((area for prefix, area in AREA_OF_PREFIX.items() if stem.startswith(prefix)), "other")
+
+_NUMBER_OR_TEXT = {"type": ["number", "string"]}
+_INDEX = {"type": ["array", "null"], "items": {"type": "integer"}}
+_COMPARISON = {
+    "type": "object",
+    "required": ["name", "passed", "message", "tolerance", "tolerance_source"],
+    "properties": {
+        "name": {"type": "string"}, "passed": {"type": "boolean"}, "message": {"type": "string"},
+        "tolerance": {"type": "string"}, "tolerance_source": {"type": "string"},
+        "dtype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+        "mismatches": {"type": "integer"}, "total": {"type": "integer"},
+        "max_abs_err": _NUMBER_OR_TEXT, "max_abs_index": _INDEX, "max_rel_err": _NUMBER_OR_TEXT,
+        "max_rel_index": _INDEX, "first_mismatch_index": _INDEX, "rel_l2": _NUMBER_OR_TEXT,
+    },
+}
+_COUNT = {"type": "object", "required": ["ran", "failed"], "additionalProperties": False,
+          "properties": {"ran": {"type": "integer", "minimum": 0}, "failed": {"type": "integer", "minimum": 0}}}
+_COMPARISONS = {
+    "type": "object",
+    "required": ["counts", "failures", "layers", "near_ties"],
+    "properties": {
+        "counts": {"type": "object", "additionalProperties": _COUNT},
+        "failures": {"type": "array", "items": _COMPARISON},
+        "layers": {"type": "array", "items": {
+            "type": "object", "required": ["tensor", "layer", "max_abs_err"],
+            "properties": {"tensor": {"type": "string"}, "layer": {"type": "integer"}, "max_abs_err": {"type": "number"}}}},
+        "near_ties": {"type": "array", "items": {
+            "type": "object", "required": ["key", "rows"],
+            "properties": {"key": {"type": "string"}, "rows": {"type": "array", "items": {"type": "integer"}}}}},
+    },
+}
+_CASE = {
+    "type": "object",
+    "required": ["nodeid", "area", "outcome", "duration", "message", "example", "reproduce", "worker", "comparisons"],
+    "properties": {
+        "nodeid": {"type": "string"}, "area": {"enum": list(AREAS)}, "outcome": {"enum": list(OUTCOMES)},
+        "duration": {"type": "number", "minimum": 0}, "message": {"type": "string"},
+        "example": {"type": ["string", "null"]}, "reproduce": {"type": ["string", "null"]},
+        "worker": {"type": ["string", "null"]}, "comparisons": _COMPARISONS,
+    },
+}
+_AREA = {"type": "object",
+         "required": ["area", "cases", "comparisons", "failed_comparisons", "failed_cases", "near_ties"],
+         "properties": {"area": {"enum": list(AREAS)}, **{k: {"type": "integer", "minimum": 0} for k in (
+             "cases", "comparisons", "failed_comparisons", "failed_cases", "near_ties")}}}
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://graphgate.invalid/report-v1.json",
+    "title": "graphgate gate report",
+    "type": "object",
+    "required": ["schema", "version", "created", "command", "failpoints", "verdict", "totals", "areas", "cases"],
+    "properties": {
+        "schema": {"const": SCHEMA_NAME}, "version": {"const": VERSION}, "created": {"type": "string"},
+        "command": {"type": "array", "items": {"type": "string"}}, "failpoints": {"type": "string"},
+        "verdict": {"enum": ["pass", "divergence", "could not run"]},
+        "totals": {"type": "object", "required": list(OUTCOMES),
+                   "properties": {k: {"type": "integer", "minimum": 0} for k in OUTCOMES}},
+        "areas": {"type": "array", "items": _AREA},
+        "cases": {"type": "array", "items": _CASE},
+    },
+}
+
+
+def empty_comparisons() -> dict:
+    return {"counts": {}, "failures": [], "layers": [], "near_ties": []}
+
+
+@dataclass
+class Case:
+    """One case's entry (see the module docstring for the fields)."""
+
+    nodeid: str
+    area: str = "other"
+    outcome: str = "passed"
+    duration: float = 0.0
+    message: str = ""
+    example: str | None = None
+    reproduce: str | None = None
+    worker: str | None = None
+    comparisons: dict = field(default_factory=empty_comparisons)
+
+    def ran_failed(self) -> tuple[int, int]:
+        """(comparisons made, comparisons failed); failures count only when the case failed."""
+        counts = self.comparisons["counts"].values()
+        ran = sum(c["ran"] for c in counts)
+        return ran, sum(c["failed"] for c in counts) if self.outcome == "failed" else 0
+
+    def near_tie_rows(self) -> int:
+        return sum(len(t["rows"]) for t in self.comparisons["near_ties"])
+
+
+@dataclass
+class GateReport:
+    """Every case of one run, keyed by nodeid: adding a case twice replaces it, never duplicates."""
+
+    command: list[str] = field(default_factory=list)
+    failpoints: str = ""
+    cases: dict[str, Case] = field(default_factory=dict)
+
+    def add(self, case: Case) -> None:
+        self.cases[case.nodeid] = case
+
+    def totals(self) -> dict[str, int]:
+        return {outcome: sum(c.outcome == outcome for c in self.cases.values()) for outcome in OUTCOMES}
+
+    def verdict(self) -> str:
+        """A failed case is a divergence; only errors (a case that could not start) make "could not run"."""
+        totals = self.totals()
+        if totals["failed"]:
+            return "divergence"
+        return "could not run" if totals["error"] or not self.cases else "pass"
+
+    def areas(self) -> list[dict]:
+        rows = []
+        for area in AREAS:
+            cases = [c for c in self.cases.values() if c.area == area]
+            if not cases:
+                continue
+            ran_failed = [c.ran_failed() for c in cases]
+            rows.append({"area": area, "cases": len(cases), "comparisons": sum(r for r, _ in ran_failed),
+                         "failed_comparisons": sum(f for _, f in ran_failed),
+                         "failed_cases": sum(c.outcome in ("failed", "error") for c in cases),
+                         "near_ties": sum(c.near_tie_rows() for c in cases)})
+        return rows
+
+    def failed(self) -> list[Case]:
+        return [c for c in self.sorted_cases() if c.outcome in ("failed", "error")]
+
+    def sorted_cases(self) -> list[Case]:
+        return [self.cases[k] for k in sorted(self.cases)]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA_NAME, "version": VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": list(self.command), "failpoints": self.failpoints, "verdict": self.verdict(),
+            "totals": self.totals(), "areas": self.areas(),
+            "cases": [case.__dict__ for case in self.sorted_cases()],
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+
+def read_json(path: str | Path) -> GateReport:
+    """Load a report written by `write_json`; raises ValueError naming the file on another schema."""
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA_NAME or data.get("version") != VERSION:
+        raise ValueError(f"{path}: not a {SCHEMA_NAME} v{VERSION} report "
+                         f"(schema {data.get('schema')!r}, version {data.get('version')!r})")
+    report = GateReport(command=data["command"], failpoints=data["failpoints"])
+    for entry in data["cases"]:
+        report.add(Case(**entry))
+    return report
