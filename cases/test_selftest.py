@@ -1,0 +1,90 @@
+"""The selftest itself, on a tiny stand-in gate with known answers (seconds, no model).
+
+The stand-in gate has one case per behaviour: one that fails only when `router.skip_renorm` is
+planted (with a hypothesis property, so a minimal example exists), one that never fails. The
+selftest must name the catching case, report a fault nothing catches as survived (exit 1), and
+refuse to go on when the clean run already fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from verifier.selftest import case_files
+from verifier.selftest_events import falsifying_example
+
+CONFTEST = """
+from hypothesis import settings
+settings.register_profile("ci", max_examples=50, derandomize=True, deadline=None)
+
+def pytest_addoption(parser):
+    parser.addoption("--failpoints", default="")
+"""
+
+ROUTER_CASES = """
+from hypothesis import given, strategies as st
+
+@given(st.integers(0, 1000))
+def test_weights_sum_to_one(request, x):
+    assert not (x >= 10 and "router.skip_renorm" in request.config.getoption("--failpoints"))
+
+def test_never_fails():
+    pass
+"""
+
+
+def stand_in_gate(root: Path, broken: bool = False) -> Path:
+    cases = root / "cases"
+    cases.mkdir()
+    (cases / "conftest.py").write_text(CONFTEST)
+    (cases / "test_router.py").write_text(textwrap.dedent(ROUTER_CASES))
+    (cases / "test_graph.py").write_text("def test_graph():\n    assert " + ("False" if broken else "True") + "\n")
+    return cases
+
+
+def selftest(cases: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = cases.parent / "selftest.json"
+    proc = subprocess.run([sys.executable, "-m", "verifier.selftest", "--cases", str(cases), "--json", str(out), *args],
+                          capture_output=True, text=True, timeout=300)
+    return proc, json.loads(out.read_text()) if out.exists() else {}
+
+
+def test_selftest_names_the_case_that_catches_and_flags_a_survivor(tmp_path):
+    proc, doc = selftest(stand_in_gate(tmp_path), "--only", "router.skip_renorm", "graph.round_down")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # graph.round_down survives the stand-in gate
+    found = {entry["failpoint"]: entry for entry in doc["failpoints"]}
+    renorm = found["router.skip_renorm"]
+    assert renorm["caught"] and renorm["caught_by"].endswith("test_router.py::test_weights_sum_to_one")
+    assert renorm["example"].startswith("test_weights_sum_to_one(") and "x=10" in renorm["example"]  # shrunk
+    assert renorm["reproduce"] == f"python -m pytest '{renorm['caught_by']}' --failpoints router.skip_renorm"
+    assert not found["graph.round_down"]["caught"] and "passed" in found["graph.round_down"]["note"]
+    assert doc["clean_run"]["note"] == "clean gate passed"
+    assert doc["summary"]["caught"] == 1 and doc["summary"]["planted"] == 2
+
+
+def test_selftest_stops_on_a_false_alarm(tmp_path):
+    proc, doc = selftest(stand_in_gate(tmp_path, broken=True), "--only", "router.skip_renorm")
+    assert proc.returncode == 1
+    assert "FALSE ALARM" in proc.stdout and "planting" not in proc.stdout
+
+
+def test_selftest_refuses_an_unknown_failpoint(tmp_path):
+    proc, _ = selftest(stand_in_gate(tmp_path), "--only", "router.no_such_fault")
+    assert proc.returncode != 0 and "unknown failpoint(s) router.no_such_fault" in proc.stderr
+
+
+def test_a_faults_own_area_runs_first(tmp_path):
+    cases = stand_in_gate(tmp_path)
+    assert case_files("graph", cases) == ["test_graph.py", "test_router.py"]
+    assert case_files("router", cases) == ["test_router.py", "test_graph.py"]
+    assert case_files(None, cases) == ["test_router.py", "test_graph.py"]  # GATE_ORDER: router first
+
+
+def test_falsifying_example_is_read_from_the_failure_text():
+    text = "E   AssertionError\nFalsifying example: test_x(\n    n=3,\n)\nmore"
+    assert falsifying_example(text) == "test_x( n=3, )"
+    assert falsifying_example("AssertionError: plain failure") == ""

@@ -1,0 +1,303 @@
+"""`python -m verifier selftest`: the gate proves that it catches every failpoint, and how fast.
+
+A gate is worth the bugs it catches. The engine declares its planted bugs in
+`engine/failpoints.py`; this command first runs the gate clean (it must pass: no false alarm),
+then runs it once per failpoint with that fault planted (`pytest cases/ --failpoints NAME`) and
+records which case failed first, the seconds from starting pytest to that failure (start-up
+included), and hypothesis' minimal example when the failing case is a property. Each run is
+stopped at its first failure. A failpoint whose run ends green, or hits the time limit, survived:
+the command then exits 1.
+
+Order matters for time to detect: each run lists the case files of the fault's area first (the
+router cases for a router fault, the 4-rank module for a parallel one), then the rest of the
+gate, fast files first, so a fault missed by its own area is still looked for everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from engine.failpoints import KNOWN
+
+CASES = Path(__file__).resolve().parent.parent / "cases"
+
+# The whole gate, fast and decisive files first; files not listed here run after these.
+GATE_ORDER = ("test_router.py", "test_seed_regression.py", "test_config.py", "test_graph_toy.py",
+              "test_verifier_compare.py", "test_routing_replay.py", "test_golden.py", "test_batching.py",
+              "test_pieces.py", "test_graph.py", "test_cli.py", "test_loader.py", "test_parallel.py")
+
+# Where a fault of each area is looked for first (a failpoint's area is the part of its name
+# before the dot).
+AREA_FIRST: dict[str, tuple[str, ...]] = {
+    "router": ("test_router.py", "test_seed_regression.py"),
+    "moe": ("test_graph.py", "test_seed_regression.py"),
+    "attention": ("test_batching.py", "test_golden.py"),
+    "rotary": ("test_batching.py", "test_graph.py"),
+    "kv": ("test_batching.py", "test_graph.py"),
+    "graph": ("test_graph_toy.py", "test_graph.py"),
+    "dist": ("test_parallel.py",),
+    "r3": ("test_routing_replay.py",),
+}
+
+# One failpoint per area for CI's fast run; every name must be declared in engine/failpoints.py.
+FAST_SUBSET = ("router.mask_fill_zero", "moe.route_padding", "graph.copy_outputs",
+               "attention.drop_cached_prefix", "dist.skip_allreduce")
+
+
+@dataclass
+class Outcome:
+    """What one gate run with `failpoint` planted found ('' = the clean run)."""
+
+    failpoint: str
+    bug: str
+    caught: bool
+    caught_by: str = ""
+    seconds: float = 0.0
+    example: str = ""
+    note: str = ""
+    files: list[str] = field(default_factory=list)
+
+    def reproduce(self) -> str:
+        test = f" '{self.caught_by}'" if self.caught_by else " cases/"
+        planted = f" --failpoints {self.failpoint}" if self.failpoint else ""
+        return f"python -m pytest{test}{planted}"
+
+
+def case_files(area: str | None, cases: Path = CASES) -> list[str]:
+    """The gate's case files in run order for a fault of `area` (None: the clean order)."""
+    present = sorted(p.name for p in cases.glob("test_*.py"))
+    first = [f for f in AREA_FIRST.get(area, ()) if f in present] if area else []
+    ordered = first + [f for f in GATE_ORDER if f in present and f not in first]
+    return ordered + [f for f in present if f not in ordered]
+
+
+def pytest_command(failpoint: str, events: Path, workers: int, profile: str, cases: Path) -> list[str]:
+    files = [str(cases / f) for f in case_files(failpoint.split(".")[0] if failpoint else None, cases)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "verifier.selftest_events", "--selftest-events",
+           str(events), "-n", str(workers), "--hypothesis-profile", profile, "-o", "console_output_style=classic"]
+    if failpoint:
+        cmd += ["--failpoints", failpoint, "-x"]
+    return cmd + files
+
+
+class _Run:
+    """One pytest process and the events file it appends to."""
+
+    def __init__(self, failpoint: str, workdir: Path, workers: int, profile: str, cases: Path):
+        self.failpoint = failpoint
+        self.events = workdir / f"{failpoint or 'clean'}.events.jsonl"
+        self.log = workdir / f"{failpoint or 'clean'}.log"
+        command = pytest_command(failpoint, self.events, workers, profile, cases)
+        self.started = time.monotonic()
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=cases.parent, start_new_session=True)
+
+    def events_so_far(self) -> list[dict]:
+        try:
+            lines = self.events.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def stop(self) -> None:
+        """End pytest and its xdist workers (one process group: it was started in its own session)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def _verdict(run: _Run, timeout_s: float) -> Outcome | None:
+    """The outcome of a planted run once it is known, else None (still running)."""
+    events = run.events_so_far()
+    failures = [e for e in events if e["event"] in ("failed", "collect_error")]
+    elapsed = time.monotonic() - run.started
+    bug = KNOWN.get(run.failpoint, "")
+    if failures:
+        first = failures[0]
+        return Outcome(run.failpoint, bug, True, first["nodeid"], round(elapsed, 1), first["example"],
+                       "" if first["event"] == "failed" else "collection error")
+    finished = any(e["event"] == "finished" for e in events) or run.proc.poll() is not None
+    if finished:
+        return Outcome(run.failpoint, bug, False, seconds=round(elapsed, 1),
+                       note=f"gate passed with the fault planted (pytest exit {run.proc.poll()}); log {run.log}")
+    if elapsed > timeout_s:
+        return Outcome(run.failpoint, bug, False, seconds=round(elapsed, 1),
+                       note=f"no case failed within {timeout_s:.0f} s; log {run.log}")
+    return None
+
+
+def run_planted(names: list[str], jobs: int, workers: int, profile: str, timeout_s: float,
+                workdir: Path, cases: Path = CASES, progress=None) -> list[Outcome]:
+    """Run the gate once per failpoint, `jobs` runs at a time, each stopped at its first failure."""
+    pending, active, done = list(names), [], {}
+    while pending or active:
+        while pending and len(active) < jobs:
+            active.append(_Run(pending.pop(0), workdir, workers, profile, cases))
+        time.sleep(0.2)
+        for run in list(active):
+            outcome = _verdict(run, timeout_s)
+            if outcome is not None:
+                run.stop()
+                active.remove(run)
+                done[run.failpoint] = outcome
+                if progress:
+                    progress(outcome)
+    return [done[name] for name in names]
+
+
+def run_clean(workers: int, profile: str, workdir: Path, cases: Path = CASES) -> Outcome:
+    """The whole gate with nothing planted: it must pass."""
+    run = _Run("", workdir, workers, profile, cases)
+    run.proc.wait()
+    failures = [e for e in run.events_so_far() if e["event"] != "finished"]
+    elapsed = round(time.monotonic() - run.started, 1)
+    if run.proc.returncode == 0 and not failures:
+        return Outcome("", "", False, seconds=elapsed, note="clean gate passed")
+    first = failures[0]["nodeid"] if failures else f"pytest exit {run.proc.returncode}"
+    return Outcome("", "", True, caught_by=first, seconds=elapsed, note=f"FALSE ALARM: the clean gate failed; log {run.log}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing failpoints, showing and writing the results
+
+
+def select(only: list[str] | None, fast: bool) -> list[str]:
+    """The failpoints to plant, in declaration order; unknown names are a usage error."""
+    wanted = list(only or (FAST_SUBSET if fast else KNOWN))
+    unknown = [name for name in wanted if name not in KNOWN]
+    if unknown:
+        raise SystemExit(f"error: unknown failpoint(s) {', '.join(unknown)}; declared: {', '.join(KNOWN)}")
+    return wanted
+
+
+def summary_rows(outcomes: list[Outcome]) -> list[tuple[str, ...]]:
+    rows = []
+    for o in outcomes:
+        caught = o.caught_by or f"SURVIVED: {o.note}"
+        example = o.example if len(o.example) <= EXAMPLE_CHARS else o.example[:EXAMPLE_CHARS] + " ..."
+        rows.append((o.failpoint, o.bug, caught, f"{o.seconds:.1f}" if o.caught else "-", example or "-"))
+    return rows
+
+
+EXAMPLE_CHARS = 160  # of a minimal example in the table; the JSON keeps it whole
+HEADERS = ("failpoint", "bug class", "caught by (first failing case)", "seconds to detect", "minimal input")
+
+
+def render_table(outcomes: list[Outcome], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="selftest: every planted bug must make the gate fail", show_lines=False)
+    for header in HEADERS:
+        table.add_column(header, overflow="fold")
+    for row in summary_rows(outcomes):
+        table.add_row(*row, style="bold red" if row[2].startswith("SURVIVED") else None)
+    console.print(table)
+
+
+def markdown(outcomes: list[Outcome]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in summary_rows(outcomes)]
+    return "\n".join(lines) + "\n"
+
+
+def timing_summary(outcomes: list[Outcome]) -> dict:
+    times = sorted(o.seconds for o in outcomes if o.caught)
+    return {"caught": len(times), "planted": len(outcomes),
+            "median_seconds": statistics.median(times) if times else None,
+            "max_seconds": times[-1] if times else None}
+
+
+def write_json(path: Path, clean: Outcome | None, outcomes: list[Outcome], settings: dict) -> None:
+    document = {"schema": "graphgate-selftest/1", "settings": settings,
+                "clean_run": asdict(clean) if clean else None, "summary": timing_summary(outcomes),
+                "failpoints": [asdict(o) | {"reproduce": o.reproduce()} for o in outcomes]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1))
+    os.replace(tmp, path)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "selftest", help="plant every failpoint and prove the gate catches it",
+        description="Run the gate clean (it must pass), then once per failpoint of engine/failpoints.py "
+                    "with that bug planted, each run stopped at its first failing case. Prints which case "
+                    "caught each bug and how many seconds it took; exits 1 if any bug survives or the "
+                    "clean run fails, 2 on bad arguments.")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="plant only these failpoints")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"one failpoint per area ({', '.join(FAST_SUBSET)}), for CI")
+    parser.add_argument("--skip-clean", action="store_true",
+                        help="skip the clean run (when the clean gate has just passed in the same job)")
+    parser.add_argument("--jobs", type=int, default=2, help="planted runs at once (default 2)")
+    parser.add_argument("-n", "--workers", type=int, default=0,
+                        help="xdist workers per planted run (default 0: in-process, so cases run in the "
+                             "order listed; xdist runs large groups first)")
+    parser.add_argument("--profile", default="ci", help="hypothesis profile (default ci)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as a miss")
+    parser.add_argument("--cases", type=Path, default=CASES, help=argparse.SUPPRESS)  # the selftest's own cases
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the table as Markdown here")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    names = select(args.only, args.fast)
+    if args.jobs < 1 or args.workers < 0:
+        raise SystemExit("error: --jobs must be at least 1 and --workers at least 0")
+    workdir = Path(tempfile.mkdtemp(prefix="graphgate-selftest-"))
+    clean = None
+    if not args.skip_clean:
+        console.print("clean run of the whole gate (no fault planted) ...")
+        clean = run_clean(max(2, args.workers * args.jobs), args.profile, workdir, args.cases)
+        console.print(f"  {clean.note} in {clean.seconds:.0f} s")
+        if clean.caught:
+            return 1
+    console.print(f"planting {len(names)} failpoint(s), {args.jobs} run(s) at a time; logs in {workdir}")
+
+    def progress(o: Outcome) -> None:
+        verdict = f"caught by {o.caught_by} in {o.seconds:.1f} s" if o.caught else f"SURVIVED ({o.note})"
+        console.print(f"  {o.failpoint}: {verdict}")
+
+    outcomes = run_planted(names, args.jobs, args.workers, args.profile, args.timeout, workdir, args.cases,
+                           progress)
+    render_table(outcomes, console)
+    summary = timing_summary(outcomes)
+    console.print(f"{summary['caught']}/{summary['planted']} caught; median {summary['median_seconds']} s, "
+                  f"slowest {summary['max_seconds']} s")
+    settings = {"jobs": args.jobs, "workers": args.workers, "profile": args.profile, "cpus": os.cpu_count()}
+    if args.json:
+        write_json(args.json, clean, outcomes, settings)
+    if args.markdown:
+        args.markdown.write_text(markdown(outcomes))
+    return 0 if all(o.caught for o in outcomes) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m verifier.selftest")
+    add_parser(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(["selftest", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""A pytest plugin the selftest loads into each gate run it starts (`-p verifier.selftest_events`).
+
+It appends one JSON line per failed test phase to the file named by `--selftest-events`, as soon
+as the controller hears of it (with xdist, reports reach the controller as workers finish them),
+with the seconds since the session started and hypothesis' falsifying example when the failure
+has one. The selftest reads the file while the run goes on and stops the run at the first line:
+that is how "time to detect" is measured without waiting for the rest of the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+_EXAMPLE_MARK = "Falsifying example:"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--selftest-events", metavar="PATH", default=None,
+                     help="append a JSON line per failed test to PATH (used by `python -m verifier selftest`)")
+
+
+def pytest_configure(config):
+    path = config.getoption("--selftest-events")
+    if path and not hasattr(config, "workerinput"):  # the controller only: it sees every report
+        config.pluginmanager.register(_EventWriter(path), "selftest-event-writer")
+
+
+class _EventWriter:
+    def __init__(self, path: str):
+        self._path = path
+        self._start = time.monotonic()
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self._write({"event": "failed", "nodeid": report.nodeid, "when": report.when,
+                         "seconds": round(time.monotonic() - self._start, 2),
+                         "example": falsifying_example(report.longreprtext)})
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self._write({"event": "collect_error", "nodeid": report.nodeid,
+                         "seconds": round(time.monotonic() - self._start, 2), "example": ""})
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        self._write({"event": "finished", "exitstatus": int(exitstatus),
+                     "seconds": round(time.monotonic() - self._start, 2)})
+
+    def _write(self, record: dict) -> None:
+        with open(self._path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+
+
+def falsifying_example(text: str) -> str:
+    """Hypothesis' minimal example from a failure's text ('' when the failure has none): the call
+    it prints after 'Falsifying example:', up to the closing parenthesis line."""
+    start = text.find(_EXAMPLE_MARK)
+    if start < 0:
+        return ""
+    lines = []
+    for line in text[start + len(_EXAMPLE_MARK):].splitlines():
+        line = line.strip().removeprefix("E").strip()
+        if line:
+            lines.append(line)
+        if line == ")" or (lines and line.endswith(")") and len(lines) == 1):
+            break
+    return " ".join(lines)[:500]
