@@ -74,7 +74,7 @@ def test_selftest_stops_on_a_false_alarm(tmp_path):
 
 def test_selftest_refuses_an_unknown_failpoint(tmp_path):
     proc, _ = selftest(stand_in_gate(tmp_path), "--only", "router.no_such_fault")
-    assert proc.returncode != 0 and "unknown failpoint(s) router.no_such_fault" in proc.stderr
+    assert proc.returncode == 2 and "error: selftest: unknown failpoint(s) router.no_such_fault" in proc.stderr
 
 
 def test_a_faults_own_area_runs_first(tmp_path):

@@ -3,9 +3,10 @@
 Verbs (each has --help):
   gate     run the cases (pytest + xdist) and report; exit 0 pass, 1 divergence, 2 could not run
   compare  two engine dumps (engine/dump.py format) key by key; exit 0 agree, 1 differ, 2 unreadable
+  selftest plant each failpoint, prove a case fails, and how fast; exit 1 when a bug survives
+  lint-capture  check each captured piece's program for what breaks CUDA graph capture; exit 1 on findings
 
-A verb is a module with `add_arguments(parser)` and `run(args) -> int`, listed in VERBS; a new verb
-(the failpoint selftest, the capture lint) is one more row. Every user error is one `error:` line
+A verb is a module with `add_arguments(parser)` and `run(args) -> int`, listed in VERBS. Every user error is one `error:` line
 on stderr and exit code 2.
 """
 
@@ -14,11 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "gate": ("verifier.cli_gate", "run the gate's cases and print the report"),
     "compare": ("verifier.cli_compare", "compare two engine dumps (.npz) key by key"),
+    "selftest": ("verifier.selftest", "plant every failpoint and prove the gate catches it, and how fast"),
+    "lint-capture": ("verifier.capture_lint", "check every captured piece for what breaks CUDA graph capture"),
 }
 USAGE_ERROR = 2
 
@@ -42,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse and run one verb; returns the exit code (argparse's own exits become return values)."""
+    warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2)

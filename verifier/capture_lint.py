@@ -292,14 +292,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ep", type=int, default=1, help="1, or tp to place experts on ranks")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """`lint-capture` for `python -m verifier`."""
-    parser = subparsers.add_parser("lint-capture", help="check every captured piece for what breaks CUDA graphs")
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(","))

@@ -41,10 +41,12 @@ AREAS = ("graph vs eager", "ranks", "routing", "routing replay", "reference", "v
 # Case file stem -> area, for cases without a `gate_area` mark.
 AREA_OF_FILE = {
     "test_graph": "graph vs eager", "test_graph_toy": "graph vs eager", "test_pieces": "graph vs eager",
-    "test_parallel": "ranks", "test_launch": "ranks",
+    "test_parallel": "ranks", "test_launch": "ranks", "test_cli_ranks": "ranks",
     "test_router": "routing", "test_seed_regression": "routing",
     "test_golden": "reference", "test_batching": "reference", "test_user_model": "graph vs eager",
     "test_verifier_compare": "verifier", "test_report": "verifier", "test_verifier_cli": "verifier",
+    "test_selftest": "verifier", "test_capture_lint": "capture lint", "test_layering": "verifier",
+    "test_config": "config", "test_config_fields": "config", "test_cli": "config", "test_loader": "config",
 }
 AREA_OF_PREFIX = {"test_routing_replay": "routing replay"}  # a family of case files
 

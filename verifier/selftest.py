@@ -174,12 +174,16 @@ def run_clean(workers: int, profile: str, workdir: Path, cases: Path = CASES) ->
 # Choosing failpoints, showing and writing the results
 
 
+class UsageError(ValueError):
+    """Arguments the selftest cannot run with: one `error:` line, exit 2."""
+
+
 def select(only: list[str] | None, fast: bool) -> list[str]:
     """The failpoints to plant, in declaration order; unknown names are a usage error."""
     wanted = list(only or (FAST_SUBSET if fast else KNOWN))
     unknown = [name for name in wanted if name not in KNOWN]
     if unknown:
-        raise SystemExit(f"error: unknown failpoint(s) {', '.join(unknown)}; declared: {', '.join(KNOWN)}")
+        raise UsageError(f"unknown failpoint(s) {', '.join(unknown)}; declared: {', '.join(KNOWN)}")
     return wanted
 
 
@@ -232,13 +236,7 @@ def write_json(path: Path, clean: Outcome | None, outcomes: list[Outcome], setti
     os.replace(tmp, path)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "selftest", help="plant every failpoint and prove the gate catches it",
-        description="Run the gate clean (it must pass), then once per failpoint of engine/failpoints.py "
-                    "with that bug planted, each run stopped at its first failing case. Prints which case "
-                    "caught each bug and how many seconds it took; exits 1 if any bug survives or the "
-                    "clean run fails, 2 on bad arguments.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="plant only these failpoints")
     parser.add_argument("--fast", action="store_true",
                         help=f"one failpoint per area ({', '.join(FAST_SUBSET)}), for CI")
@@ -253,17 +251,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cases", type=Path, default=CASES, help=argparse.SUPPRESS)  # the selftest's own cases
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the table as Markdown here")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    names = select(args.only, args.fast)
-    if args.jobs < 1 or args.workers < 0:
-        raise SystemExit("error: --jobs must be at least 1 and --workers at least 0")
+    try:
+        names = select(args.only, args.fast)
+        if args.jobs < 1 or args.workers < 0:
+            raise UsageError("--jobs must be at least 1 and --workers at least 0")
+    except UsageError as err:
+        print(f"error: selftest: {err}", file=sys.stderr)
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="graphgate-selftest-"))
     clean = None
     if not args.skip_clean:
@@ -293,10 +293,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m verifier.selftest")
-    add_parser(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(["selftest", *(sys.argv[1:] if argv is None else argv)])
-    return args.handler(args)
+    parser = argparse.ArgumentParser(prog="python -m verifier.selftest", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
