@@ -46,24 +46,31 @@ def pool():
 
 
 @pytest.fixture(scope="module")
-def default_runs(pool, prompts):
+def planted(faults) -> str:
+    """The run's `--failpoints`, as the rank servers take them: every 4-rank run plants them."""
+    return ",".join(sorted(faults.active))
+
+
+@pytest.fixture(scope="module")
+def default_runs(pool, prompts, planted):
     """run(name, layout, mode) -> rank 0's dump of the default prompts, each computed once."""
     cache: dict = {}
 
     def run(name: str, layout: str, mode: str) -> dict:
         if (name, layout, mode) not in cache:
-            cache[(name, layout, mode)] = run_on_ranks(pool, request(name, layout, mode, prompts))
+            cache[(name, layout, mode)] = run_on_ranks(pool, request(name, layout, mode, prompts, failpoints=planted))
         return cache[(name, layout, mode)]
 
     return run
 
 
-def request(name: str, layout: str, mode: str, prompts, **extra) -> dict:
+def request(name: str, layout: str, mode: str, prompts, failpoints: str, **extra) -> dict:
+    """One run for the rank servers; `failpoints` is explicit so that no run forgets the planted ones."""
     tp, ep = LAYOUTS[layout]
     budget = extra.get("max_num_batched_tokens", 8192)
     graph = {key: [s for s in sizes if s <= budget] for key, sizes in GRAPH.items()} if mode != "eager" else {}
     return {"checkpoint": name, "tp": tp, "ep": ep, "mode": mode, "prompts": [list(p.input_ids) for p in prompts],
-            "max_new_tokens": MAX_NEW_TOKENS, **graph, **extra}
+            "max_new_tokens": MAX_NEW_TOKENS, "failpoints": failpoints, **graph, **extra}
 
 
 def dumps_by_rank(pool: RankPool, payload: dict) -> list[dict]:
@@ -111,26 +118,41 @@ def test_graph_matches_eager_on_four_ranks(default_runs, golden, name, layout):
     compare_dumps(graph, with_margins(eager, golden(name)), logits_tol=FLOAT32).assert_ok()
 
 
-def test_fused_and_unfused_all_reduce_agree(default_runs, pool, prompts, golden):
+def test_fused_and_unfused_all_reduce_agree(default_runs, pool, prompts, golden, planted):
     """Steps above the fused all-reduce + residual + norm bound take the unfused path: with a bound
     of 1 token every step does, and the answer is the same within float32 rounding."""
-    unfused = run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts, fused_max_tokens=1))
+    unfused = run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts, planted, fused_max_tokens=1))
     fused = default_runs("glm4_moe", "tp4", "eager")
     assert not compare_dumps(unfused, fused).passed_exactly(), "the two paths should round differently"
     compare_dumps(unfused, with_margins(fused, golden("glm4_moe")), logits_tol=FLOAT32).assert_ok()
 
 
+def test_fused_bound_is_inclusive_on_both_sides(pool, prompts, planted):
+    """The default prompts run one 119-token prefill step, then decode steps of 4 tokens. With the
+    bound at 4 the decode steps take the fused path, with the bound at 3 the unfused one, and the
+    two paths round differently (see the case above): so the decode logits must differ bitwise
+    between the two runs while the prefill step's (unfused in both) must not. A bound checked
+    against the wrong quantity, or off by one, makes both runs take one path."""
+    at_bound = run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts, planted, fused_max_tokens=4))
+    above = run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts, planted, fused_max_tokens=3))
+    for i in range(len(prompts)):
+        first, rest = slice(0, 1), slice(1, None)  # the prefill step's sampled row, then the decode steps'
+        key = f"greedy_logits_p{i}"
+        assert np.array_equal(at_bound[key][first], above[key][first]), f"{key}: the prefill step changed path"
+        assert not np.array_equal(at_bound[key][rest], above[key][rest]), f"{key}: decode steps took one path"
+
+
 @settings(max_examples=max(3, settings().max_examples // 5))
 @given(lengths=st.lists(st.integers(1, 120), min_size=1, max_size=5), budget=st.sampled_from([48, 256]),
        seed=st.integers(0, 2**16))
-def test_drawn_batches_on_four_ranks(pool, engine_for, lengths, budget, seed):
+def test_drawn_batches_on_four_ranks(pool, engine_for, planted, lengths, budget, seed):
     """Drawn workloads (prompt lengths; a token budget that chunks prefill and mixes it with decodes):
     the TP4+EP4 piecewise run equals the 1-rank eager run of the same workload, tokens and experts
     exactly, logits within the float32 tolerance."""
     layout = "tp4_ep4"
     rng = np.random.default_rng(seed)
     prompts = [Prompt(tuple(int(t) for t in rng.integers(0, 512, n)), f"p{i}") for i, n in enumerate(lengths)]
-    four = run_on_ranks(pool, request("glm4_moe", layout, "piecewise", prompts, max_num_batched_tokens=budget))
+    four = run_on_ranks(pool, request("glm4_moe", layout, "piecewise", prompts, planted, max_num_batched_tokens=budget))
     llm = engine_for("glm4_moe", max_num_batched_tokens=budget)
     reference = dump_arrays(llm.generate(prompts, MAX_NEW_TOKENS), llm.model_config.moe_layers)
     compare_dumps(four, reference, logits_tol=FLOAT32).assert_ok()
@@ -141,7 +163,7 @@ FAULTS = [("dist.skip_allreduce", "tp4"), ("dist.wrong_expert_map", "tp4_ep4"), 
 
 @pytest.mark.parametrize("fault,layout", FAULTS, ids=[f for f, _ in FAULTS])
 def test_planted_parallel_fault_is_caught(pool, engine_for, prompts, fault, layout):
-    dumps = dumps_by_rank(pool, request("glm4_moe", layout, "eager", prompts, failpoints=fault))
+    dumps = dumps_by_rank(pool, request("glm4_moe", layout, "eager", prompts, fault))
     reference = one_rank(engine_for, "glm4_moe", prompts)
     problems = rank_disagreements(dumps) + compare_dumps(dumps[0], reference, logits_tol=FLOAT32).failures()
     assert problems, f"{fault} went unnoticed"
@@ -150,16 +172,16 @@ def test_planted_parallel_fault_is_caught(pool, engine_for, prompts, fault, layo
 def test_rank_that_disagrees_is_an_error_not_a_hang(pool, prompts):
     started = time.monotonic()
     with pytest.raises(RankJobError, match="ranks disagree on the step"):
-        pool.request(request("glm4_moe", "tp4", "piecewise", prompts, failpoints="dist.rank_disagrees"))
+        pool.request(request("glm4_moe", "tp4", "piecewise", prompts, "dist.rank_disagrees"))
     assert time.monotonic() - started < 60
-    run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts[:1]))  # the pool is still usable
+    run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts[:1], ""))  # the pool is still usable
 
 
 def test_dead_rank_is_named_within_the_time_bound(prompts):
     pool = start_pool(start_timeout_s=180, request_timeout_s=60)
     started = time.monotonic()
     with pytest.raises(RankJobError) as failure:
-        pool.request(request("glm4_moe", "tp4", "eager", prompts, exit=2))
+        pool.request(request("glm4_moe", "tp4", "eager", prompts, "", exit=2))
     assert failure.value.ranks == (2,)
     assert time.monotonic() - started < 60
     assert job_pids(pool.token) == []

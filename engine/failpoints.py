@@ -25,7 +25,15 @@ KNOWN: dict[str, str] = {
     "graph.round_down": "a step is padded to the largest capture size below its token count, not above",
     "graph.copy_outputs": "replays hand out fresh copies instead of the static output buffers",
     "graph.stale_padding": "padded rows of the input buffers keep whatever the previous step left there",
+    # Step inputs the runner derives from the batch (engine/runner.py)
+    "kv.slot_off_by_one": "new tokens' k/v are written one cache slot past where attention reads them",
+    "rotary.chunk_positions_from_zero": "a prefill chunk after a cached prefix gets positions from 0, not from the prefix length",
+    "kv.stale_block_table": "a whole-step decode graph reads a block table missing the sequence's newest block",
+    # Graph replays and the whole-step decode graph (engine/graph/runner.py, engine/models/moe_decoder.py)
+    "graph.stale_positions": "a replay reads the positions buffer as the capture left it instead of this step's",
+    "kv.write_padded_rows": "a whole-step decode replay writes its padded rows' k/v into the cache (at slot 0)",
     # Tensor / expert parallelism (engine/models/moe_decoder.py, engine/runner.py)
+    "dist.fused_bound_off_by_one": "the fused all-reduce + residual + norm path is also taken one token above its bound",
     "dist.skip_allreduce": "the all-reduce after the attention output projection is skipped",
     "dist.wrong_expert_map": "each EP rank computes its experts as if it held the next rank's experts",
     "dist.double_scale": "the routed_scaling_factor is applied again when experts' shares are combined",

@@ -72,13 +72,25 @@ class ModelRunner:
         """The step's tensors and attention metadata, and the graph-or-eager decision."""
         phase = DECODE if batch.is_decode_only else PREFILL
         token_ids = paddle.to_tensor(np.asarray(batch.token_ids(), dtype=np.int64))
-        positions = paddle.to_tensor(np.asarray(batch.positions(), dtype=np.int64))
-        slots = paddle.to_tensor(np.asarray(batch.slot_mapping(self.cache.block_size), dtype=np.int64))
+        positions = paddle.to_tensor(self._positions(batch))
+        slots = paddle.to_tensor(self._slot_mapping(batch))
         size = self._agreed_size(phase, batch.num_tokens)
         tables = self._decode_tables(batch) if size is not None and self.graphs.replays_whole_step(phase) else None
         meta = AttentionMetadata(self._spans(batch), slots, batch.num_tokens, tables)
         num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
         return ForwardContext(token_ids, positions, num_real, meta, phase, size, self.guard)
+
+    def _positions(self, batch: Batch) -> np.ndarray:
+        positions = np.asarray(batch.positions(), dtype=np.int64)  # [T]
+        if self.engine.faults.on("rotary.chunk_positions_from_zero"):
+            starts = np.repeat([seg.start for seg in batch.segments], [seg.num_tokens for seg in batch.segments])
+            prefill = np.repeat([seg.is_prefill for seg in batch.segments], [seg.num_tokens for seg in batch.segments])
+            positions = np.where(prefill, positions - starts, positions)
+        return positions
+
+    def _slot_mapping(self, batch: Batch) -> np.ndarray:
+        slots = np.asarray(batch.slot_mapping(self.cache.block_size), dtype=np.int64)  # [T]
+        return slots + 1 if self.engine.faults.on("kv.slot_off_by_one") else slots
 
     def _agreed_size(self, phase: str, num_tokens: int) -> int | None:
         """The padded size to replay (None: eager), checked to be the same on every rank: a rank
@@ -93,8 +105,9 @@ class ModelRunner:
     def _decode_tables(self, batch: Batch) -> DecodeTables:
         width, bs = self.decode_table_width, self.cache.block_size
         slots = np.zeros((batch.num_tokens, width), dtype=np.int64)
+        stale = self.engine.faults.on("kv.stale_block_table")
         for row, seg in enumerate(batch.segments):
-            filled = len(seg.seq.block_table) * bs
+            filled = (len(seg.seq.block_table) - stale) * bs
             slots[row, :filled] = slots_for(seg.seq.block_table, 0, filled, bs)
         context = np.asarray([seg.start for seg in batch.segments], dtype=np.int64)
         return DecodeTables(paddle.to_tensor(slots), paddle.to_tensor(context))

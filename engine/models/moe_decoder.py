@@ -77,6 +77,7 @@ class MoEDecoder:
         self.partition = partition = partition or Partition()
         self.comm = comm or Collectives()
         self.fused_max_tokens = fused_allreduce_max_tokens
+        self._fused_bound_error = 1 if faults.on("dist.fused_bound_off_by_one") else 0
         self.heads, self.kv_heads = len(partition.q_heads(cfg)), len(partition.kv_heads(cfg))  # local counts
         self.first_token_id = partition.vocab(cfg).start
         self.first_expert = self._first_expert()
@@ -167,7 +168,7 @@ class MoEDecoder:
                          reduce: bool = True) -> Tensors:
         all_reduce = self.comm.all_reduce if reduce else (lambda x: x)
         return all_reduce_add_rms_norm(partial, residual, weight, self.cfg.rms_norm_eps, all_reduce,
-                                       self.comm.world, self.fused_max_tokens)
+                                       self.comm.world, self.fused_max_tokens + self._fused_bound_error)
 
     def _qkv(self, layer: int, x: paddle.Tensor, positions: paddle.Tensor) -> Named:
         cfg, w = self.cfg, self.layers[layer]
@@ -247,9 +248,12 @@ class MoEDecoder:
 
     def write_step_kv(self, outputs: list[Named], cache: KVCache, meta: AttentionMetadata) -> None:
         """After a whole-step replay: every layer's new k/v (real rows) into the cache."""
-        n = meta.num_tokens
+        n, slots = meta.num_tokens, meta.slot_mapping
+        if self.faults.on("kv.write_padded_rows"):
+            n = outputs[0]["k"].shape[0]
+            slots = paddle.concat([slots, paddle.zeros([n - meta.num_tokens], dtype=slots.dtype)])
         for layer in range(self.cfg.num_layers):
-            cache.write(layer, meta.slot_mapping, outputs[layer]["k"][:n], outputs[layer]["v"][:n])
+            cache.write(layer, slots, outputs[layer]["k"][:n], outputs[layer]["v"][:n])
 
     def forward_output(self, outputs: list[Named]) -> ForwardOutput:
         """Every piece's outputs, piece 0 first -> the final hidden rows and each MoE layer's routing."""
