@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(experts placed on ranks) (default 1)")
     run.add_argument("--dump-all-ranks", action="store_true",
                      help="with --dump OUT.npz, also write OUT.rank{R}.npz from every rank")
+    run.add_argument("--routing-replay-dir", metavar="DIR",
+                     help="record each request's routed experts to DIR/<prompt name>.safetensors (rank 0 writes)")
     run.add_argument("--log-dir", metavar="DIR", help="where a multi-rank job keeps its logs (default: a temp dir)")
     run.add_argument("--report-dir", help=argparse.SUPPRESS)  # set by the parent of a multi-rank job
     run.add_argument("--failpoints", default=os.environ.get("ENGINE_FAILPOINTS", ""), metavar="NAMES",
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     engine = engine_config(args)
     prompts = read_prompts(args.prompts)
     start = time.perf_counter()
-    llm = LLM(args.model, engine)
+    llm = LLM(args.model, engine, routing_replay_dir=args.routing_replay_dir)
     outputs = llm.generate(prompts, args.max_new_tokens, record_prompt_logits=bool(args.dump))
     elapsed = time.perf_counter() - start
     for result in outputs:
@@ -110,6 +112,10 @@ def run(args: argparse.Namespace, out=None) -> int:
     print(f"{len(outputs)} prompts, {args.max_new_tokens} new tokens each, {elapsed:.2f} s", file=sys.stderr)
     if args.graph != "eager":
         print(f"graphs: {llm.runner.stats.summary()}", file=sys.stderr)
+    if llm.routing is not None and rank == 0:
+        print(f"routing replay: {len(llm.routing.files)} files in {args.routing_replay_dir}", file=sys.stderr)
+        for path in llm.routing.files:
+            print(f"  {path}", file=sys.stderr)
     return 0
 
 
@@ -123,7 +129,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from engine.loader import CheckpointError
     from engine.moe.router import RouterError
     from engine.prompts import PromptsFileError
-    return (ConfigError, CheckpointError, PromptError, PromptsFileError, RouterError, CacheFullError,
+    from engine.routing_replay.errors import RoutingReplayError
+    return (RoutingReplayError, ConfigError, CheckpointError, PromptError, PromptsFileError, RouterError, CacheFullError,
             GraphBackendError, ParallelError)
 
 

@@ -17,6 +17,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.distributed import init_parallel
 from engine.loader import load_weights
 from engine.models.moe_decoder import MoEDecoder
+from engine.routing_replay.session import RoutingSession, attach_routing
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Batch, Request, Scheduler
 
@@ -58,7 +59,10 @@ class RequestOutput:
 class LLM:
     """A decoder, its runner and a scheduler, built from a Hugging Face checkpoint directory."""
 
-    def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None):
+    def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None,
+                 routing_replay_dir: str | Path | None = None):
+        """With `routing_replay_dir`, every finished request's routed experts are written there
+        (engine/routing_replay/)."""
         self.engine = engine or EngineConfig()
         self.model_config = cfg = ModelConfig.from_hf(model_dir)
         partition, comm = init_parallel(self.engine.parallel)
@@ -67,6 +71,7 @@ class LLM:
                                 self.engine.parallel.fused_allreduce_max_tokens)
         self.runner = ModelRunner(self.model, self.engine)
         self.max_model_len = self.engine.max_model_len or self.model_config.max_position_embeddings
+        self.routing: RoutingSession | None = attach_routing(self, routing_replay_dir) if routing_replay_dir else None
 
     def generate(self, prompts: list[Prompt], max_new_tokens: int,
                  record_prompt_logits: bool = True) -> list[RequestOutput]:
@@ -78,15 +83,24 @@ class LLM:
         for i, prompt in enumerate(prompts):
             scheduler.add(Request(i, prompt.input_ids, max_new_tokens, prompt.name))
             outputs[i] = RequestOutput(prompt.name, np.asarray(prompt.input_ids, np.int64), max_new_tokens)
+        try:
+            self._run(scheduler, outputs, record_prompt_logits)
+        finally:
+            if self.routing is not None:  # R3: wait for the files; unfinished requests leave none
+                self.routing.close()
+        return [outputs[i] for i in range(len(prompts))]
+
+    def _run(self, scheduler: Scheduler, outputs: dict[int, RequestOutput], record_prompt_logits: bool) -> None:
         steps = 0
         while scheduler.has_work:
             batch = scheduler.schedule()
             result = self.runner.step(batch, all_prompt_logits=record_prompt_logits)
             _collect(batch, result, outputs)
-            scheduler.update(batch, result.next_tokens)
+            finished = scheduler.update(batch, result.next_tokens)
+            if self.routing is not None:
+                self.routing.finished(finished)
             steps += 1
             log.debug("step %d: %d tokens in %d segments", steps, batch.num_tokens, len(batch.segments))
-        return [outputs[i] for i in range(len(prompts))]
 
     def _validate(self, prompts: list[Prompt], max_new_tokens: int) -> None:
         if max_new_tokens < 1:

@@ -22,6 +22,7 @@ from engine.kv_cache import KVCache, blocks_needed, slots_for
 from engine.layers.attention import AttentionMetadata, DecodeTables, SequenceSpan
 from engine.models.moe_decoder import ForwardOutput, MoEDecoder
 from engine.moe.router import check_finite
+from engine.routing_replay.recorder import RoutingRecorder, step_kind
 from engine.scheduler import Batch
 
 
@@ -56,6 +57,7 @@ class ModelRunner:
         self.guard = CaptureGuard()
         self.stats = CaptureStats()
         self.graphs = self._graph_runner()
+        self.recorder: RoutingRecorder | None = None  # routing replay (R3): set by the engine to record
 
     def _graph_runner(self) -> GraphRunner | None:
         graph = self.engine.graph
@@ -114,8 +116,12 @@ class ModelRunner:
     def step(self, batch: Batch, all_prompt_logits: bool = False) -> StepResult:
         """Run one step. Logits come back for each sampling row; with `all_prompt_logits`, for every
         prefill row as well (what a dump of prompt logits needs)."""
-        out = self.forward(self.prepare(batch))
+        ctx, captures = self.prepare(batch), self.stats.total("captures")
+        out = self.forward(ctx)
         self._check_routing(out.routing, batch.num_tokens)
+        if self.recorder is not None:  # R3: host side, after the step, whether it replayed or not
+            kind = step_kind(ctx.padded_size, self.graphs is not None, self.stats.total("captures") > captures)
+            self.recorder.record_step(batch, out.routing, kind, self.guard)
         rows = _logit_rows(batch, all_prompt_logits)
         logits = self.model.logits(paddle.gather(out.hidden, paddle.to_tensor(np.concatenate(rows)))).numpy()
         per_segment = np.split(logits, np.cumsum([len(r) for r in rows])[:-1])

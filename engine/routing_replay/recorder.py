@@ -130,6 +130,11 @@ class RoutingRecorder:
                                      f"(first at token {missing[0]})")
         return table
 
+    def drop_all(self) -> None:
+        """Forget every unfinished request (the workload ended without them)."""
+        self._tables.clear()
+        self._lengths.clear()
+
     def drop(self, request_id: int) -> None:
         """Forget a cancelled or failed request: it leaves no file."""
         self._tables.pop(request_id, None)
