@@ -15,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,14 @@ from hypothesis import strategies as st
 from strategies import prompt_sets, scaled_examples
 
 from engine.config import EngineConfig, GraphConfig
-from engine.failpoints import Failpoints
+from engine.failpoints import NO_FAULTS, Failpoints
 from engine.llm import LLM, Prompt
 from engine.routing_replay import model_identity
-from engine.routing_replay.errors import RoutingRecordError
+from engine.routing_replay.errors import RoutingFileMissing, RoutingMismatch, RoutingRecordError
 from engine.routing_replay.reader import load_routing
 from engine.routing_replay.recorder import CAPTURED, EAGER, FALLBACK, REPLAYED
 from engine.routing_replay.session import attach_routing
+from engine.routing_replay.store import RoutingStore
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, PROMPTS, checkpoint_dir
 from verifier.dumps import NEAR_TIE_MARGIN
 
@@ -234,3 +236,73 @@ def test_cli_records_and_lists_the_files(tmp_path):
     listed = [line.strip() for line in run.stderr.splitlines() if line.strip().endswith(".safetensors")]
     assert sorted(Path(p).name for p in listed) == sorted(p.name for p in (tmp_path / "r3").iterdir())
     assert len(listed) == 4 and all(load_routing(p).num_tokens >= 5 for p in listed)
+
+
+# ------------------------------------------------------------------------- replay
+
+
+@pytest.fixture(scope="module")
+def replayers(faults, tmp_path_factory):
+    """replayers(mode) -> (a cached engine replaying from a folder, that folder); cases write the
+    recordings there before they generate (the engine reads them at the start of each workload)."""
+    cache: dict = {}
+
+    def get(mode: str = "eager", name: str = NAME):
+        if (mode, name) not in cache:
+            folder = tmp_path_factory.mktemp(f"replay-{mode}-{name}")
+            graph = GraphConfig(mode=mode, capture="lazy", **SIZES) if mode != "eager" else GraphConfig()
+            llm = LLM(checkpoint_dir(name), EngineConfig(**ENGINE, graph=graph, faults=faults),
+                      replay_routing_dir=folder)
+            cache[(mode, name)] = (llm, folder)
+        return cache[(mode, name)]
+
+    return get
+
+
+def check_same_outputs(got, want) -> list[str]:
+    """Prompt logits, greedy tokens and their logits bitwise equal, request by request."""
+    problems = []
+    for a, b in zip(got, want):
+        if not (np.array_equal(a.logits(), b.logits()) and a.greedy == b.greedy
+                and all(np.array_equal(x, y) for x, y in zip(a.greedy_logits, b.greedy_logits))):
+            problems.append(f"{a.name}: logits or tokens differ")
+    return problems
+
+
+@pytest.mark.parametrize("mode", ("eager",) + MODES)
+def test_replaying_a_run_reproduces_its_logits_bitwise(engines, replayers, prompts, mode):
+    llm, folder = replayers(mode)
+    recorded, _, _, _ = record(engines(mode=mode), prompts, folder)
+    replayed = llm.generate(prompts, MAX_NEW)
+    assert check_same_outputs(replayed, recorded) == []
+
+
+@pytest.mark.parametrize("mode", ("eager",) + MODES)
+def test_replay_routes_by_the_recorded_ids(replayers, prompts, mode):
+    """A recording with every id moved to the next expert: the run must route exactly so (a replay
+    that ignored the file would route as the router does and fail here)."""
+    llm, folder = replayers(mode)
+    cfg = llm.model_config
+    _, tables, _, _ = record(build(NO_FAULTS), prompts, folder)
+    moved = {name: replace(t, ids=((t.ids.astype(np.int64) + 1) % cfg.num_experts).astype(t.ids.dtype))
+             for name, t in tables.items()}
+    store = RoutingStore(folder)
+    for table in moved.values():
+        store.save(table)
+    outputs = llm.generate(prompts, MAX_NEW)
+    assert check_matches_outputs(moved, outputs, cfg.moe_layers) == []
+
+
+def test_recording_that_does_not_fit_is_refused(replayers, prompts, tmp_path):
+    llm, folder = replayers()
+    record(build(NO_FAULTS, name="qwen3_moe"), prompts[:1], folder)
+    with pytest.raises(RoutingMismatch, match=f"{prompts[0].name}.safetensors: model is"):
+        llm.generate(prompts[:1], MAX_NEW)
+    record(build(NO_FAULTS), prompts[:1], folder, max_new=2)
+    with pytest.raises(RoutingMismatch, match="6 recorded tokens, the workload feeds 12"):
+        llm.generate(prompts[:1], MAX_NEW)
+    other = [Prompt(tuple(reversed(prompts[0].input_ids)), prompts[0].name)]
+    with pytest.raises(RoutingMismatch, match="recorded for another prompt"):
+        llm.generate(other, 2)
+    with pytest.raises(RoutingFileMissing, match="nobody.safetensors"):
+        llm.generate([Prompt((1, 2, 3), "nobody")], 2)

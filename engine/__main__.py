@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --dump OUT.npz, also write OUT.rank{R}.npz from every rank")
     run.add_argument("--routing-replay-dir", metavar="DIR",
                      help="record each request's routed experts to DIR/<prompt name>.safetensors (rank 0 writes)")
+    run.add_argument("--replay-routing", metavar="DIR",
+                     help="route every token by the experts recorded in DIR (by --routing-replay-dir), "
+                          "weights recomputed from the router's scores")
     run.add_argument("--log-dir", metavar="DIR", help="where a multi-rank job keeps its logs (default: a temp dir)")
     run.add_argument("--report-dir", help=argparse.SUPPRESS)  # set by the parent of a multi-rank job
     run.add_argument("--failpoints", default=os.environ.get("ENGINE_FAILPOINTS", ""), metavar="NAMES",
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     engine = engine_config(args)
     prompts = read_prompts(args.prompts)
     start = time.perf_counter()
-    llm = LLM(args.model, engine, routing_replay_dir=args.routing_replay_dir)
+    llm = LLM(args.model, engine, routing_replay_dir=args.routing_replay_dir, replay_routing_dir=args.replay_routing)
     outputs = llm.generate(prompts, args.max_new_tokens, record_prompt_logits=bool(args.dump))
     elapsed = time.perf_counter() - start
     for result in outputs:

@@ -17,6 +17,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.distributed import init_parallel
 from engine.loader import load_weights
 from engine.models.moe_decoder import MoEDecoder
+from engine.routing_replay.replay import RoutingReplayer
 from engine.routing_replay.session import RoutingSession, attach_routing
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Batch, Request, Scheduler
@@ -60,16 +61,17 @@ class LLM:
     """A decoder, its runner and a scheduler, built from a Hugging Face checkpoint directory."""
 
     def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None,
-                 routing_replay_dir: str | Path | None = None):
-        """With `routing_replay_dir`, every finished request's routed experts are written there
-        (engine/routing_replay/)."""
+                 routing_replay_dir: str | Path | None = None, replay_routing_dir: str | Path | None = None):
+        """With `routing_replay_dir`, every finished request's routed experts are written there; with
+        `replay_routing_dir`, every request routes by the experts recorded there (engine/routing_replay/)."""
         self.engine = engine or EngineConfig()
         self.model_config = cfg = ModelConfig.from_hf(model_dir)
         partition, comm = init_parallel(self.engine.parallel)
         weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))
         self.model = MoEDecoder(cfg, weights, self.engine.faults, partition, comm,
                                 self.engine.parallel.fused_allreduce_max_tokens)
-        self.runner = ModelRunner(self.model, self.engine)
+        replay = RoutingReplayer(replay_routing_dir, cfg) if replay_routing_dir else None
+        self.runner = ModelRunner(self.model, self.engine, replay)
         self.max_model_len = self.engine.max_model_len or self.model_config.max_position_embeddings
         self.routing: RoutingSession | None = attach_routing(self, routing_replay_dir) if routing_replay_dir else None
 
@@ -77,6 +79,8 @@ class LLM:
                  record_prompt_logits: bool = True) -> list[RequestOutput]:
         """Run all prompts as one workload (continuous batching) and return outputs in prompt order."""
         self._validate(prompts, max_new_tokens)
+        if self.runner.replay is not None:  # R3: refuse a recording that does not fit before any step
+            self.runner.replay.load(prompts, max_new_tokens)
         scheduler = Scheduler(self.engine.max_num_batched_tokens, self.engine.max_num_seqs,
                               self.runner.cache.allocator, self.engine.block_size)
         outputs = {}

@@ -23,6 +23,7 @@ from engine.layers.attention import AttentionMetadata, DecodeTables, SequenceSpa
 from engine.models.moe_decoder import ForwardOutput, MoEDecoder
 from engine.moe.router import check_finite
 from engine.routing_replay.recorder import RoutingRecorder, step_kind
+from engine.routing_replay.replay import RoutingReplayer
 from engine.scheduler import Batch
 
 
@@ -46,9 +47,11 @@ def default_num_blocks(model: ModelConfig, engine: EngineConfig) -> int:
 class ModelRunner:
     """Runs steps of one decoder against the KV cache it owns."""
 
-    def __init__(self, model: MoEDecoder, engine: EngineConfig):
+    def __init__(self, model: MoEDecoder, engine: EngineConfig, replay: RoutingReplayer | None = None):
+        """With `replay`, every step routes by the recorded expert ids it hands out (R3 replay)."""
         self.model = model
         self.engine = engine
+        self.replay = replay
         cfg = model.cfg
         self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
                              model.kv_heads, cfg.head_dim)
@@ -64,8 +67,9 @@ class ModelRunner:
         if graph.mode == "eager":
             return None
         full = (self.cache, self.decode_table_width) if graph.mode == "full_and_piecewise" else None
+        replay_shape = (len(self.model.cfg.moe_layers), self.model.cfg.top_k) if self.replay else None
         runner = GraphRunner(self.model, make_backend(graph.backend), self.engine.capture_sizes(), self.guard,
-                             self.stats, self.engine.faults, full_decode=full)
+                             self.stats, self.engine.faults, full_decode=full, replay_shape=replay_shape)
         if graph.capture == "eager":
             runner.capture_all()
         return runner
@@ -80,7 +84,8 @@ class ModelRunner:
         tables = self._decode_tables(batch) if size is not None and self._replays_full_decode(phase) else None
         meta = AttentionMetadata(self._spans(batch), slots, batch.num_tokens, tables)
         num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
-        return ForwardContext(token_ids, positions, num_real, meta, phase, size, self.guard)
+        replay_ids = self.replay.step_ids(batch) if self.replay else None
+        return ForwardContext(token_ids, positions, num_real, meta, phase, size, self.guard, replay_ids)
 
     def _agreed_size(self, phase: str, num_tokens: int) -> int | None:
         """The padded size to replay (None: eager), checked to be the same on every rank: a rank

@@ -39,25 +39,34 @@ class PieceInput:
 NUM_REAL = PieceInput("num_real", "int64", None)
 POSITIONS = PieceInput("positions", "int64", ())
 RESIDUAL = "residual"  # the input the graph runner chains from the previous piece's output
+REPLAY_IDS = "replay_ids"  # routing replay: [T, moe_layers, top_k] recorded ids, shared by a size's pieces
+
+
+def replay_input(shape: tuple[int, int] | None) -> tuple[PieceInput, ...]:
+    """The routing-replay input (shape (moe_layers, top_k)), or none when not replaying."""
+    return () if shape is None else (PieceInput(REPLAY_IDS, "int64", shape),)
 
 
 def full_decode_inputs(max_len: int) -> tuple[PieceInput, ...]:
-    """Inputs of `MoEDecoder.full_decode` before the cache list: max_len is the slot-table width."""
+    """Inputs of `MoEDecoder.full_decode` before the cache list: max_len is the slot-table width.
+    A replaying runner appends the replay input (still before the cache list)."""
     return (PieceInput("token_ids", "int64", ()), POSITIONS, NUM_REAL, PieceInput("slots", "int64", (max_len,)),
             PieceInput("context_lens", "int64", ()))
 
 
-def piece_inputs(index: int, attn_width: int, hidden_size: int) -> tuple[PieceInput, ...]:
+def piece_inputs(index: int, attn_width: int, hidden_size: int,
+                 replay_shape: tuple[int, int] | None = None) -> tuple[PieceInput, ...]:
     """The inputs of piece `index`, in the order `MoEDecoder.piece` takes them. `attn_width` is this
     rank's attention output width (its query heads x head_dim)."""
     if index == 0:
         return PieceInput("token_ids", "int64", ()), POSITIONS, NUM_REAL
     return (PieceInput("attn_out", "float32", (attn_width,)), PieceInput(RESIDUAL, "float32", (hidden_size,)),
-            POSITIONS, NUM_REAL)
+            POSITIONS, NUM_REAL) + replay_input(replay_shape)
 
 
-def piece_function(model: MoEDecoder, index: int) -> Callable[..., Tensors]:
-    """Piece `index` as a plain named function (to_static needs named parameters, not *args)."""
+def piece_function(model: MoEDecoder, index: int, replays: bool = False) -> Callable[..., Tensors]:
+    """Piece `index` as a plain named function (to_static needs named parameters, not *args).
+    With `replays`, later pieces take the routing-replay ids as a fifth input."""
 
     def first_piece(token_ids, positions, num_real) -> Tensors:
         return _trace(model, 0, (token_ids, positions, num_real))
@@ -65,16 +74,23 @@ def piece_function(model: MoEDecoder, index: int) -> Callable[..., Tensors]:
     def later_piece(attn_out, residual, positions, num_real) -> Tensors:
         return _trace(model, index, (attn_out, residual, positions, num_real))
 
-    return first_piece if index == 0 else later_piece
+    def replaying_piece(attn_out, residual, positions, num_real, replay_ids) -> Tensors:
+        return _trace(model, index, (attn_out, residual, positions, num_real, replay_ids))
+
+    return first_piece if index == 0 else replaying_piece if replays else later_piece
 
 
-def full_decode_function(model: MoEDecoder) -> Callable[..., Tensors]:
-    """`model.full_decode` as a plain function of its inputs and the KV cache list."""
+def full_decode_function(model: MoEDecoder, replays: bool = False) -> Callable[..., Tensors]:
+    """`model.full_decode` as a plain function of its inputs and the KV cache list (and, with
+    `replays`, the routing-replay ids)."""
 
     def full_decode(token_ids, positions, num_real, slots, context_lens, caches) -> Tensors:
         return _trace(model, None, (token_ids, positions, num_real, slots, context_lens, caches))
 
-    return full_decode
+    def replaying_full_decode(token_ids, positions, num_real, slots, context_lens, replay_ids, caches) -> Tensors:
+        return _trace(model, None, (token_ids, positions, num_real, slots, context_lens, caches, replay_ids))
+
+    return replaying_full_decode if replays else full_decode
 
 
 @paddle.jit.not_to_static

@@ -36,6 +36,7 @@ from engine.graph.pieces import (
     full_decode_inputs,
     piece_function,
     piece_inputs,
+    replay_input,
 )
 from engine.graph.stats import CaptureStats
 from engine.kv_cache import KVCache
@@ -56,9 +57,11 @@ class GraphEntry:
 class GraphRunner:
     def __init__(self, model: MoEDecoder, backend: GraphBackend, sizes: dict[str, CaptureSizes],
                  guard: CaptureGuard, stats: CaptureStats, faults: Failpoints = NO_FAULTS,
-                 full_decode: tuple[KVCache, int] | None = None):
+                 full_decode: tuple[KVCache, int] | None = None, replay_shape: tuple[int, int] | None = None):
         """`full_decode`: (the KV cache, slot-table width) to capture decode steps as one whole-model
-        graph; None captures them piecewise like prefill."""
+        graph; None captures them piecewise like prefill. `replay_shape` (moe_layers, top_k): the
+        graphs take routing-replay ids as an input (ForwardContext.replay_ids, required then)."""
+        self.replay_shape = replay_shape
         self.model = model
         self.full_decode = full_decode
         self.backend = backend
@@ -68,8 +71,9 @@ class GraphRunner:
         self.faults = faults
         self._entries: dict[tuple[str, int], list[GraphEntry]] = {}
         # One function object per piece, reused for every size (the static backend compiles per function).
-        self._pieces = [piece_function(model, i) for i in range(model.num_pieces)]
-        self._full_decode = full_decode_function(model) if full_decode else None
+        replays = replay_shape is not None
+        self._pieces = [piece_function(model, i, replays) for i in range(model.num_pieces)]
+        self._full_decode = full_decode_function(model, replays) if full_decode else None
 
     def padded_size(self, phase: str, num_tokens: int) -> int | None:
         """The capture size a step of `num_tokens` replays, or None when it must run eagerly."""
@@ -101,9 +105,10 @@ class GraphRunner:
     def _capture_pieces(self, size: int) -> list[GraphEntry]:
         cfg = self.model.cfg
         shared = {POSITIONS.name: POSITIONS.buffer(size), NUM_REAL.name: NUM_REAL.buffer(size)}
+        shared.update({slot.name: slot.buffer(size) for slot in replay_input(self.replay_shape)})
         entries: list[GraphEntry] = []
         for index in range(self.model.num_pieces):
-            slots = piece_inputs(index, self.model.heads * cfg.head_dim, cfg.hidden_size)
+            slots = piece_inputs(index, self.model.heads * cfg.head_dim, cfg.hidden_size, self.replay_shape)
             if index > 0:  # the residual stream: the previous piece's output buffer, as it is
                 shared[RESIDUAL] = entries[-1].replay.outputs[self.model.RESIDUAL_OUTPUT]
             inputs = [shared[slot.name] if slot.name in shared else slot.buffer(size) for slot in slots]
@@ -114,6 +119,7 @@ class GraphRunner:
         cache, width = self.full_decode
         slots = full_decode_inputs(width)
         caches = [t for layer in zip(cache.keys, cache.values) for t in layer]
+        slots += replay_input(self.replay_shape)
         inputs = [slot.buffer(size) for slot in slots] + [caches]
         return GraphEntry(slots, inputs, self.backend.capture(self._full_decode, inputs))
 
@@ -126,6 +132,8 @@ class GraphRunner:
         self.stats.record_replay(DECODE, size)
         tables = ctx.attention.decode
         values = (ctx.token_ids, ctx.positions, ctx.num_real, tables.slots, tables.context_lens)
+        if self.replay_shape is not None:
+            values += (ctx.replay_ids,)
         outputs = self._replay(self._entries[(DECODE, size)][0], values, n, set())
         layers = self.model.cfg.num_layers
         for layer in range(layers):

@@ -46,6 +46,7 @@ from engine.layers.norm import all_reduce_add_rms_norm, rms_norm
 from engine.layers.rotary import apply_rotary, rope_table
 from engine.moe import router
 from engine.moe.experts import dense_mlp, routed_experts
+from engine.routing_replay.replay import replayed_routing
 
 Tensors = tuple[paddle.Tensor, ...]
 PieceFn = Callable[[int, Tensors], Tensors]
@@ -153,15 +154,16 @@ class MoEDecoder:
 
     def piece(self, index: int, *inputs: paddle.Tensor) -> Tensors:
         """Run piece `index`. Inputs: piece 0 (token_ids, positions, num_real); others
-        (attn_out, residual, positions, num_real). Outputs: (q, k, v, residual) for a piece
-        followed by attention, (hidden,) for the last; a MoE piece appends (topk_ids, nonfinite)."""
+        (attn_out, residual, positions, num_real[, replay_ids]). Outputs: (q, k, v, residual) for a piece
+        followed by attention, (hidden,) for the last; a MoE piece appends (topk_ids, nonfinite).
+        With replay_ids ([T, moe_layers, top_k], routing replay) a MoE layer routes by those ids."""
         if index == 0:
             token_ids, positions, _ = inputs
             hidden = vocab_parallel_embed(token_ids, self.embed_table, self.first_token_id, self.comm.all_reduce)
             normed = rms_norm(hidden, self.layers[0].input_norm, self.cfg.rms_norm_eps)
             return self._qkv(0, normed, positions) + (hidden,)
-        attn_out, residual, positions, num_real = inputs
-        partial, residual, routing = self._finish_layer(index - 1, attn_out, residual, num_real)
+        attn_out, residual, positions, num_real, *replay = inputs
+        partial, residual, routing = self._finish_layer(index - 1, attn_out, residual, num_real, *replay)
         last = index == self.cfg.num_layers
         norm = self.final_norm if last else self.layers[index].input_norm
         normed, residual = self._reduce_add_norm(partial, residual, norm)
@@ -190,7 +192,8 @@ class MoEDecoder:
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def _finish_layer(self, layer: int, attn_out: paddle.Tensor, residual: paddle.Tensor,
-                      num_real: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, Tensors]:
+                      num_real: paddle.Tensor, replay: paddle.Tensor | None = None
+                      ) -> tuple[paddle.Tensor, paddle.Tensor, Tensors]:
         """o-proj, all-reduce, residual add, post-attention norm, MLP/MoE; returns (this rank's partial
         MLP/MoE output, residual, routing)."""
         w = self.layers[layer]
@@ -199,12 +202,16 @@ class MoEDecoder:
         normed, residual = self._reduce_add_norm(attn, residual, w.post_norm, reduce)
         if isinstance(w.mlp, MLPWeights):
             return dense_mlp(normed, w.mlp.gate, w.mlp.up, w.mlp.down), residual, ()
-        out, ids, nonfinite = self._moe(w.mlp, normed, num_real)
+        forced = None if replay is None else replay[:, self.cfg.moe_layers.index(layer)]  # [T, k]
+        out, ids, nonfinite = self._moe(w.mlp, normed, num_real, forced)
         return out, residual, (ids, nonfinite)
 
-    def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor) -> Tensors:
+    def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor, forced: paddle.Tensor | None) -> Tensors:
         logits = paddle.matmul(x, w.router)  # [T, E]
-        ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
+        if forced is None:
+            ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
+        else:
+            ids, weights = replayed_routing(self.cfg, logits, w.bias, forced, num_real)
         local = weights * self.cfg.routed_scaling_factor if self.faults.on("dist.double_scale") else weights
         out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down)  # this rank's
         if w.shared is not None:
@@ -241,17 +248,19 @@ class MoEDecoder:
         run_piece = run_piece or (lambda i, inputs: self.piece(i, *inputs))
         out = run_piece(0, (ctx.token_ids, ctx.positions, ctx.num_real))
         routing: dict[int, Tensors] = {}
+        replay = () if ctx.replay_ids is None else (ctx.replay_ids,)
         for layer in range(self.cfg.num_layers):
             q, k, v, residual = out[:4]
             attn = self.attention(layer, q, k, v, cache, ctx.attention)
-            out = run_piece(layer + 1, (attn, residual, ctx.positions, ctx.num_real))
+            out = run_piece(layer + 1, (attn, residual, ctx.positions, ctx.num_real, *replay))
             if self.piece_has_moe(layer + 1):
                 routing[layer] = out[-2:]
         return ForwardOutput(hidden=out[0], routing=routing)
 
 
     def full_decode(self, token_ids: paddle.Tensor, positions: paddle.Tensor, num_real: paddle.Tensor,
-                    slots: paddle.Tensor, context_lens: paddle.Tensor, caches: list[paddle.Tensor]) -> Tensors:
+                    slots: paddle.Tensor, context_lens: paddle.Tensor, caches: list[paddle.Tensor],
+                    replay_ids: paddle.Tensor | None = None) -> Tensors:
         """The whole stack for a decode-only step as one fixed-shape function (what full_and_piecewise
         captures). `caches` is [k_0, v_0, k_1, v_1, ...], read only. Returns (hidden, k_0, v_0, ...,
         then (topk_ids, nonfinite) per MoE layer): the caller writes each layer's k/v to the cache."""
@@ -263,7 +272,8 @@ class MoEDecoder:
             attn = static_decode_attention(q, k, v, caches[2 * layer], caches[2 * layer + 1], slots, context_lens,
                                            self.scale)
             new_kv += [k, v]
-            out = self.piece(layer + 1, attn, residual, positions, num_real)
+            replay = () if replay_ids is None else (replay_ids,)
+            out = self.piece(layer + 1, attn, residual, positions, num_real, *replay)
             if self.piece_has_moe(layer + 1):
                 routing += list(out[-2:])
         return (out[0], *new_kv, *routing)

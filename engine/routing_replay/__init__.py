@@ -5,6 +5,8 @@ per finished request atomically, read it back verified.
   table_file.py  the pickle-free file format (safetensors + metadata + checksum)
   store.py       atomic, optionally background writes; one writing rank
   reader.py      load_routing / wait_for with named errors (errors.py)
+  session.py     recording wired into an engine (runner hook, finished requests -> store)
+  replay.py      routing by a recording's ids, weights recomputed from the router's scores
 """
 
 from __future__ import annotations
