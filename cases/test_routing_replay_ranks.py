@@ -42,3 +42,12 @@ def test_four_ranks_write_one_complete_file_per_request(prompts, golden, tmp_pat
     cfg = SimpleNamespace(moe_layers=tables[prompts[0].name].moe_layers, top_k=tables[prompts[0].name].top_k)
     assert check_tables(tables, prompts, MAX_NEW, cfg.moe_layers, cfg.top_k) == []
     assert check_goldens(tables, prompts, outputs, golden(NAME), cfg.moe_layers) == []
+
+
+def test_ranks_that_record_different_ids_are_an_error(tmp_path):
+    """Planted: rank 1 records other ids. The per-step check names the disagreement; no file is left."""
+    folder = tmp_path / "r3"
+    job = run_job(["--tp", "4", "--routing-replay-dir", str(folder), "--failpoints", "r3.rank_skews_ids"], tmp_path)
+    assert job.returncode != 0
+    assert "ranks disagree on the step's routed expert ids" in job.stderr
+    assert not folder.exists() or list(folder.iterdir()) == []

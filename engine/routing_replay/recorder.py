@@ -41,9 +41,12 @@ def step_kind(padded_size: int | None, has_graphs: bool, captured_now: bool) -> 
 
 class RoutingRecorder:
     def __init__(self, moe_layers: tuple[int, ...], top_k: int, num_experts: int, max_tokens_per_step: int,
-                 agree: Callable[[list[int], str], None] | None = None, faults: Failpoints = NO_FAULTS):
+                 agree: Callable[[list[int], str], None] | None = None, faults: Failpoints = NO_FAULTS,
+                 rank: int = 0):
         """`agree(values, what)` raises unless every rank passed the same values (the ranks'
         collectives; None on one rank)."""
+        self.rank = rank
+        self.num_experts = num_experts
         self.moe_layers = tuple(moe_layers)
         self.top_k = top_k
         self.dtype = ids_dtype(num_experts)
@@ -87,6 +90,8 @@ class RoutingRecorder:
                 raise RoutingRecordError(f"layer {layer} returned {padded} rows of ids for a {num_tokens}-token "
                                          f"step (buffer holds {self.buffer.shape[0]})")
             self.buffer[:padded, column] = ids
+        if self.faults.on("r3.rank_skews_ids") and self.rank == 1:
+            self.buffer[:num_tokens] = (self.buffer[:num_tokens] + 1) % self.num_experts
         if (self.buffer[num_tokens:] != -1).any():
             raise RoutingRecordError(f"padded rows {num_tokens}..{padded} of the step hold expert ids; "
                                      "the router must leave them at -1")

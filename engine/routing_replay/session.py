@@ -19,12 +19,12 @@ from engine.routing_replay.table_file import RoutingTable, prompt_digest
 
 class RoutingSession:
     def __init__(self, directory: str | Path, model_config, max_rows: int, writes: bool = True,
-                 agree=None, faults: Failpoints = NO_FAULTS, background: bool = True):
+                 agree=None, faults: Failpoints = NO_FAULTS, background: bool = True, rank: int = 0):
         """`max_rows`: the most rows a step returns (token budget or largest capture size);
         `writes`: whether this rank writes files (rank 0 of a job); `agree`: the ranks' check."""
         cfg = model_config
         self.directory, self.model, self.cfg = Path(directory), model_identity(cfg), cfg
-        self.recorder = RoutingRecorder(cfg.moe_layers, cfg.top_k, cfg.num_experts, max_rows, agree, faults)
+        self.recorder = RoutingRecorder(cfg.moe_layers, cfg.top_k, cfg.num_experts, max_rows, agree, faults, rank)
         self._store_args = dict(writes=writes, background=background, faults=faults)
         self._store: RoutingStore | None = None
         self.files: list[Path] = []  # every file this session wrote (or, on a non-writing rank, would have)
@@ -58,7 +58,7 @@ def attach_routing(llm, directory: str | Path, faults: Failpoints | None = None)
     max_rows = max([engine.max_num_batched_tokens, engine.max_num_seqs, *sizes])
     session = RoutingSession(directory, llm.model_config, max_rows, writes=part.rank == 0,
                              agree=comm.agree if part.world > 1 else None,
-                             faults=engine.faults if faults is None else faults)
+                             faults=engine.faults if faults is None else faults, rank=part.rank)
     llm.runner.recorder = session.recorder
     llm.routing = session
     return session
