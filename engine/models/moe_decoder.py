@@ -206,7 +206,8 @@ class MoEDecoder:
         out, ids, nonfinite = self._moe(w.mlp, normed, num_real, forced)
         return out, residual, (ids, nonfinite)
 
-    def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor, forced: paddle.Tensor | None) -> Tensors:
+    def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor,
+             forced: paddle.Tensor | None = None) -> Tensors:
         logits = paddle.matmul(x, w.router)  # [T, E]
         if forced is None:
             ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
