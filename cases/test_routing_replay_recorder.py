@@ -67,8 +67,9 @@ def batch(*segments: tuple[int, int, int]) -> _Batch:
     return _Batch(tuple(_Seg(_Seq(_Req(r)), start, n) for r, start, n in segments))
 
 
-def recorder(faults: str = "") -> RoutingRecorder:
-    return RoutingRecorder(LAYERS, TOP_K, EXPERTS, MAX_STEP, faults=Failpoints.parse(faults))
+def recorder(faults: Failpoints, extra: str = "") -> RoutingRecorder:
+    """A recorder with the run's planted faults (`--failpoints`) and `extra` ones."""
+    return RoutingRecorder(LAYERS, TOP_K, EXPERTS, MAX_STEP, faults=Failpoints(faults.active | {extra} - {""}))
 
 
 def run(rec: RoutingRecorder, steps, guard: CaptureGuard | None = None) -> None:
@@ -91,16 +92,16 @@ WORKLOAD = [
 ]
 
 
-def test_rows_land_at_their_positions():
-    rec = recorder()
+def test_rows_land_at_their_positions(faults):
+    rec = recorder(faults)
     run(rec, WORKLOAD)
     assert np.array_equal(rec.finish(0, 12), expected_table(0, 12))
     assert np.array_equal(rec.finish(1, 4), expected_table(1, 4))
     assert rec.steps == {CAPTURED: 1, REPLAYED: 2, FALLBACK: 1}
 
 
-def test_table_dtype_is_the_smallest_holding_the_experts():
-    rec = recorder()
+def test_table_dtype_is_the_smallest_holding_the_experts(faults):
+    rec = recorder(faults)
     run(rec, WORKLOAD[:1])
     assert rec.finish(0, 6).dtype == np.int8
 
@@ -130,33 +131,33 @@ def workloads(draw):
     return lengths, steps
 
 
-@given(workloads())
-def test_drawn_workloads_record_the_model_routing(workload):
+@given(workload=workloads())
+def test_drawn_workloads_record_the_model_routing(faults, workload):
     lengths, steps = workload
-    rec = recorder()
+    rec = recorder(faults)
     run(rec, steps)
     for request, tokens in lengths.items():
         assert np.array_equal(rec.finish(request, tokens), expected_table(request, tokens))
 
 
-def test_refuses_to_run_inside_a_capture():
+def test_refuses_to_run_inside_a_capture(faults):
     guard = CaptureGuard()
     with guard.scope(PREFILL, 8, capturing=True), pytest.raises(RoutingRecordError, match="inside a graph capture"):
-        run(recorder(), WORKLOAD[:1], guard)
+        run(recorder(faults), WORKLOAD[:1], guard)
 
 
-def test_replayed_steps_outside_capture_are_recorded():
+def test_replayed_steps_outside_capture_are_recorded(faults):
     guard = CaptureGuard()
     with guard.scope(PREFILL, 8):  # a replay scope: not capturing
-        run(recorder(), WORKLOAD[:1], guard)
+        run(recorder(faults), WORKLOAD[:1], guard)
 
 
-def test_padded_rows_holding_ids_are_refused():
+def test_padded_rows_holding_ids_are_refused(faults):
     b = batch((0, 0, 3))
     outputs = model_outputs(b, 8)
     outputs[LAYERS[1]][0][5] = 3  # a padded row routed to a real expert
     with pytest.raises(RoutingRecordError, match="padded rows 3..8"):
-        recorder().record_step(b, outputs, REPLAYED, CaptureGuard())
+        recorder(faults).record_step(b, outputs, REPLAYED, CaptureGuard())
 
 
 def test_step_kind():
@@ -164,8 +165,8 @@ def test_step_kind():
             step_kind(8, True, False)] == [EAGER, FALLBACK, CAPTURED, REPLAYED]
 
 
-def test_dropped_request_leaves_nothing():
-    rec = recorder()
+def test_dropped_request_leaves_nothing(faults):
+    rec = recorder(faults)
     run(rec, WORKLOAD[:1])
     rec.drop(0)
     with pytest.raises(RoutingRecordError, match="0 rows recorded"):
@@ -180,10 +181,10 @@ def test_ranks_are_asked_to_agree_on_each_step():
 
 
 @pytest.mark.parametrize("fault", ["r3.skip_in_graph", "r3.trace_time_only", "r3.record_padding"])
-def test_planted_recorder_faults_are_caught(fault):
+def test_planted_recorder_faults_are_caught(fault, faults):
     """Each fault loses or corrupts rows of the WORKLOAD; `finish` (or the step) must fail, or the
     table must differ from the model's routing."""
-    rec = recorder(fault)
+    rec = recorder(faults, fault)
     try:
         run(rec, WORKLOAD)
         tables = [rec.finish(0, 12), rec.finish(1, 4)]

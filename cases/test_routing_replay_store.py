@@ -166,9 +166,13 @@ def test_a_name_is_written_once_per_run(tmp_path):
 # ------------------------------------------------------------------------- ranks
 
 
-def _rank_stores(tmp_path, faults: str = ""):
+def _rank_stores(tmp_path, faults: Failpoints):
     """Two ranks of one TP job saving the same request into one folder: rank 0 alone writes."""
-    return [RoutingStore(tmp_path, writes=rank == 0, faults=Failpoints.parse(faults)) for rank in range(2)]
+    return [RoutingStore(tmp_path, writes=rank == 0, faults=faults) for rank in range(2)]
+
+
+def planted(faults: Failpoints, name: str) -> Failpoints:
+    return Failpoints(faults.active | {name})
 
 
 def check_one_writer(stores) -> list[str]:
@@ -176,15 +180,15 @@ def check_one_writer(stores) -> list[str]:
     return [] if writes == 1 else [f"{writes} writes of one request's file across {len(stores)} ranks"]
 
 
-def test_exactly_one_rank_writes(tmp_path):
-    stores = _rank_stores(tmp_path)
+def test_exactly_one_rank_writes(tmp_path, faults):
+    stores = _rank_stores(tmp_path, faults)
     for store in stores:
         store.save(_table())
     assert check_one_writer(stores) == []
 
 
-def test_planted_every_rank_writes_is_caught(tmp_path):
-    stores = _rank_stores(tmp_path, "r3.every_rank_writes")
+def test_planted_every_rank_writes_is_caught(tmp_path, faults):
+    stores = _rank_stores(tmp_path, planted(faults, "r3.every_rank_writes"))
     for store in stores:
         store.save(_table())
     assert check_one_writer(stores) != []
@@ -231,17 +235,16 @@ def _big_table(version: int) -> RoutingTable:
                         ids.reshape(tokens, len(LAYERS), k))
 
 
-def _writer_child(directory, versions, in_place: bool, ready_w: int) -> None:
+def _writer_child(directory, versions, store_faults: Failpoints, ready_w: int) -> None:
     """Forked child: write the same request's file over and over (each version a different table)
     until killed. Never returns."""
-    store_faults = Failpoints.parse("r3.write_in_place" if in_place else "")
     os.write(ready_w, b"x")
     for version in itertools.count():
         store = RoutingStore(directory, faults=store_faults)  # a fresh run each time: the name is reused
         store.save(versions[version % len(versions)])
 
 
-def check_crash_safety(directory, in_place: bool, trials: int, seed: int) -> list[str]:
+def check_crash_safety(directory, faults: Failpoints, trials: int, seed: int) -> list[str]:
     """Kill a writer with SIGKILL at random moments; after each kill the final path must be absent
     or hold one of the complete tables the child writes."""
     rng, problems = random.Random(seed), []
@@ -252,7 +255,7 @@ def check_crash_safety(directory, in_place: bool, trials: int, seed: int) -> lis
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child is killed
             try:
-                _writer_child(directory, versions, in_place, ready_w)
+                _writer_child(directory, versions, faults, ready_w)
             finally:
                 os._exit(1)
         os.read(ready_r, 1)
@@ -271,9 +274,9 @@ def check_crash_safety(directory, in_place: bool, trials: int, seed: int) -> lis
     return problems
 
 
-def test_sigkill_mid_write_never_leaves_a_file_that_loads_wrong(tmp_path):
-    assert check_crash_safety(tmp_path, in_place=False, trials=TRIALS, seed=13) == []
+def test_sigkill_mid_write_never_leaves_a_file_that_loads_wrong(tmp_path, faults):
+    assert check_crash_safety(tmp_path, faults, trials=TRIALS, seed=13) == []
 
 
-def test_planted_in_place_write_is_caught_by_the_crash_check(tmp_path):
-    assert check_crash_safety(tmp_path, in_place=True, trials=TRIALS, seed=13) != []
+def test_planted_in_place_write_is_caught_by_the_crash_check(tmp_path, faults):
+    assert check_crash_safety(tmp_path, planted(faults, "r3.write_in_place"), trials=TRIALS, seed=13) != []
