@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(experts placed on ranks) (default 1)")
     run.add_argument("--dump-all-ranks", action="store_true",
                      help="with --dump OUT.npz, also write OUT.rank{R}.npz from every rank")
+    run.add_argument("--routing-replay-dir", metavar="DIR",
+                     help="record each request's routed experts to DIR/<prompt name>.safetensors (rank 0 writes)")
+    run.add_argument("--replay-routing", metavar="DIR",
+                     help="route every token by the experts recorded in DIR (by --routing-replay-dir), "
+                          "weights recomputed from the router's scores")
     run.add_argument("--log-dir", metavar="DIR", help="where a multi-rank job keeps its logs (default: a temp dir)")
     run.add_argument("--report-dir", help=argparse.SUPPRESS)  # set by the parent of a multi-rank job
     run.add_argument("--failpoints", default=os.environ.get("ENGINE_FAILPOINTS", ""), metavar="NAMES",
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     engine = engine_config(args)
     prompts = read_prompts(args.prompts)
     start = time.perf_counter()
-    llm = LLM(args.model, engine)
+    llm = LLM(args.model, engine, routing_replay_dir=args.routing_replay_dir, replay_routing_dir=args.replay_routing)
     outputs = llm.generate(prompts, args.max_new_tokens, record_prompt_logits=bool(args.dump))
     elapsed = time.perf_counter() - start
     for result in outputs:
@@ -118,7 +123,15 @@ def run(args: argparse.Namespace, out=None) -> int:
     print(f"{len(outputs)} prompts, {args.max_new_tokens} new tokens each, {elapsed:.2f} s", file=sys.stderr)
     if engine.graph.mode is not GraphMode.EAGER:
         print(f"graphs: {llm.runner.stats.summary()}", file=sys.stderr)
+    if llm.routing is not None and rank == 0:
+        _print_routing_files(llm.routing.files, args.routing_replay_dir)
     return 0
+
+
+def _print_routing_files(files: list, directory: str) -> None:
+    print(f"routing replay: {len(files)} files in {directory}", file=sys.stderr)
+    for path in files:
+        print(f"  {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

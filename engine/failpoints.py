@@ -38,6 +38,13 @@ KNOWN: dict[str, str] = {
     "dist.wrong_expert_map": "each EP rank computes its experts as if it held the next rank's experts",
     "dist.double_scale": "the routed_scaling_factor is applied again when experts' shares are combined",
     "dist.rank_disagrees": "rank 1 runs a step eagerly while the other ranks replay a graph",
+    # Routing replay (engine/routing_replay/)
+    "r3.skip_in_graph": "the routing recorder skips steps that capture or replay a graph (the seed bug)",
+    "r3.trace_time_only": "routing is recorded as a trace-time Python side effect: replayed steps record nothing",
+    "r3.record_padding": "the host copies a replay's padded rows into the request's table as well",
+    "r3.write_in_place": "routing files are written in place at their final path, not via temp file + rename",
+    "r3.every_rank_writes": "every rank writes each routing file, not rank 0 alone",
+    "r3.rank_skews_ids": "rank 1 records every expert id one higher than the other ranks do",
 }
 
 

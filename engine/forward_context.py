@@ -25,6 +25,7 @@ class ForwardContext:
     phase: str  # "prefill" (prefill or mixed) or "decode" (decodes only)
     padded_size: int | None  # the capture size replayed; None when the step runs eagerly
     guard: CaptureGuard
+    replay_ids: paddle.Tensor | None = None  # [T, moe_layers, top_k] int64: recorded ids to route by (R3 replay)
 
     @property
     def num_tokens(self) -> int:

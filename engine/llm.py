@@ -19,6 +19,8 @@ from engine.distributed import init_parallel
 from engine.errors import UserError
 from engine.hf_config import read_model_config
 from engine.models.moe_decoder import MoEDecoder
+from engine.routing_replay.replay import RoutingReplayer
+from engine.routing_replay.session import RoutingSession, attach_routing
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Batch, Request, Scheduler
 
@@ -60,35 +62,51 @@ class RequestOutput:
 class LLM:
     """A decoder, its runner and a scheduler, built from a Hugging Face checkpoint directory."""
 
-    def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None):
+    def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None,
+                 routing_replay_dir: str | Path | None = None, replay_routing_dir: str | Path | None = None):
+        """With `routing_replay_dir`, every finished request's routed experts are written there; with
+        `replay_routing_dir`, every request routes by the experts recorded there (engine/routing_replay/)."""
         self.engine = engine or EngineConfig()
         self.model_config = cfg = read_model_config(model_dir)
         partition, comm = init_parallel(self.engine.parallel)
         weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))
         self.model = MoEDecoder(cfg, weights, self.engine.faults, partition, comm,
                                 self.engine.parallel.fused_allreduce_max_tokens)
-        self.runner = ModelRunner(self.model, self.engine)
+        replay = RoutingReplayer(replay_routing_dir, cfg) if replay_routing_dir else None
+        self.runner = ModelRunner(self.model, self.engine, replay)
         self.max_model_len = self.engine.max_len(self.model_config)
+        self.routing: RoutingSession | None = attach_routing(self, routing_replay_dir) if routing_replay_dir else None
 
     def generate(self, prompts: list[Prompt], max_new_tokens: int,
                  record_prompt_logits: bool = True) -> list[RequestOutput]:
         """Run all prompts as one workload (continuous batching) and return outputs in prompt order."""
         self._validate(prompts, max_new_tokens)
+        if self.runner.replay is not None:  # R3: refuse a recording that does not fit before any step
+            self.runner.replay.load(prompts, max_new_tokens)
         scheduler = Scheduler(self.engine.max_num_batched_tokens, self.engine.max_num_seqs,
                               self.runner.cache.allocator, self.engine.block_size)
         outputs = {}
         for i, prompt in enumerate(prompts):
             scheduler.add(Request(i, prompt.input_ids, max_new_tokens, prompt.name))
             outputs[i] = RequestOutput(prompt.name, np.asarray(prompt.input_ids, np.int64), max_new_tokens)
+        try:
+            self._run(scheduler, outputs, record_prompt_logits)
+        finally:
+            if self.routing is not None:  # R3: wait for the files; unfinished requests leave none
+                self.routing.close()
+        return [outputs[i] for i in range(len(prompts))]
+
+    def _run(self, scheduler: Scheduler, outputs: dict[int, RequestOutput], record_prompt_logits: bool) -> None:
         steps = 0
         while scheduler.has_work:
             batch = scheduler.schedule()
             result = self.runner.step(batch, all_prompt_logits=record_prompt_logits)
             _collect(batch, result, outputs)
-            scheduler.update(batch, result.next_tokens)
+            finished = scheduler.update(batch, result.next_tokens)
+            if self.routing is not None:
+                self.routing.finished(finished)
             steps += 1
             log.debug("step %d: %d tokens in %d segments", steps, batch.num_tokens, len(batch.segments))
-        return [outputs[i] for i in range(len(prompts))]
 
     def _validate(self, prompts: list[Prompt], max_new_tokens: int) -> None:
         if max_new_tokens < 1:

@@ -24,6 +24,8 @@ from engine.kv_cache import KVCache, blocks_needed, slots_for
 from engine.layers.attention import AttentionMetadata, DecodeTables, SequenceSpan
 from engine.models.moe_decoder import ForwardOutput, MoEDecoder
 from engine.moe.router import check_finite
+from engine.routing_replay.recorder import RoutingRecorder, step_kind
+from engine.routing_replay.replay import RoutingReplayer
 from engine.scheduler import Batch
 
 
@@ -46,8 +48,11 @@ def default_num_blocks(model: ModelConfig, engine: EngineConfig) -> int:
 class ModelRunner:
     """Runs steps of one decoder against the KV cache it owns."""
 
-    def __init__(self, model: MoEDecoder, engine: EngineConfig):
-        self.model = model
+    def __init__(self, model: MoEDecoder, engine: EngineConfig, replay: RoutingReplayer | None = None):
+        """With `replay`, every step routes by the recorded expert ids it hands out (R3 replay): the
+        runner drives the model's replaying view, whose pieces read them as the step input `replay_ids`."""
+        self.model = model.with_replayed_routing() if replay is not None else model
+        self.replay = replay
         self.engine = engine
         cfg = model.cfg
         self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
@@ -56,6 +61,7 @@ class ModelRunner:
         self.guard = CaptureGuard()
         self.stats = CaptureStats()
         self.graphs = self._graph_runner()
+        self.recorder: RoutingRecorder | None = None  # routing replay (R3): set by the engine to record
 
     def _graph_runner(self) -> GraphRunner | None:
         graph = self.engine.graph
@@ -78,7 +84,8 @@ class ModelRunner:
         tables = self._decode_tables(batch) if size is not None and self.graphs.replays_whole_step(phase) else None
         meta = AttentionMetadata(self._spans(batch), slots, batch.num_tokens, tables)
         num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
-        return ForwardContext(token_ids, positions, num_real, meta, phase, size, self.guard)
+        replay_ids = self.replay.step_ids(batch) if self.replay is not None else None
+        return ForwardContext(token_ids, positions, num_real, meta, phase, size, self.guard, replay_ids)
 
     def _positions(self, batch: Batch) -> np.ndarray:
         positions = np.asarray(batch.positions(), dtype=np.int64)  # [T]
@@ -124,8 +131,11 @@ class ModelRunner:
     def step(self, batch: Batch, all_prompt_logits: bool = False) -> StepResult:
         """Run one step. Logits come back for each sampling row; with `all_prompt_logits`, for every
         prefill row as well (what a dump of prompt logits needs)."""
-        out = self.forward(self.prepare(batch))
+        ctx, before = self.prepare(batch), self.stats.snapshot() if self.recorder is not None else None
+        out = self.forward(ctx)
         self._check_routing(out.routing, batch.num_tokens)
+        if self.recorder is not None:  # R3: host side, after the step (graph buffers are still this step's)
+            self.recorder.record_step(batch, out.routing, step_kind(self.stats.since(before)), self.guard)
         rows = _logit_rows(batch, all_prompt_logits)
         logits = self.model.logits(paddle.gather(out.hidden, paddle.to_tensor(np.concatenate(rows)))).numpy()
         per_segment = np.split(logits, np.cumsum([len(r) for r in rows])[:-1])
@@ -138,7 +148,8 @@ class ModelRunner:
             if self.graphs is not None:
                 self.stats.record_fallback(ctx.phase, ctx.num_tokens)
             return self.eager_forward(ctx)
-        step = self.model.step_values(ctx.token_ids, ctx.positions, ctx.num_real, ctx.attention.decode)
+        step = self.model.step_values(ctx.token_ids, ctx.positions, ctx.num_real, ctx.attention.decode,
+                                      ctx.replay_ids)
         with ctx.guard.scope(ctx.phase, ctx.padded_size):
             if ctx.attention.decode is None:
                 outputs = self.graphs.run_pieces(ctx.phase, ctx.padded_size, ctx.num_tokens, step,
@@ -150,7 +161,7 @@ class ModelRunner:
 
     def eager_forward(self, ctx: ForwardContext) -> ForwardOutput:
         """The step run eagerly, piece by piece, whatever `ctx.padded_size` says; counts nothing."""
-        step = self.model.step_values(ctx.token_ids, ctx.positions, ctx.num_real)
+        step = self.model.step_values(ctx.token_ids, ctx.positions, ctx.num_real, replay_ids=ctx.replay_ids)
         return self.model.forward_output(run_pieces(self.model.num_pieces, self.model.piece, self._attention(ctx), step))
 
     def _attention(self, ctx: ForwardContext):

@@ -48,10 +48,12 @@ from engine.layers.rotary import apply_rotary, rope_table
 from engine.models.weights import LayerWeights, MoEWeights, layer_weights, map_fields
 from engine.moe import router
 from engine.moe.experts import dense_mlp, routed_experts
+from engine.routing_replay.replay import replayed_routing
 
 Tensors = tuple[paddle.Tensor, ...]
 Named = dict[str, paddle.Tensor]
 ROUTING = ("topk_ids", "nonfinite")  # what a MoE piece adds to its outputs
+REPLAY_IDS = "replay_ids"  # routing replay (R3): [T, moe_layers, top_k] recorded ids, a step input
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class MoEDecoder:
     Implements `engine/graph/protocol.py`'s `PiecewiseModel` (and the whole-step extension):
     pieces take and return tensors by name."""
 
-    step_inputs = ("token_ids", "positions", "num_real")
+    step_inputs: tuple[str, ...] = ("token_ids", "positions", "num_real")
+    replays = False  # True in the view `with_replayed_routing` returns
 
     def __init__(self, cfg: ModelConfig, tensors: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS,
                  partition: Partition | None = None, comm: Collectives | None = None,
@@ -111,12 +114,26 @@ class MoEDecoder:
 
     def piece_inputs(self, index: int) -> tuple[tuple, ...]:
         """Piece 0 reads the step's tokens; every later piece the attention output and the residual
-        stream. All read positions and the real-row count ([1] int64: rows past it are padding)."""
+        stream. All read positions and the real-row count ([1] int64: rows past it are padding); a
+        MoE piece of a replaying view also the step's recorded expert ids."""
         shared = (("positions", "int64", ()), ("num_real", "int64", None))
         if index == 0:
             return (("token_ids", "int64", ()), *shared)
+        replay = self._replay_spec() if self.piece_has_moe(index) else ()
         return (("attn_out", "float32", (self.heads * self.cfg.head_dim,)),
-                ("residual", "float32", (self.cfg.hidden_size,)), *shared)
+                ("residual", "float32", (self.cfg.hidden_size,)), *shared, *replay)
+
+    def _replay_spec(self) -> tuple[tuple, ...]:
+        """The routing-replay input ([T, moe_layers, top_k] int64), or none when not replaying."""
+        return ((REPLAY_IDS, "int64", (len(self.cfg.moe_layers), self.cfg.top_k)),) if self.replays else ()
+
+    def with_replayed_routing(self) -> MoEDecoder:
+        """A view whose MoE layers route by recorded expert ids (routing replay, R3): the ids are one
+        more step input, `replay_ids`, read by every MoE piece; the weights are recomputed from the
+        router's scores at those ids (engine/routing_replay/replay.py)."""
+        view = copy.copy(self)
+        view.replays, view.step_inputs = True, (*self.step_inputs, REPLAY_IDS)
+        return view
 
     def piece_outputs(self, index: int) -> tuple[str, ...]:
         """A piece followed by attention returns its q/k/v and the residual stream, the last piece the
@@ -155,14 +172,21 @@ class MoEDecoder:
                                           self.comm.all_reduce)
             normed = rms_norm(hidden, self.layers[0].input_norm, self.cfg.rms_norm_eps)
             return {**self._qkv(0, normed, positions), "residual": hidden}
+        forced = self._forced_ids(index - 1, inputs)
         partial, residual, routing = self._finish_layer(index - 1, inputs["attn_out"], inputs["residual"],
-                                                        inputs["num_real"])
+                                                        inputs["num_real"], forced)
         last = index == self.cfg.num_layers
         norm = self.final_norm if last else self.layers[index].input_norm
         normed, residual = self._reduce_add_norm(partial, residual, norm)
         if last:
             return {"hidden": normed, **routing}
         return {**self._qkv(index, normed, positions), "residual": residual, **routing}
+
+    def _forced_ids(self, layer: int, inputs: Named) -> paddle.Tensor | None:
+        """The recorded ids [T, k] a replaying view routes MoE `layer` by; None otherwise."""
+        if not (self.replays and self.cfg.is_moe_layer(layer)):
+            return None
+        return inputs[REPLAY_IDS][:, self.cfg.moe_layers.index(layer)]
 
     def _reduce_add_norm(self, partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor,
                          reduce: bool = True) -> Tensors:
@@ -184,22 +208,28 @@ class MoEDecoder:
         cos, sin = paddle.gather(self.cos, positions), paddle.gather(self.sin, positions)  # [T, 1, rd/2]
         return {"q": apply_rotary(q, cos, sin), "k": apply_rotary(k, cos, sin), "v": v}
 
-    def _finish_layer(self, layer: int, attn_out: paddle.Tensor, residual: paddle.Tensor,
-                      num_real: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, Named]:
-        """o-proj, all-reduce, residual add, post-attention norm, MLP/MoE; returns (this rank's partial
-        MLP/MoE output, residual, routing outputs)."""
+    def _finish_layer(self, layer: int, attn_out: paddle.Tensor, residual: paddle.Tensor, num_real: paddle.Tensor,
+                      forced: paddle.Tensor | None = None) -> tuple[paddle.Tensor, paddle.Tensor, Named]:
+        """o-proj, all-reduce, residual add, post-attention norm, MLP/MoE (routed by `forced` ids when
+        given); returns (this rank's partial MLP/MoE output, residual, routing outputs)."""
         w = self.layers[layer]
         attn = linear(attn_out, w.o_proj, w.o_bias)  # [T, H], partial over ranks
         reduce = not self.faults.on("dist.skip_allreduce")
         normed, residual = self._reduce_add_norm(attn, residual, w.post_norm, reduce)
         if not isinstance(w.mlp, MoEWeights):
             return dense_mlp(normed, w.mlp.gate, w.mlp.up, w.mlp.down), residual, {}
-        out, ids, nonfinite = self._moe(w.mlp, normed, num_real)
+        out, ids, nonfinite = self._moe(w.mlp, normed, num_real, forced)
         return out, residual, dict(zip(ROUTING, (ids, nonfinite)))
 
-    def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor) -> Tensors:
+    def _moe(self, w: MoEWeights, x: paddle.Tensor, num_real: paddle.Tensor,
+             forced: paddle.Tensor | None = None) -> Tensors:
+        """This rank's share of the MoE output, the routed ids [T, k] and the non-finite row flags;
+        with `forced` ids [T, k] the router's choice is replaced by them (routing replay)."""
         logits = paddle.matmul(x, w.router)  # [T, E]
-        ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
+        if forced is None:
+            ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
+        else:
+            ids, weights = replayed_routing(self.cfg, logits, forced, num_real)
         local = weights * self.cfg.routed_scaling_factor if self.faults.on("dist.double_scale") else weights
         out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down)  # this rank's
         if w.shared is not None:
@@ -229,8 +259,9 @@ class MoEDecoder:
 
     def whole_step_inputs(self, table_width: int) -> tuple[tuple, ...]:
         """Inputs of a decode-only step captured as one graph: piece 0's, then each row's slot table
-        ([B, table_width]) and cached length ([B])."""
-        return (*self.piece_inputs(0), ("slots", "int64", (table_width,)), ("context_lens", "int64", ()))
+        ([B, table_width]) and cached length ([B]), and a replaying view's recorded ids."""
+        return (*self.piece_inputs(0), ("slots", "int64", (table_width,)), ("context_lens", "int64", ()),
+                *self._replay_spec())
 
     def whole_step_outputs(self, index: int) -> tuple[str, ...]:
         """What a whole-step graph keeps of piece `index`: the new k/v of the layer it starts (written
@@ -262,9 +293,14 @@ class MoEDecoder:
         return ForwardOutput(hidden=outputs[-1]["hidden"], routing=routing)
 
     def step_values(self, token_ids: paddle.Tensor, positions: paddle.Tensor, num_real: paddle.Tensor,
-                    decode: DecodeTables | None = None) -> Named:
-        """A step's inputs by the names the pieces read them; with `decode`, a whole-step graph's too."""
-        step = dict(zip(self.step_inputs, (token_ids, positions, num_real)))
+                    decode: DecodeTables | None = None, replay_ids: paddle.Tensor | None = None) -> Named:
+        """A step's inputs by the names the pieces read them; with `decode`, a whole-step graph's too.
+        A replaying view requires the step's `replay_ids` [T, moe_layers, top_k]."""
+        step = {"token_ids": token_ids, "positions": positions, "num_real": num_real}
+        if self.replays:
+            if replay_ids is None:
+                raise ValueError("a replaying decoder needs the step's recorded expert ids (replay_ids)")
+            step[REPLAY_IDS] = replay_ids
         if decode is not None:
             step |= {"slots": decode.slots, "context_lens": decode.context_lens}
         return step

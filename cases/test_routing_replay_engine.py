@@ -1,0 +1,324 @@
+"""Routing replay inside the capture guard: what the engine records per request, in every graph
+mode and capture policy, equals what the eager engine routed (and the goldens' expert sets).
+
+The seed bug recorded routing as a Python side effect that only ran when a piece was traced, so
+the first step of a run (which captures) recorded something and every replayed step nothing. The
+lazy-capture cases start a fresh engine whose very first step captures, on purpose.
+
+References are independent of the recorder: the eager engine's per-step routing outputs
+(RequestOutput.prefill_routing / decode_routing, collected by the runner, not the recorder) and
+the goldens built by fixtures/build_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import prompt_sets, scaled_examples
+
+from engine.config import EngineConfig, GraphConfig
+from engine.failpoints import NO_FAULTS, Failpoints
+from engine.llm import LLM, Prompt
+from engine.routing_replay import model_identity
+from engine.routing_replay.errors import RoutingFileMissing, RoutingMismatch, RoutingRecordError
+from engine.routing_replay.reader import load_routing
+from engine.routing_replay.recorder import CAPTURED, EAGER, FALLBACK, REPLAYED
+from engine.routing_replay.session import attach_routing
+from engine.routing_replay.store import RoutingStore
+from fixtures.pytest_fixtures import CHECKPOINT_NAMES, PROMPTS, checkpoint_dir
+from verifier.compare import compare
+from verifier.dumps import NEAR_TIE_MARGIN
+from verifier.tolerance import tolerance_for
+
+# One xdist worker holds the graph engines, so each capture size compiles once (about 3 s each).
+pytestmark = pytest.mark.xdist_group("routing_replay")
+
+ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}  # chunked prefill and mixed steps
+# Prefill steps of 17-32 tokens replay 32, of <= 16 replay 16; decode steps of <= 4 sequences replay
+# 4 and of 5-8 fall back to eager (above the largest decode size).
+SIZES = {"prefill_capture_sizes": (16, 32), "decode_capture_sizes": (4,)}
+MODES = ("piecewise", "full_and_piecewise")
+NAME = "glm4_moe"
+MAX_NEW = 8  # the goldens' max_new_tokens
+FLOAT32 = tolerance_for("float32")
+
+
+def build(faults: Failpoints, name: str = NAME, mode: str = "eager", capture: str = "eager") -> LLM:
+    graph = GraphConfig(mode=mode, capture=capture, **SIZES) if mode != "eager" else GraphConfig()
+    return LLM(checkpoint_dir(name), EngineConfig(**ENGINE, graph=graph, faults=faults))
+
+
+@pytest.fixture(scope="module")
+def engines(faults):
+    """engines(name, mode) -> a cached engine that captured every size at start-up, with the
+    run's planted faults (`--failpoints`)."""
+    cache: dict = {}
+
+    def get(name: str = NAME, mode: str = "eager") -> LLM:
+        if (name, mode) not in cache:
+            cache[(name, mode)] = build(faults, name, mode)
+        return cache[(name, mode)]
+
+    return get
+
+
+def record(llm: LLM, prompts: list[Prompt], directory: Path, max_new: int = MAX_NEW, faults: str | None = None):
+    """Run `prompts` recording into `directory`; returns (outputs, tables by name, recorded step kinds,
+    graph counters during the run)."""
+    session = attach_routing(llm, directory, None if faults is None else Failpoints.parse(faults))
+    before = Counter(llm.runner.stats.summary())
+    outputs = llm.generate(prompts, max_new)
+    counters = Counter(llm.runner.stats.summary())
+    counters.subtract(before)
+    cfg = llm.model_config
+    tables = {p.name: load_routing(directory / f"{p.name}.safetensors", model=model_identity(cfg),
+                                   moe_layers=cfg.moe_layers, top_k=cfg.top_k) for p in prompts}
+    return outputs, tables, session.recorder.steps, counters
+
+
+def named(prompts) -> list[Prompt]:
+    return [Prompt(tuple(p), f"q{i}_len{len(p)}") for i, p in enumerate(prompts)]
+
+
+# ------------------------------------------------------------------------- checks (plain functions)
+
+
+def check_tables(tables: dict, prompts: list[Prompt], max_new: int, layers: tuple[int, ...], top_k: int) -> list[str]:
+    """Every request has a table of [prompt + max_new - 1, layers, top_k] with no -1 and k distinct ids per row."""
+    problems = []
+    for p in prompts:
+        ids = tables[p.name].ids
+        want = (len(p.input_ids) + max_new - 1, len(layers), top_k)
+        if ids.shape != want:
+            problems.append(f"{p.name}: shape {ids.shape}, expected {want}")
+        elif (ids < 0).any() or (np.diff(np.sort(ids, axis=-1), axis=-1) == 0).any():
+            problems.append(f"{p.name}: rows with -1 or repeated experts")
+    return problems
+
+
+def check_matches_outputs(tables: dict, outputs, layers: tuple[int, ...]) -> list[str]:
+    """Each table equals, as expert sets, the routing the engine returned step by step."""
+    problems = []
+    for out in outputs:
+        for col, layer in enumerate(layers):
+            want = np.concatenate([out.topk_ids(layer), out.topk_ids(layer, decode=True)])
+            got = np.sort(tables[out.name].ids[:, col].astype(np.int64), axis=-1)
+            if got.shape != want.shape or not np.array_equal(got, want):
+                problems.append(f"{out.name} layer {layer}: recorded routing differs from the step outputs")
+    return problems
+
+
+def check_same_tables(tables: dict, reference: dict, label: str) -> list[str]:
+    """Bitwise equal ids (same order within each row) to a reference recording."""
+    return [f"{label}: {name} differs from the eager recording" for name in reference
+            if tables[name].ids.dtype != reference[name].ids.dtype
+            or not np.array_equal(tables[name].ids, reference[name].ids)]
+
+
+def check_goldens(tables: dict, prompts: list[Prompt], outputs, golden: dict, layers) -> list[str]:
+    """The goldens' expert sets, outside near-ties (decode rows only while the greedy tokens agree)."""
+    problems = []
+    for i, (p, out) in enumerate(zip(prompts, outputs)):
+        same_tokens = np.array_equal(out.greedy, golden[f"greedy_p{i}"])
+        for col, layer in enumerate(layers):
+            parts = [("", 0)] + ([("decode_", len(p.input_ids))] if same_tokens else [])
+            for prefix, start in parts:
+                want = np.sort(golden[f"{prefix}topk_ids_p{i}_layer{layer}"], axis=-1)
+                margin = golden[f"{prefix}topk_margin_p{i}_layer{layer}"]
+                got = np.sort(tables[p.name].ids[start:start + len(want), col], axis=-1)
+                bad = (got != want).any(axis=-1) & (margin >= NEAR_TIE_MARGIN)
+                if bad.any():
+                    problems.append(f"{p.name} layer {layer}: {prefix}row {np.flatnonzero(bad)[0]} differs from golden")
+    return problems
+
+
+# ------------------------------------------------------------------------- cases
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_NAMES)
+def test_eager_recording_matches_outputs_and_goldens(engines, prompts, golden, tmp_path, name):
+    llm = engines(name)
+    cfg = llm.model_config
+    outputs, tables, kinds, _ = record(llm, prompts, tmp_path)
+    assert check_tables(tables, prompts, MAX_NEW, cfg.moe_layers, cfg.top_k) == []
+    assert check_matches_outputs(tables, outputs, cfg.moe_layers) == []
+    assert check_goldens(tables, prompts, outputs, golden(name), cfg.moe_layers) == []
+    assert set(kinds) == {EAGER}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_graph_recording_equals_eager_recording(engines, prompts, golden, tmp_path, mode):
+    """Every size captured at start-up: graph steps replay (or fall back above the largest size)."""
+    _, reference, _, _ = record(engines(), prompts, tmp_path / "eager")
+    outputs, tables, kinds, counters = record(engines(mode=mode), prompts, tmp_path / mode)
+    cfg = engines().model_config
+    assert check_same_tables(tables, reference, mode) == []
+    assert check_goldens(tables, prompts, outputs, golden(NAME), cfg.moe_layers) == []
+    assert kinds[REPLAYED] == counters["replays"] > 0 and kinds[CAPTURED] == 0
+    assert kinds[FALLBACK] == counters["fallbacks"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_first_step_that_captures_is_recorded(engines, faults, prompts, tmp_path, mode):
+    """A fresh lazy engine: the first step of its first request captures size 16, and later
+    workloads capture 32 and the decode size on first use. Captured steps are recorded too."""
+    first = [Prompt(tuple(prompts[1].input_ids[:12]), "first12")]
+    llm = build(faults, mode=mode, capture="lazy")
+    for i, workload in enumerate((first, prompts)):
+        _, reference, _, _ = record(engines(), workload, tmp_path / f"eager{i}")
+        _, tables, kinds, counters = record(llm, workload, tmp_path / f"{mode}{i}")
+        assert check_same_tables(tables, reference, mode) == []
+        assert kinds[CAPTURED] == counters["captures"] > 0
+        assert kinds[CAPTURED] + kinds[REPLAYED] == counters["replays"]
+
+
+drawn = st.tuples(prompt_sets(512, max_prompts=5, max_len=48), st.integers(1, 5))
+
+
+@settings(max_examples=scaled_examples(0.2), deadline=None)
+@given(drawn)
+def test_drawn_workloads_record_the_same_tables_in_every_mode(engines, tmp_path_factory, workload):
+    """Prompt lengths across the chunk and capture-size boundaries, requests finishing in one step
+    (equal budgets), decode steps of 5+ sequences above the largest decode size."""
+    prompts, max_new = named(workload[0]), workload[1]
+    root = tmp_path_factory.mktemp("drawn")
+    _, reference, _, _ = record(engines(), prompts, root / "eager", max_new)
+    cfg = engines().model_config
+    assert check_tables(reference, prompts, max_new, cfg.moe_layers, cfg.top_k) == []
+    for mode in MODES:
+        _, tables, _, _ = record(engines(mode=mode), prompts, root / mode, max_new)
+        assert check_same_tables(tables, reference, mode) == []
+
+
+@pytest.mark.parametrize("fault", ["r3.skip_in_graph", "r3.trace_time_only", "r3.record_padding"])
+def test_planted_recording_fault_is_caught(engines, faults, prompts, tmp_path, fault):
+    """A fresh engine: a workload that fails mid-way keeps its KV blocks, so a shared one would
+    leak them into later cases."""
+    _, reference, _, _ = record(engines(), prompts, tmp_path / "eager")
+    try:
+        _, tables, _, _ = record(build(faults, mode="piecewise", capture="lazy"), prompts, tmp_path / "graph",
+                                 faults=fault)
+    except RoutingRecordError:
+        return  # the recorder's own checks refused the step or the table
+    assert check_same_tables(tables, reference, fault) != []
+
+
+def test_failed_workload_leaves_no_file(faults, prompts, tmp_path, monkeypatch):
+    llm = build(faults)  # fresh: the failed workload keeps its KV blocks
+    attach_routing(llm, tmp_path)
+    step, calls = llm.runner.step, []
+
+    def failing_step(batch, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # before any request has generated its MAX_NEW tokens
+            raise RuntimeError("planted step failure")
+        return step(batch, **kw)
+
+    monkeypatch.setattr(llm.runner, "step", failing_step)
+    with pytest.raises(RuntimeError, match="planted step failure"):
+        llm.generate(prompts, MAX_NEW)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_records_and_lists_the_files(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir(NAME)), "--prompts",
+                          str(PROMPTS), "--max-new-tokens", "2", "--graph", "piecewise", "--capture-sizes", "16,32",
+                          "--max-num-batched-tokens", "32", "--routing-replay-dir", str(tmp_path / "r3")],
+                         capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""},
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    listed = [line.strip() for line in run.stderr.splitlines() if line.strip().endswith(".safetensors")]
+    assert sorted(Path(p).name for p in listed) == sorted(p.name for p in (tmp_path / "r3").iterdir())
+    assert len(listed) == 4 and all(load_routing(p).num_tokens >= 5 for p in listed)
+
+
+# ------------------------------------------------------------------------- replay
+
+
+@pytest.fixture(scope="module")
+def replayers(faults, tmp_path_factory):
+    """replayers(mode) -> (a cached engine replaying from a folder, that folder); cases write the
+    recordings there before they generate (the engine reads them at the start of each workload)."""
+    cache: dict = {}
+
+    def get(mode: str = "eager", name: str = NAME):
+        if (mode, name) not in cache:
+            folder = tmp_path_factory.mktemp(f"replay-{mode}-{name}")
+            graph = GraphConfig(mode=mode, capture="lazy", **SIZES) if mode != "eager" else GraphConfig()
+            llm = LLM(checkpoint_dir(name), EngineConfig(**ENGINE, graph=graph, faults=faults),
+                      replay_routing_dir=folder)
+            cache[(mode, name)] = (llm, folder)
+        return cache[(mode, name)]
+
+    return get
+
+
+def check_same_outputs(got, want) -> list[str]:
+    """Prompt logits, greedy tokens and their logits bitwise equal, request by request."""
+    problems = []
+    for a, b in zip(got, want):
+        if not (np.array_equal(a.logits(), b.logits()) and a.greedy == b.greedy
+                and all(np.array_equal(x, y) for x, y in zip(a.greedy_logits, b.greedy_logits))):
+            problems.append(f"{a.name}: logits or tokens differ")
+    return problems
+
+
+@pytest.mark.parametrize("mode", ("eager",) + MODES)
+def test_replaying_a_run_reproduces_its_logits_bitwise(engines, replayers, prompts, mode):
+    llm, folder = replayers(mode)
+    recorded, _, _, _ = record(engines(mode=mode), prompts, folder)
+    replayed = llm.generate(prompts, MAX_NEW)
+    assert check_same_outputs(replayed, recorded) == []
+
+
+@pytest.mark.parametrize("mode", ("eager",) + MODES)
+def test_replay_routes_by_the_recorded_ids(replayers, prompts, mode):
+    """A recording with every id moved to the next expert: the run must route exactly so (a replay
+    that ignored the file would route as the router does and fail here)."""
+    llm, folder = replayers(mode)
+    cfg = llm.model_config
+    _, tables, _, _ = record(build(NO_FAULTS), prompts, folder)
+    moved = {name: replace(t, ids=((t.ids.astype(np.int64) + 1) % cfg.num_experts).astype(t.ids.dtype))
+             for name, t in tables.items()}
+    store = RoutingStore(folder)
+    for table in moved.values():
+        store.save(table)
+    outputs = llm.generate(prompts, MAX_NEW)
+    assert check_matches_outputs(moved, outputs, cfg.moe_layers) == []
+
+
+def test_recording_that_does_not_fit_is_refused(replayers, prompts, tmp_path):
+    llm, folder = replayers()
+    record(build(NO_FAULTS, name="qwen3_moe"), prompts[:1], folder)
+    with pytest.raises(RoutingMismatch, match=f"{prompts[0].name}.safetensors: model is"):
+        llm.generate(prompts[:1], MAX_NEW)
+    record(build(NO_FAULTS), prompts[:1], folder, max_new=2)
+    with pytest.raises(RoutingMismatch, match="6 recorded tokens, the workload feeds 12"):
+        llm.generate(prompts[:1], MAX_NEW)
+    other = [Prompt(tuple(reversed(prompts[0].input_ids)), prompts[0].name)]
+    with pytest.raises(RoutingMismatch, match="recorded for another prompt"):
+        llm.generate(other, 2)
+    with pytest.raises(RoutingFileMissing, match="nobody.safetensors"):
+        llm.generate([Prompt((1, 2, 3), "nobody")], 2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_replaying_an_eager_recording_in_a_graph_mode_matches_within_tolerance(engines, replayers, prompts, mode):
+    """Another mode pads GEMMs differently: logits within the float32 row of the tolerance table,
+    and the routing is the recording's exactly (it is forced)."""
+    llm, folder = replayers(mode)
+    recorded, tables, _, _ = record(engines(), prompts, folder)
+    replayed = llm.generate(prompts, MAX_NEW)
+    assert check_matches_outputs(tables, replayed, llm.model_config.moe_layers) == []
+    for got, want in zip(replayed, recorded):
+        result = compare(got.logits(), want.logits(), FLOAT32, name=got.name)
+        assert result.passed, result.message()

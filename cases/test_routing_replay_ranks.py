@@ -1,0 +1,53 @@
+"""Routing replay on 4 ranks (TP4 and TP4+EP4): rank 0 alone writes, each request gets one complete
+file holding every MoE layer's full top-k, and the ids match the goldens' expert sets. Every rank
+checks each step that all ranks recorded the same ids (a disagreement is a ParallelError).
+
+Runs the CLI as a real 4-rank job, on the worker of the other 4-rank cases (never two jobs at once).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_routing_replay_engine import MAX_NEW, NAME, check_goldens, check_tables
+
+from engine.routing_replay.reader import load_routing
+from fixtures.pytest_fixtures import PROMPTS, checkpoint_dir
+
+pytestmark = pytest.mark.xdist_group("four_ranks")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_job(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir(NAME)), "--prompts", str(PROMPTS),
+               "--max-new-tokens", str(MAX_NEW), "--log-dir", str(tmp_path / "logs"), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={"PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)})
+
+
+@pytest.mark.parametrize("layout", [["--tp", "4"], ["--tp", "4", "--ep", "4"]], ids=["tp4", "tp4_ep4"])
+def test_four_ranks_write_one_complete_file_per_request(prompts, golden, tmp_path, layout):
+    folder = tmp_path / "r3"
+    job = run_job([*layout, "--routing-replay-dir", str(folder)], tmp_path)
+    assert job.returncode == 0, job.stderr
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{p.name}.safetensors" for p in prompts)
+    tables = {p.name: load_routing(folder / f"{p.name}.safetensors") for p in prompts}
+    greedy = dict(line.split(": ") for line in job.stdout.splitlines() if ": " in line)
+    outputs = [SimpleNamespace(greedy=[int(t) for t in greedy[p.name].split()]) for p in prompts]
+    cfg = SimpleNamespace(moe_layers=tables[prompts[0].name].moe_layers, top_k=tables[prompts[0].name].top_k)
+    assert check_tables(tables, prompts, MAX_NEW, cfg.moe_layers, cfg.top_k) == []
+    assert check_goldens(tables, prompts, outputs, golden(NAME), cfg.moe_layers) == []
+
+
+def test_ranks_that_record_different_ids_are_an_error(tmp_path):
+    """Planted: rank 1 records other ids. The per-step check names the disagreement; no file is left."""
+    folder = tmp_path / "r3"
+    job = run_job(["--tp", "4", "--routing-replay-dir", str(folder), "--failpoints", "r3.rank_skews_ids"], tmp_path)
+    assert job.returncode != 0
+    assert "ranks disagree on the step's routed expert ids" in job.stderr
+    assert not folder.exists() or list(folder.iterdir()) == []
