@@ -15,6 +15,7 @@ import paddle
 import pytest
 from paddle.jit.dy2static.convert_operators import convert_load
 
+import engine.models.moe_decoder as moe_decoder
 import engine.moe.router as router_module
 from engine.graph.backends import StaticBackend
 from engine.hf_config import read_model_config
@@ -222,6 +223,31 @@ def test_the_engine_pieces_have_no_finding(name):
     report = lint_model(checkpoint_dir(name), sizes=(4, 24, 64))
     assert report.programs == 3 * (read_model_config(checkpoint_dir(name)).num_layers + 1) + 3
     assert report.findings == []
+
+
+def test_the_replaying_pieces_have_no_finding():
+    """The routing-replay view: its MoE pieces read the recorded ids (one more shared input) and
+    route by them; same programs, none with a finding."""
+    report = lint_model(checkpoint_dir("glm4_moe"), sizes=(4, 24), replaying=True)
+    assert report.programs == 2 * (read_model_config(checkpoint_dir("glm4_moe")).num_layers + 1) + 2
+    assert report.findings == []
+
+
+def test_a_pattern_planted_in_the_replayed_routing_names_the_moe_pieces(monkeypatch):
+    """`nonzero` planted in the replayed routing, which only a replaying view's MoE pieces run."""
+    original = moe_decoder.replayed_routing
+
+    def with_nonzero(cfg, logits, ids, num_real):
+        paddle.nonzero(ids >= 0)  # planted: replay-nonzero
+        return original(cfg, logits, ids, num_real)
+
+    monkeypatch.setattr(moe_decoder, "replayed_routing", with_nonzero)
+    cfg = read_model_config(checkpoint_dir("glm4_moe"))
+    assert lint_model(checkpoint_dir("glm4_moe"), sizes=(8,), phases=("prefill",)).findings == []
+    report = lint_model(checkpoint_dir("glm4_moe"), sizes=(8,), phases=("prefill",), replaying=True)
+    hits = [f for f in report.findings if f.rule == "data-dependent-shape"]
+    assert {f.piece for f in hits} == {f"piece_{layer + 1}" for layer in cfg.moe_layers}
+    assert all(at_line(f, planted("replay-nonzero")) for f in hits)
 
 
 @pytest.mark.parametrize("ep", [1, 4], ids=["tp4", "tp4_ep4"])

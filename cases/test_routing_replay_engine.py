@@ -12,6 +12,7 @@ the goldens built by fixtures/build_fixtures.py.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -228,13 +229,18 @@ def test_failed_workload_leaves_no_file(faults, prompts, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_records_and_lists_the_files(tmp_path):
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m engine run` on the fixture prompts of NAME, with `args` added."""
     root = Path(__file__).resolve().parent.parent
-    run = subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir(NAME)), "--prompts",
-                          str(PROMPTS), "--max-new-tokens", "2", "--graph", "piecewise", "--capture-sizes", "16,32",
-                          "--max-num-batched-tokens", "32", "--routing-replay-dir", str(tmp_path / "r3")],
-                         capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""},
-                         timeout=300)
+    return subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir(NAME)), "--prompts",
+                           str(PROMPTS), "--max-num-batched-tokens", "32", *args],
+                          capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""},
+                          timeout=300)
+
+
+def test_cli_records_and_lists_the_files(tmp_path):
+    run = cli("--max-new-tokens", "2", "--graph", "piecewise", "--capture-sizes", "16,32",
+              "--routing-replay-dir", str(tmp_path / "r3"))
     assert run.returncode == 0, run.stderr
     listed = [line.strip() for line in run.stderr.splitlines() if line.strip().endswith(".safetensors")]
     assert sorted(Path(p).name for p in listed) == sorted(p.name for p in (tmp_path / "r3").iterdir())
@@ -242,6 +248,19 @@ def test_cli_records_and_lists_the_files(tmp_path):
 
 
 # ------------------------------------------------------------------------- replay
+
+
+def test_cli_replays_a_recording_and_refuses_one_too_short_by_name(tmp_path):
+    """Replaying a run's own recording gives its tokens; one token more than recorded is a user
+    error (exit 2, one line naming the file), not a traceback."""
+    recorded = cli("--max-new-tokens", "2", "--routing-replay-dir", str(tmp_path))
+    assert recorded.returncode == 0, recorded.stderr
+    replayed = cli("--max-new-tokens", "2", "--replay-routing", str(tmp_path))
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout == recorded.stdout
+    longer = cli("--max-new-tokens", "3", "--replay-routing", str(tmp_path))
+    assert longer.returncode == 2 and "Traceback" not in longer.stderr
+    assert re.search(r"^error: routing file .*\.safetensors: .*recorded tokens", longer.stderr, re.M), longer.stderr
 
 
 @pytest.fixture(scope="module")

@@ -229,17 +229,19 @@ class LintReport:
 
 
 def lint_model(model_dir: str, sizes: tuple[int, ...] | None = None, phases: tuple[str, ...] = PHASES,
-               tp: int = 1, ep: int = 1, ranks: tuple[int, ...] | None = None) -> LintReport:
+               tp: int = 1, ep: int = 1, ranks: tuple[int, ...] | None = None,
+               replaying: bool = False) -> LintReport:
     """Trace every piece of the checkpoint in `model_dir` at `sizes` (default: each phase's capture
     sizes) for each phase, as rank r of a tp-way job for every r in `ranks` (default: all), and
-    lint each program. Prefill builds the pieces; decode builds the whole-model decode graph."""
+    lint each program. Prefill builds the pieces; decode builds the whole-model decode graph.
+    With `replaying`, the pieces of the decoder's routing-replay view (MoE layers routed by ids)."""
     engine = EngineConfig(graph=GraphConfig(mode="full_and_piecewise", backend="static"),
                           parallel=ParallelConfig(tp=tp, ep=ep))
     cfg = read_model_config(model_dir)
     ladder = {phase: sizes or engine.capture_sizes()[phase].sizes for phase in phases}
     report = LintReport(str(model_dir), list(ranks if ranks is not None else range(tp)), ladder)
     for rank in report.ranks:
-        runner, owned = _rank_runner(model_dir, cfg, engine, rank)
+        runner, owned = _rank_runner(model_dir, cfg, engine, rank, replaying)
         recorder = Recorder(owned)
         runner.backend = recorder
         for phase, phase_sizes in ladder.items():
@@ -255,7 +257,7 @@ def lint_model(model_dir: str, sizes: tuple[int, ...] | None = None, phases: tup
     return report
 
 
-def _rank_runner(model_dir: str, cfg, engine, rank: int):
+def _rank_runner(model_dir: str, cfg, engine, rank: int, replaying: bool = False):
     """The engine's graph runner for `rank` (weights sliced as that rank reads them, no process
     group joined) and the names of the model's weights."""
     par = engine.parallel
@@ -263,7 +265,8 @@ def _rank_runner(model_dir: str, cfg, engine, rank: int):
     weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))
     model = MoEDecoder(cfg, weights, partition=partition, comm=Collectives(par.tp),
                        fused_allreduce_max_tokens=par.fused_allreduce_max_tokens)
-    return ModelRunner(model, engine).graphs, frozenset(t.name for t in _tensors(vars(model)))
+    view = model.with_replayed_routing() if replaying else model
+    return ModelRunner(view, engine).graphs, frozenset(t.name for t in _tensors(vars(model)))
 
 
 def _tensors(value) -> Iterator[paddle.Tensor]:
@@ -290,6 +293,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefill (the pieces) and/or decode (the whole-model decode graph)")
     parser.add_argument("--tp", type=int, default=1, help="lint the pieces of every rank of a tp-way job")
     parser.add_argument("--ep", type=int, default=1, help="1, or tp to place experts on ranks")
+    parser.add_argument("--replaying", action="store_true",
+                        help="lint the routing-replay pieces (MoE layers routed by recorded ids)")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -308,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --phases {','.join(bad)}: each phase is one of {', '.join(PHASES)}", file=sys.stderr)
         return 2
     try:
-        report = lint_model(args.model, args.sizes, args.phases, args.tp, args.ep)
+        report = lint_model(args.model, args.sizes, args.phases, args.tp, args.ep,
+                            replaying=args.replaying)
     except (ValueError, OSError, KeyError) as err:  # config, checkpoint and size errors name their file/value
         print(f"error: {err}", file=sys.stderr)
         return 2
