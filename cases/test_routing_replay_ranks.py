@@ -31,9 +31,10 @@ def run_job(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("layout", [["--tp", "4"], ["--tp", "4", "--ep", "4"]], ids=["tp4", "tp4_ep4"])
-def test_four_ranks_write_one_complete_file_per_request(prompts, golden, tmp_path, layout):
+def test_four_ranks_write_one_complete_file_per_request(faults, prompts, golden, tmp_path, layout):
     folder = tmp_path / "r3"
-    job = run_job([*layout, "--routing-replay-dir", str(folder)], tmp_path)
+    planted = ["--failpoints", ",".join(sorted(faults.active))] if faults.active else []  # the run's, on every rank
+    job = run_job([*layout, "--routing-replay-dir", str(folder), *planted], tmp_path)
     assert job.returncode == 0, job.stderr
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{p.name}.safetensors" for p in prompts)
     tables = {p.name: load_routing(folder / f"{p.name}.safetensors") for p in prompts}

@@ -191,6 +191,17 @@ def test_ranks_are_asked_to_agree_on_each_step():
     assert len(seen) == len(WORKLOAD) and seen[0][0] == 6 and seen[1][0] == 7
 
 
+def test_ranks_that_saw_the_same_routing_send_the_same_check(faults):
+    """Each rank's recorder (with the run's planted faults) on the same steps: what every rank hands
+    to the cross-rank check must be equal, step by step, or a sound job would fail."""
+    sent: dict[int, list] = {0: [], 1: []}
+    for rank, values in sent.items():
+        rec = RoutingRecorder(LAYERS, TOP_K, EXPERTS, MAX_STEP, agree=lambda v, what, out=values: out.append(v),
+                              faults=faults, rank=rank)
+        run(rec, WORKLOAD)
+    assert len(sent[0]) == len(WORKLOAD) and sent[0] == sent[1]
+
+
 @pytest.mark.parametrize("fault", ["r3.skip_in_graph", "r3.trace_time_only", "r3.record_padding"])
 def test_planted_recorder_faults_are_caught(fault, faults):
     """Each fault loses or corrupts rows of the WORKLOAD; `finish` (or the step) must fail, or the

@@ -46,12 +46,13 @@ AREA_FIRST: dict[str, tuple[str, ...]] = {
     "kv": ("test_batching.py", "test_graph.py"),
     "graph": ("test_graph_toy.py", "test_graph.py"),
     "dist": ("test_parallel.py",),
-    "r3": ("test_routing_replay.py",),
+    "r3": ("test_routing_replay_recorder.py", "test_routing_replay_store.py", "test_routing_replay_engine.py",
+           "test_routing_replay_ranks.py"),
 }
 
 # One failpoint per area for CI's fast run; every name must be declared in engine/failpoints.py.
 FAST_SUBSET = ("router.mask_fill_zero", "moe.route_padding", "graph.copy_outputs",
-               "attention.drop_cached_prefix", "dist.skip_allreduce")
+               "attention.drop_cached_prefix", "dist.skip_allreduce", "r3.record_padding")
 
 
 @dataclass
