@@ -23,6 +23,17 @@ unaffected. The caller computes `nonfinite_rows(logits, num_real)` in the graph 
 calls `check_finite(flags, layer)` on the host, which raises `RouterError` naming the layer and the
 first bad token row. A step with non-finite router logits is therefore an error, never silent.
 
+Paddle 3.3.1 CPU kernels the routers use, probed for clips that would tie distinct candidates:
+- softmax (float32 and float64) and log_softmax clip `x - max` at -64: hence selection on logits.
+- float32 exp: the vectorised body clamps its input near -88.4 (exp(-100) = exp(-800) = 2.9e-39)
+  while the scalar tail does not; float32 sigmoid flushes below ~-88 to 0. Neither is used.
+- float64 sigmoid (noaux_tc): no clip (sigmoid(-300) = 5e-131); rounded to float32 it keeps
+  denormals, so scores are exactly 0 only below ~-103.9 and exactly 1 from ~16.6 up. Those ties are
+  float32's own (any float32 router has them; the float64 reference differs there by less than the
+  near-tie rule's bound), not a kernel's.
+- float32 <-> float64 casts are exact both ways for float32 values; topk ranks NaN first, then
+  +inf, and breaks exact ties by an index order that varies with the row length.
+
 `faults=None` means no failpoints. The default is a literal on purpose: Paddle's AST to_static
 re-executes each converted `def` in a fresh module before this module's globals are attached, so a
 default such as `NO_FAULTS` raises NameError at conversion time.
