@@ -39,6 +39,7 @@ def _rows(*rows) -> np.ndarray:
 WIDE_ROW = _rows([0.0, -65.0, -100.0, -300.0], [-300.0, 5.0, -70.0, -90.0])
 WIDE_EIGHT = _rows([1e3, -1e3, 40.0, -200.0, 0.0, -64.5, -64.0, 3e37],
                    [0.0, 0.0, -80.0, -80.0, 1.0, -70.0, 2.0, -500.0])
+SATURATED = np.where(WIDE_EIGHT >= 0, 1e30, -1e30).astype(np.float32)
 NEG_BIAS = np.full(8, -2.0, np.float32) + np.linspace(-0.3, 0.3, 8, dtype=np.float32)
 MIXED_BIAS = np.array([-0.4, 0.3, 0.2, -0.1, -0.3, 0.5, 0.1, -0.2], np.float32)
 
@@ -47,7 +48,24 @@ def _assert_routes_like_reference(case, faults):
     contested = int(contested_rows(reference(case)).sum())
     event(f"near-tied tokens: {'none' if not contested else 'some' if contested < case.real else 'all'}")
     note(f"{contested} of {case.real} tokens have near-tied experts: only those positions go uncompared")
+    for corner in _corners(case):
+        event(corner)  # --hypothesis-show-statistics shows that the profile reaches each corner
     assert routing_problems(case, faults) == []
+
+
+def _corners(case) -> list[str]:
+    """The strategy corners this case sits in."""
+    spread = np.ptp(case.logits[: case.real], axis=-1).max(initial=0.0)
+    corners = [f"norm_topk_prob={case.norm_topk_prob}", f"spread {'>' if spread > 64 else '<='} 64 nats"]
+    corners += ["top_k=1 renormalised"] if case.top_k == 1 and case.norm_topk_prob else []
+    if case.kind == "noaux_tc":
+        masked = case.topk_group < case.n_group
+        corners += ["groups of 2"] if case.logits.shape[1] == 2 * case.n_group else []
+        corners += ["masked group" if masked else "topk_group == n_group"]
+        if case.bias is not None and (case.bias < 0).any():
+            corners += ["negative bias, masked group" if masked else "negative bias"]
+            corners += ["mixed-sign bias"] if (case.bias > 0).any() else []
+    return corners
 
 
 @given(softmax_cases())
@@ -70,6 +88,7 @@ _NOAUX = Case("noaux_tc", WIDE_EIGHT / 100, top_k=2, norm_topk_prob=True, n_grou
 @example(replace(_NOAUX, bias=MIXED_BIAS))
 @example(replace(_NOAUX, bias=MIXED_BIAS, n_group=2, topk_group=2))  # topk_group == n_group
 @example(replace(_NOAUX, logits=WIDE_EIGHT, bias=NEG_BIAS, n_group=4, topk_group=3, top_k=5))
+@example(replace(_NOAUX, logits=SATURATED))  # sigmoid saturates: exact 0 / 1 ties, no bias
 def test_noaux_tc_matches_reference(faults, case):
     _assert_routes_like_reference(case, faults)
 
