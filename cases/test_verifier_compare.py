@@ -304,6 +304,13 @@ def test_message_lines() -> None:
     assert lines[4] == "rel L2: nan, max ULP: 0"
     assert lines[5] == "NaN: actual 1, expected 0; Inf: actual 0, expected 0"
     assert compare(np.zeros(2, np.int64), np.zeros(2, np.int64)).message().splitlines()[4] == "rel L2: 0"
+    passed = compare(np.ones((1, 3)), np.ones((1, 3)))
+    assert passed.message().splitlines()[0] == "Close (float64, shape (1, 3), rtol=1e-12, atol=1e-12)"
+    assert passed.message().splitlines()[-1] == "argmax agreement: 100.0%"  # last axis < topk: no top-k text
+    assert passed.to_dict()["name"] == ""
+    with pytest.raises(ValueError, match=r"^shape mismatch: .* not a numerical difference$"):
+        compare(np.zeros(3), np.zeros(1))
+    assert compare(np.ones(1), np.zeros(1), topk=1).topk_agreement == 1.0  # one element, k = 1
 
 
 def test_assert_helpers_pass_their_arguments() -> None:
