@@ -234,6 +234,27 @@ def test_num_real_out_of_range_is_rejected(faults):
         router.softmax_topk(paddle.zeros([4, 8]), top_k=2, norm_topk_prob=True, num_real=5, faults=faults)
 
 
+def test_bias_must_be_1d(faults):
+    with pytest.raises(ValueError, match=r"^bias \(e_score_correction_bias\) must be 1-D \[experts\], got \[1, 16\]$"):
+        router.noaux_tc(paddle.zeros([2, 16]), paddle.zeros([1, 16]), top_k=2, n_group=4, topk_group=2,
+                        norm_topk_prob=True, routed_scaling_factor=1.0, faults=faults)
+
+
+def test_all_rows_padding_and_default_faults(faults):
+    """num_real=0 is a valid step of padding only; omitting `faults` routes like the run's faults
+    (none unless --failpoints plants some, when this case fails as it should)."""
+    case = Case("noaux_tc", WIDE_EIGHT / 100, top_k=2, norm_topk_prob=True, n_group=4, topk_group=2)
+    ids, weights = route(replace(case, num_real=0), faults)
+    assert (ids == -1).all() and (weights == 0).all()
+    logits = paddle.to_tensor(case.logits)
+    for call in (lambda **kw: router.softmax_topk(logits, top_k=2, norm_topk_prob=True, **kw),
+                 lambda **kw: router.noaux_tc(logits, None, top_k=2, n_group=4, topk_group=2, norm_topk_prob=True,
+                                              routed_scaling_factor=2.5, **kw)):
+        default, planted = call(), call(faults=faults)
+        assert default[0].numpy().tobytes() == planted[0].numpy().tobytes()
+        assert default[1].numpy().tobytes() == planted[1].numpy().tobytes()
+
+
 def test_logits_must_be_2d(faults):
     with pytest.raises(ValueError, match=r"^logits must have a fixed shape"):
         router.softmax_topk(paddle.zeros([8]), top_k=2, norm_topk_prob=True, faults=faults)
