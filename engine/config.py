@@ -58,6 +58,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     n_shared_experts: int = 0
     num_mtp_layers: int = 0  # GLM's multi-token-prediction layers: stored after the decoder, not run
+    moe_form: str = "dense"  # engine choice, not from config.json: "dense" (reference) or "sparse" (engine/moe/experts.py)
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -68,6 +69,8 @@ class ModelConfig:
         if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
             raise ConfigError(f"rotary dimension {self.rotary_dim} (head_dim * partial_rotary_factor) "
                               f"must be even and within head_dim={self.head_dim}")
+        if self.moe_form not in ("dense", "sparse"):
+            raise ConfigError(f"moe_form={self.moe_form!r} is not one of 'dense', 'sparse'")
         if self.moe_layers:
             self._check_moe()
 
@@ -161,6 +164,7 @@ class EngineConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     faults: Failpoints = field(default=NO_FAULTS)
+    moe_form: str = "dense"  # routed-expert form, see engine/moe/experts.py; copied into ModelConfig.moe_form
 
     def __post_init__(self) -> None:
         _check_positive(self, "max_num_batched_tokens", "max_num_seqs", "block_size")

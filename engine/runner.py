@@ -21,6 +21,7 @@ from engine.graph.stats import CaptureStats
 from engine.kv_cache import KVCache, blocks_needed, slots_for
 from engine.layers.attention import AttentionMetadata, DecodeTables, SequenceSpan
 from engine.models.moe_decoder import ForwardOutput, MoEDecoder
+from engine.moe.experts import buckets_overflow
 from engine.moe.router import check_finite
 from engine.scheduler import Batch
 
@@ -130,9 +131,20 @@ class ModelRunner:
             return self.model.forward(ctx, self.cache)
         with self.guard.scope(ctx.phase, ctx.padded_size):
             if ctx.attention.decode is not None:
-                return self.graphs.run_full_decode(ctx)
-            run_piece = self.graphs.piece_fn(ctx.phase, ctx.padded_size, ctx.num_tokens)
-            return self.model.forward(ctx, self.cache, run_piece)
+                out = self.graphs.run_full_decode(ctx)
+            else:
+                out = self.model.forward(ctx, self.cache, self.graphs.piece_fn(ctx.phase, ctx.padded_size, ctx.num_tokens))
+        if self._buckets_overflowed(out):  # the sparse MoE form's exact path: this step again, eagerly
+            self.stats.record_fallback(ctx.phase, ctx.num_tokens)
+            return self.model.forward(ctx, self.cache)
+        return out
+
+    def _buckets_overflowed(self, out: ForwardOutput) -> bool:
+        cfg = self.model.cfg
+        if cfg.moe_form != "sparse":
+            return False
+        local = len(self.model.partition.experts(cfg))
+        return any(buckets_overflow(ids.numpy(), cfg.num_experts, local) for ids, _ in out.routing.values())
 
     def _check_routing(self, routing: dict, num_tokens: int) -> None:
         for layer, (_, nonfinite) in routing.items():

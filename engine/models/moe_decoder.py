@@ -45,7 +45,7 @@ from engine.layers.linear import frozen, linear, weight_param
 from engine.layers.norm import all_reduce_add_rms_norm, rms_norm
 from engine.layers.rotary import apply_rotary, rope_table
 from engine.moe import router
-from engine.moe.experts import dense_mlp, routed_experts
+from engine.moe.experts import dense_mlp, pack_experts, routed_experts
 
 Tensors = tuple[paddle.Tensor, ...]
 PieceFn = Callable[[int, Tensors], Tensors]
@@ -63,9 +63,9 @@ class MoEWeights:
     router: paddle.Tensor  # [H, E] (all experts: every rank routes every token)
     bias: paddle.Tensor | None  # [E]; None when the checkpoint has no correction bias
     num_local: int  # experts held by this rank
-    gate: paddle.Tensor  # [H, E_local * I], expert e in columns [e*I, (e+1)*I)
-    up: paddle.Tensor  # [H, E_local * I]
-    down: paddle.Tensor  # [E_local * I, H]
+    gate: paddle.Tensor  # dense form [H, E_local * I], expert e in columns [e*I, (e+1)*I); sparse [E_local, H, I]
+    up: paddle.Tensor  # as gate
+    down: paddle.Tensor  # dense [E_local * I, H]; sparse [E_local, I, H]
     shared: MLPWeights | None
 
 
@@ -206,7 +206,8 @@ class MoEDecoder:
         logits = paddle.matmul(x, w.router)  # [T, E]
         ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
         local = weights * self.cfg.routed_scaling_factor if self.faults.on("dist.double_scale") else weights
-        out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down)  # this rank's
+        out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down,
+                             self.cfg.moe_form)  # this rank's
         if w.shared is not None:
             out = out + dense_mlp(x, w.shared.gate, w.shared.up, w.shared.down)
         return out, ids, router.nonfinite_rows(logits, num_real)
@@ -328,12 +329,9 @@ def _row_parallel_bias(bias: np.ndarray, rank: int) -> paddle.Tensor:
 def _moe_weights(cfg: ModelConfig, hub: dict[str, np.ndarray], prefix: str, local: range) -> MoEWeights:
     experts = [f"{prefix}experts.{e}." for e in local]
 
-    def side_by_side(name: str) -> np.ndarray:  # Hub [I, H] per expert -> [H, E*I]
-        return np.concatenate([hub[e + name].T for e in experts], axis=1)
-
-    down = np.concatenate([hub[e + "down_proj.weight"].T for e in experts], axis=0)  # [E*I, H]
+    gate, up, down = pack_experts(*([hub[f"{e}{n}_proj.weight"] for e in experts] for n in ("gate", "up", "down")),
+                                  cfg.moe_form)
     bias = hub.get(prefix + "gate.e_score_correction_bias")
     shared = _mlp_weights(hub, prefix + "shared_experts.") if cfg.n_shared_experts else None
     return MoEWeights(router=weight_param(hub[prefix + "gate.weight"]), bias=None if bias is None else frozen(bias),
-                      num_local=len(experts), gate=frozen(side_by_side("gate_proj.weight")),
-                      up=frozen(side_by_side("up_proj.weight")), down=frozen(down), shared=shared)
+                      num_local=len(experts), gate=frozen(gate), up=frozen(up), down=frozen(down), shared=shared)
