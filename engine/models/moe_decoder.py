@@ -201,7 +201,8 @@ class MoEDecoder:
         logits = paddle.matmul(x, w.router)  # [T, E]
         ids, weights = self._route(logits, w.bias, num_real)  # [T, k] each
         local = weights * self.cfg.routed_scaling_factor if self.faults.on("dist.double_scale") else weights
-        out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down)  # this rank's
+        out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down,
+                             self.cfg.moe_form)  # this rank's
         if w.shared is not None:
             out = out + dense_mlp(x, w.shared.gate, w.shared.up, w.shared.down)
         return out, ids, router.nonfinite_rows(logits, num_real)
