@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from bench import attention_forms, moe_forms, prefill_ceiling, threads_bench
 from bench.machine import ROOT
