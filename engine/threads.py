@@ -10,9 +10,8 @@ on one core. The policy:
 * Ranks of an N-rank job share the machine: `cpus // N` each, at least 1.
 
 The caller (the CLI's set-up, conftest) applies it once, before the first step; nothing else calls
-`set_threads`. (Paddle offers no public setter; `paddle.base.core.set_num_threads` sets both the
-OpenMP and the MKL thread counts. It belongs with the other Paddle internals in
-`engine/graph/paddle_compat.py` once that module exists.)
+`set_threads`. Paddle offers no public setter: the internal one is called through
+`engine/graph/paddle_compat.py`, with the other Paddle internals.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def set_threads(count: int | None = None, ranks: int = 1) -> int:
     threads = default_threads(ranks) if count is None else count
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads={count!r}: must be a positive integer")
-    from paddle.base import core  # deferred: deciding the number must not import Paddle
+    from engine.graph.paddle_compat import set_kernel_threads  # deferred: deciding must not import Paddle
 
-    core.set_num_threads(threads)
+    set_kernel_threads(threads)
     return threads
