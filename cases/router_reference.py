@@ -1,17 +1,19 @@
 """An independent NumPy float64 reference for the two MoE routers, written from the formulas.
 
 It must not import `engine`: it is the oracle the engine is checked against. Besides ids and
-weights it returns, per token, the decision margins, so that a test can tell a genuine mismatch
-from a near-tie that float32 rounding (or a different tie-break rule) may legitimately resolve the
-other way:
+weights it returns, per token, the deciding values of every expert (`scores`: the logits for
+softmax_topk, which selects on them since softmax is monotonic; the biased sigmoid scores for
+noaux_tc) and the grouping, so that a test can tell a genuine mismatch from a near-tie that
+float32 rounding (or a different tie-break rule) may legitimately resolve the other way
+(`verifier.tolerance.routing_bounds`), and the decision margins for reports:
 
-- `select_margin`: gap between the k-th and the (k+1)-th selection score among the kept experts
+- `select_margin`: gap between the k-th and the (k+1)-th selection value among the kept experts
   (inf when the kept experts number exactly k);
 - `group_margin`: gap between the topk_group-th and the next group score (inf when every group is
   kept, and for softmax_topk which has no groups).
 
 Ties are broken towards the lower expert / group index (stable sort); the engine may break them
-the other way, which only matters for tokens whose margin is 0.
+the other way, which only matters for near-tied tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Routing:
     kept_groups: np.ndarray  # [T, G] bool (G = 1 for softmax_topk)
     select_margin: np.ndarray  # [T] float64
     group_margin: np.ndarray  # [T] float64
+    scores: np.ndarray  # [T, E] float64 deciding values: logits, or sigmoid scores + bias
+    topk_group: int = 1
 
     @property
     def margin(self) -> np.ndarray:
@@ -40,15 +44,16 @@ class Routing:
 
 
 def softmax_topk(logits, *, top_k, norm_topk_prob) -> Routing:
-    """Qwen3-MoE: softmax over all experts, top_k, divided by the sum when norm_topk_prob."""
+    """Qwen3-MoE: the top_k of softmax over all experts (the top_k logits: float64 exp underflows
+    to 0 past ~745 nats, the logits never tie where the probabilities differ), weighted by their
+    probabilities, divided by the sum when norm_topk_prob."""
     x = np.asarray(logits, dtype=np.float64)  # [T, E]
-    probs = softmax(x)  # [T, E]
-    ids, select_margin = _top(probs, top_k)
-    weights = np.take_along_axis(probs, ids, axis=-1)
+    ids, select_margin = _top(x, top_k)
+    weights = np.take_along_axis(softmax(x), ids, axis=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     kept = np.ones((x.shape[0], 1), dtype=bool)
-    return Routing(ids, weights, kept, select_margin, np.full(x.shape[0], np.inf))
+    return Routing(ids, weights, kept, select_margin, np.full(x.shape[0], np.inf), x)
 
 
 def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor) -> Routing:
@@ -62,7 +67,8 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     weights = np.take_along_axis(scores, ids, axis=-1)  # [T, k], unbiased
     if norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + RENORM_EPS)
-    return Routing(ids, weights * routed_scaling_factor, kept, select_margin, group_margin)
+    return Routing(ids, weights * routed_scaling_factor, kept, select_margin, group_margin, selection,
+                   topk_group)
 
 
 def softmax(logits) -> np.ndarray:
@@ -74,7 +80,8 @@ def softmax(logits) -> np.ndarray:
 
 def sigmoid(logits) -> np.ndarray:
     """[T, E] float64 noaux_tc scores."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -709: the score is then exactly 0
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
 def _kept_groups(selection, n_group, topk_group):

@@ -1,4 +1,5 @@
-"""Hypothesis strategies for the graph cases: token counts, capture-size lists, batch compositions.
+"""Hypothesis strategies for the graph cases (token counts, capture-size lists, batch compositions)
+and for the router cases (routing problems whose corners every profile reaches).
 
 Graph bugs live at the edges of the capture sizes (a step of s - 1, s or s + 1 tokens pads
 differently), so every token-count strategy draws those boundaries about half the time and any
@@ -15,6 +16,7 @@ import numpy as np
 from batches import Composition, Part
 from hypothesis import settings
 from hypothesis import strategies as st
+from router_checks import PADDING_VALUES, Case, pad
 
 MAX_POSITIONS = 512  # max_position_embeddings of every bundled fixture checkpoint
 MAX_SEQS = 6  # sequences in one drawn step
@@ -128,3 +130,86 @@ def prompt_sets(draw, vocab: int, max_prompts: int = 4, max_len: int = 48) -> li
     count = draw(st.integers(1, max_prompts))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     return [tuple(int(t) for t in rng.integers(0, vocab, draw(lengths))) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------- routing problems
+
+# Logit spreads: "narrow" is what trained routers mostly emit; "wide" spreads rows over tens to
+# hundreds of nats, past the -64 clip of Paddle's CPU softmax and float32 exp's range; "huge"
+# magnitudes reach 1e37, where x - max overflows and sigmoid saturates to exact 0 / 1 ties.
+SPREADS = ("narrow", "narrow", "wide", "huge")
+
+
+@st.composite
+def logit_arrays(draw, tokens: int, experts: int) -> np.ndarray:
+    """[tokens, experts] float32 logits of one spread, often with exact ties (a coarse grid,
+    duplicated columns)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    spread = draw(st.sampled_from(SPREADS))
+    scale = {"narrow": draw(st.sampled_from([0.5, 2.0, 4.0])), "wide": draw(st.sampled_from([20.0, 60.0, 150.0])),
+             "huge": 10.0 ** draw(st.integers(5, 37))}[spread]
+    logits = rng.normal(0.0, scale, (tokens, experts))
+    grid = draw(st.sampled_from([None, None, 0.25, 0.0625]))
+    if grid:
+        logits = np.round(logits / (grid * scale)) * (grid * scale)
+    if draw(st.booleans()):
+        copies = rng.integers(0, experts, size=experts // 4)
+        logits[:, rng.integers(0, experts, size=copies.size)] = logits[:, copies]
+    limit = 8.0 if spread == "narrow" else float(np.finfo(np.float32).max) / 4
+    return np.clip(logits, -limit, limit).astype(np.float32)
+
+
+# None, zeros, small, large (positive and negative), all-negative (every biased score below 0, so a
+# masked group filled with 0 instead of -inf outranks every kept expert), and mixed-sign biases.
+BIAS_KINDS = ("none", "zeros", "small", "large", "negative", "negative", "mixed")
+
+
+@st.composite
+def biases(draw, experts: int):
+    """None or a float32 [experts] correction bias of one of BIAS_KINDS."""
+    kind = draw(st.sampled_from(BIAS_KINDS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = {"none": 0.0, "zeros": 0.0, "small": 0.01, "large": 1.0, "negative": 0.5, "mixed": 0.5}[kind]
+    bias = rng.normal(0.0, 1.0, experts) * scale - (2.0 if kind == "negative" else 0.0)
+    if kind == "mixed":
+        bias = np.abs(bias) * np.where(np.arange(experts) % 2, 1.0, -1.0)  # both signs in every group
+    return None if kind == "none" else bias.astype(np.float32)
+
+
+@st.composite
+def noaux_cases(draw, max_tokens: int = 64) -> Case:
+    """noaux_tc problems; groups of exactly two experts, topk_group == n_group (nothing masked),
+    topk_group < n_group (a masked group) and top_k = 1 each come up often."""
+    n_group = draw(st.integers(1, 8))
+    group_size = draw(st.one_of(st.just(2), st.integers(2, 64 // n_group)))
+    topk_group = draw(st.one_of(st.just(n_group), st.just(max(1, n_group - 1)), st.integers(1, n_group)))
+    top_k = draw(st.one_of(st.just(1), st.integers(1, min(8, topk_group * group_size))))
+    case = Case("noaux_tc", draw(_logits(max_tokens, n_group * group_size)), top_k,
+                draw(st.booleans()), draw(biases(n_group * group_size)), n_group, topk_group,
+                draw(st.sampled_from([1.0, 2.5, 0.7])))
+    return draw(_maybe_padded(case))
+
+
+@st.composite
+def softmax_cases(draw, max_tokens: int = 64) -> Case:
+    """softmax_topk problems, top_k = 1 often, renormalised or not."""
+    experts = draw(st.integers(1, 64))
+    top_k = draw(st.one_of(st.just(1), st.integers(1, min(8, experts))))
+    case = Case("softmax_topk", draw(_logits(max_tokens, experts)), top_k, draw(st.booleans()))
+    return draw(_maybe_padded(case))
+
+
+def routing_cases(max_tokens: int = 64):
+    return st.one_of(noaux_cases(max_tokens), softmax_cases(max_tokens))
+
+
+@st.composite
+def _logits(draw, max_tokens: int, experts: int) -> np.ndarray:
+    return draw(logit_arrays(draw(st.integers(1, max_tokens)), experts))
+
+
+@st.composite
+def _maybe_padded(draw, case: Case) -> Case:
+    """No num_real at all, or num_real with 0, 1 or 5 padding rows appended."""
+    rows = draw(st.sampled_from([None, 0, 1, 5]))
+    return case if rows is None else pad(case, rows, draw(st.sampled_from(PADDING_VALUES)))

@@ -40,21 +40,20 @@ def test_alone_together_and_chunked_agree(name, engine_for, prompts, golden):
     compare_dumps(chunked, reference, logits_tol=FLOAT32).assert_ok()
 
 
-def test_chunking_really_chunks(engine_for, prompts):
-    """The chunked configuration mixes prefill chunks and decodes in one step, as intended."""
-    from engine.scheduler import Request, Scheduler
-
+def test_chunking_really_chunks(engine_for, prompts, monkeypatch):
+    """The engine's own run of the chunked configuration (every batch its runner is handed) mixes
+    prefill chunks and decodes in one step and keeps within the budget, as intended."""
     llm = engine_for("glm4_moe", max_num_batched_tokens=7, max_num_seqs=3)
-    scheduler = Scheduler(7, 3, llm.runner.cache.allocator, llm.engine.block_size)
-    for i, prompt in enumerate(prompts):
-        scheduler.add(Request(i, prompt.input_ids, MAX_NEW_TOKENS))
-    mixed = chunked = 0
-    while scheduler.has_work:
-        batch = scheduler.schedule()
-        assert batch.num_tokens <= 7 and len(batch.segments) <= 3
-        kinds = {seg.is_prefill for seg in batch.segments}
-        mixed += kinds == {True, False}
-        chunked += any(seg.is_prefill and seg.num_tokens < seg.seq.prompt_len for seg in batch.segments)
-        scheduler.update(batch, {seg.seq.request.request_id: 1 for seg in batch.segments if seg.samples})
-    assert mixed > 0 and chunked > 0
+    batches = []
+    step = llm.runner.step
+
+    def recording_step(batch, *args, **kwargs):
+        batches.append([(seg.is_prefill, seg.num_tokens, seg.seq.prompt_len) for seg in batch.segments])
+        return step(batch, *args, **kwargs)
+
+    monkeypatch.setattr(llm.runner, "step", recording_step)
+    llm.generate(prompts, MAX_NEW_TOKENS)
+    assert batches and all(sum(n for _, n, _ in b) <= 7 and len(b) <= 3 for b in batches)
+    assert any({prefill for prefill, _, _ in b} == {True, False} for b in batches), "no mixed step"
+    assert any(prefill and n < length for b in batches for prefill, n, length in b), "no prefill chunk"
     assert llm.runner.cache.allocator.num_free == llm.runner.cache.allocator.num_blocks

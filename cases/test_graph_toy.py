@@ -41,17 +41,22 @@ BACKENDS = (StaticBackend, UncompiledBackend)
 # ---------------------------------------------------------------------------- capture sizes
 
 
+# The ladder written out by hand (SGLang's shape): steps of 4 to 32, 16 to 256, 32 to 512, 128 to
+# 2048, 256 to 4096, 512 to 8192.
+HAND_LADDER = (tuple(range(4, 33, 4)) + tuple(range(48, 257, 16)) + tuple(range(288, 513, 32))
+               + tuple(range(640, 2049, 128)) + tuple(range(2304, 4097, 256)) + tuple(range(4608, 8193, 512)))
+
+
 def test_default_prefill_ladder_is_58_sizes_from_4_to_8192():
-    assert len(LADDER) == 58 and LADDER[0] == 4 and LADDER[-1] == 8192
-    assert list(LADDER) == sorted(set(LADDER))
-    assert CaptureSizes(LADDER, 8192).largest_first() == tuple(reversed(LADDER))
+    assert len(HAND_LADDER) == 58
+    assert LADDER == HAND_LADDER
+    assert CaptureSizes(LADDER, 8192).largest_first() == tuple(reversed(HAND_LADDER))
 
 
-@pytest.mark.parametrize("limit", [3, 4, 100, 512, 8191])
-def test_default_prefill_ladder_is_cut_at_the_token_limit(limit):
-    sizes = default_prefill_sizes(limit)
-    assert sizes and max(sizes) <= limit
-    assert sizes == (tuple(s for s in LADDER if s <= limit) or (limit,))
+@pytest.mark.parametrize("limit, want", [(3, (3,)), (4, (4,)), (100, (4, 8, 12, 16, 20, 24, 28, 32, 48, 64, 80, 96)),
+                                         (512, HAND_LADDER[:30]), (8191, HAND_LADDER[:-1])])
+def test_default_prefill_ladder_is_cut_at_the_token_limit(limit, want):
+    assert default_prefill_sizes(limit) == want
 
 
 @pytest.mark.parametrize("max_num_seqs, last_three", [(1, None), (8, (2, 4, 8)), (64, (48, 56, 64)),
@@ -90,7 +95,7 @@ def test_padded_size_on_any_size_list(data, sizes):
 
 @pytest.mark.parametrize("n", [0, -1])
 def test_padded_size_refuses_an_empty_step(n):
-    with pytest.raises(ValueError, match=str(n)):
+    with pytest.raises(ValueError, match=rf"at least one token, got {n}$"):
         CaptureSizes((4, 8), 8).padded_size(n)
 
 

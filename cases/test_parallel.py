@@ -21,7 +21,7 @@ from engine.llm import Prompt
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES
 from verifier.dumps import compare_dumps
 from verifier.rank_pool import RankPool
-from verifier.tolerance import tolerance_for
+from verifier.tolerance import GOLDEN_LOGITS, GOLDEN_MAX_REL_L2, tolerance_for
 
 pytestmark = pytest.mark.xdist_group("four_ranks")
 
@@ -108,7 +108,7 @@ def test_four_ranks_match_one_rank(default_runs, engine_for, prompts, golden, na
     four = default_runs(name, layout, mode)
     reference = with_margins(one_rank(engine_for, name, prompts), golden(name))
     compare_dumps(four, reference, logits_tol=FLOAT32).assert_ok()
-    compare_dumps(four, golden(name), max_rel_l2=1e-4).assert_ok()
+    compare_dumps(four, golden(name), logits_tol=GOLDEN_LOGITS, max_rel_l2=GOLDEN_MAX_REL_L2).assert_ok()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

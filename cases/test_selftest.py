@@ -64,6 +64,7 @@ def test_selftest_names_the_case_that_catches_and_flags_a_survivor(tmp_path):
     assert not found["graph.round_down"]["caught"] and "passed" in found["graph.round_down"]["note"]
     assert doc["clean_run"]["note"] == "clean gate passed"
     assert doc["summary"]["caught"] == 1 and doc["summary"]["planted"] == 2
+    assert proc.stdout.splitlines()[-1] == "selftest: 1 passed, 1 failed"
 
 
 def test_selftest_stops_on_a_false_alarm(tmp_path):

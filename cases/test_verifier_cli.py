@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from verifier.__main__ import main
-from verifier.dumps import NEAR_TIE_MARGIN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,9 +70,12 @@ def test_a_routing_flip_fails_unless_the_reference_marks_it_a_near_tie(tmp_path,
     [failure] = json.loads(report.read_text())["cases"][0]["comparisons"]["failures"]
     assert code == 1 and "topk_ids_p0_layer1" in out and failure["name"] == "topk_ids_p0_layer1"
     assert "rows [2] (1 of 5)" in failure["message"]
-    margins = np.ones(5)
-    margins[2] = NEAR_TIE_MARGIN / 2
-    b = save(tmp_path / "tie.npz", dump(topk_margin_p0_layer1=margins))
+    # The reference's deciding values [tokens, experts]: its own choice clearly ahead on every row
+    # but row 2, where all eight experts tie, so any two of them are a correct routing.
+    scores = np.zeros((5, 8))
+    np.put_along_axis(scores, dump()["topk_ids_p0_layer1"], 1.0, axis=1)
+    scores[2] = 0.5
+    b = save(tmp_path / "tie.npz", dump(topk_margin_p0_layer1=scores))
     code, out, _ = run_compare(capsys, a, b)
     assert code == 0 and "Routing near-ties" in out and "topk_ids_p0_layer1" in out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -250,6 +251,77 @@ def test_rel_l2_function() -> None:
     assert rel_l2(np.array([1.0, 1.0]), np.array([1.0, 0.0])) == 1.0
     with pytest.raises(ValueError, match=r"rel_l2: shape mismatch: actual \(3,\) vs expected \(1,\)"):
         rel_l2(np.zeros(3), np.zeros(1))
+
+
+def test_rel_l2_nan_and_equal_infinities() -> None:
+    """A NaN anywhere makes rel L2 NaN; equal infinities are no error (finite norm of expected)."""
+    assert math.isnan(rel_l2(np.array([np.nan, 1.0]), np.array([np.nan, 1.0])))
+    assert rel_l2(np.array([np.inf, 1.0]), np.array([np.inf, 2.0])) == 0.5
+
+
+# --- edges found by mutation testing (bench/mutation.md) ---------------------------------------
+
+
+def test_topk_bounds_are_named() -> None:
+    x = _logits()
+    assert compare(x, x, topk=1).topk_agreement == 1.0
+    assert compare(x, x, topk=16).topk_agreement == 1.0  # the last axis exactly k long
+    with pytest.raises(ValueError, match=r"^topk must be >= 1, got 0$"):
+        compare(x, x, topk=0)
+
+
+def test_topk_agreement_counts_the_largest_values() -> None:
+    actual = np.arange(8, dtype=np.float32)
+    expected = np.array([5, 0, 1, 2, 3, 4, 6, 7], np.float32)  # same top-2, different bottom-2
+    assert compare(actual, expected, EXACT, topk=2).topk_agreement == 1.0
+    assert compare(actual, actual[::-1].copy(), EXACT, topk=2).topk_agreement == 0.0
+    assert compare(np.ones(1), np.ones(1)).argmax_agreement == 1.0
+
+
+def test_equal_nan_pairs_only_nans_and_keeps_equal_values() -> None:
+    both = np.array([np.nan, 1.0, np.inf])
+    assert compare(both, both.copy(), EXACT, equal_nan=True).passed
+    assert compare(np.array([np.nan, 1.0]), np.array([1.0, 1.0]), EXACT, equal_nan=True).mismatches == 1
+
+
+def test_bound_is_inclusive_and_infinite_errors_stay_infinite() -> None:
+    assert compare(np.array([1.5]), np.array([1.0]), Tolerance(0.25, 0.25)).passed  # |d| == bound
+    assert compare(np.array([np.inf]), np.array([1.0])).max_rel_err == math.inf
+    assert compare(np.array([np.nan, 1.0]), np.array([0.0, 1.0])).max_ulp == 0  # NaN positions skipped
+
+
+def test_empty_arrays_compare_to_zero_error() -> None:
+    c = compare(np.zeros((0, 3)), np.zeros((0, 3)))
+    assert c.passed and c.max_abs_err == 0.0 and c.max_abs_index is None and c.argmax_agreement is None
+    assert c.message().splitlines()[1] == "Mismatched elements: 0 / 0 (0.0%)"
+
+
+def test_message_lines() -> None:
+    c = compare(np.array([1.0, np.nan], np.float32), np.array([1.0, 2.0], np.float32), name="x")
+    lines = c.message().split("\n")
+    assert lines[0] == "Not close (float32, shape (2,), rtol=1e-05, atol=1e-05)"
+    assert lines[1] == "Mismatched elements: 1 / 2 (50.0%)"
+    assert lines[4] == "rel L2: nan, max ULP: 0"
+    assert lines[5] == "NaN: actual 1, expected 0; Inf: actual 0, expected 0"
+    assert compare(np.zeros(2, np.int64), np.zeros(2, np.int64)).message().splitlines()[4] == "rel L2: 0"
+    passed = compare(np.ones((1, 3)), np.ones((1, 3)))
+    assert passed.message().splitlines()[0] == "Close (float64, shape (1, 3), rtol=1e-12, atol=1e-12)"
+    assert passed.message().splitlines()[-1] == "argmax agreement: 100.0%"  # last axis < topk: no top-k text
+    assert passed.to_dict()["name"] == ""
+    with pytest.raises(ValueError, match=r"^shape mismatch: .* not a numerical difference$"):
+        compare(np.zeros(3), np.zeros(1))
+    assert compare(np.ones(1), np.zeros(1), topk=1).topk_agreement == 1.0  # one element, k = 1
+
+
+def test_assert_helpers_pass_their_arguments() -> None:
+    one_ulp = np.nextafter(np.float32(1.0), np.float32(2.0))
+    with pytest.raises(AssertionError, match=r"^ids: Not equal"):
+        assert_equal(np.array([one_ulp]), np.array([1.0], np.float32), name="ids")
+    with pytest.raises(AssertionError, match=r"^w: Not close"):
+        assert_close(np.array([1.1]), np.array([1.0]), Tolerance(0.01, 0.01), name="w")
+    assert assert_close(np.array([np.nan]), np.array([np.nan]), equal_nan=True).passed
+    with pytest.raises(AssertionError):
+        assert_close(np.array([np.nan]), np.array([np.nan]))
 
 
 # --- properties --------------------------------------------------------------------------------

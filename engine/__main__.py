@@ -15,9 +15,10 @@ import sys
 import time
 import warnings
 
-from engine.config import CaptureTiming, GraphBackend, GraphMode
+from engine.config import CaptureTiming, GraphBackend, GraphMode, MoEForm
 from engine.errors import UserError
 from engine.launch import cli_job
+from engine.threads import set_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token budget of one step; smaller values force chunked prefill (default 8192)")
     run.add_argument("--max-num-seqs", type=int, default=64, metavar="S",
                      help="sequences running at once (default 64)")
+    run.add_argument("--moe-form", choices=_values(MoEForm), default=MoEForm.DENSE.value,
+                     help="dense: every expert on every row, masked (the reference); sparse: rows bucketed by "
+                          "expert at a fixed capacity, exact on overflow (engine/moe/experts.py) (default dense)")
+    run.add_argument("--threads", type=int, metavar="N",
+                     help="CPU kernel threads per process (default: this machine's CPUs, shared between ranks)")
     run.add_argument("--graph", choices=_values(GraphMode), default=GraphMode.EAGER.value,
                      help="eager: no graphs; piecewise: replay the pieces between attention ops, captured per "
                           "padded token count; full_and_piecewise: pure-decode steps replay one whole-model "
@@ -96,7 +102,8 @@ def engine_config(args: argparse.Namespace):
     graph = GraphConfig(mode=args.graph, backend=args.graph_backend, prefill_capture_sizes=args.capture_sizes,
                         decode_capture_sizes=args.decode_capture_sizes, capture=args.capture)
     return EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        graph=graph, parallel=ParallelConfig(tp=args.tp, ep=args.ep), faults=faults)
+                        graph=graph, parallel=ParallelConfig(tp=args.tp, ep=args.ep), faults=faults,
+                        moe_form=args.moe_form)
 
 
 def run(args: argparse.Namespace, out=None) -> int:
@@ -142,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    try:
+        set_threads(args.threads, ranks=args.tp)
+    except ValueError as err:
+        print(f"error: --threads: {err}", file=sys.stderr)
+        return 2
     if args.report_dir:
         return _run_as_rank(args)
     try:

@@ -50,6 +50,11 @@ class RouterKind(_Choice):
     SOFTMAX_TOPK = "softmax_topk"  # Qwen3-MoE
 
 
+class MoEForm(_Choice):
+    DENSE = "dense"  # every expert on every row, masked: the reference
+    SPARSE = "sparse"  # rows bucketed by expert at a fixed capacity, batched GEMMs (engine/moe/experts.py)
+
+
 class GraphMode(_Choice):
     EAGER = "eager"  # no graphs
     PIECEWISE = "piecewise"  # every step replays the pieces between attention ops
@@ -176,9 +181,11 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     n_shared_experts: int = 0
     num_mtp_layers: int = 0  # GLM's multi-token-prediction layers: stored after the decoder, not run
+    moe_form: MoEForm = MoEForm.DENSE  # the engine's choice, not from config.json (EngineConfig.moe_form)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "router", RouterKind.parse("router", self.router))
+        object.__setattr__(self, "moe_form", MoEForm.parse("moe_form", self.moe_form))
         _check_model(self)
 
     @property
@@ -296,6 +303,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     faults: Failpoints = field(default=NO_FAULTS)
     capture_sizes: CaptureSizeLists = field(init=False, repr=False, compare=False)
+    moe_form: MoEForm = MoEForm.DENSE  # routed-expert form, copied into ModelConfig.moe_form by the engine
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):

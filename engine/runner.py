@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from engine.config import CaptureTiming, EngineConfig, GraphMode, ModelConfig
+from engine.config import CaptureTiming, EngineConfig, GraphMode, ModelConfig, MoEForm
 from engine.forward_context import ForwardContext
 from engine.graph.backends import make_backend
 from engine.graph.capture_sizes import capture_sizes_for
@@ -23,6 +23,7 @@ from engine.graph.stats import CaptureStats
 from engine.kv_cache import KVCache, blocks_needed, slots_for
 from engine.layers.attention import AttentionMetadata, DecodeTables, SequenceSpan
 from engine.models.moe_decoder import ForwardOutput, MoEDecoder
+from engine.moe.experts import buckets_overflow
 from engine.moe.router import check_finite
 from engine.routing_replay.recorder import RoutingRecorder, step_kind
 from engine.routing_replay.replay import RoutingReplayer
@@ -157,7 +158,11 @@ class ModelRunner:
             else:
                 outputs = self.graphs.run_whole_step(ctx.padded_size, ctx.num_tokens, step)
                 self.model.write_step_kv(outputs, self.cache, ctx.attention)
-        return self.model.forward_output(outputs)
+        out = self.model.forward_output(outputs)
+        if self._buckets_overflowed(out):  # the sparse MoE form's exact path: this step again, eagerly
+            self.stats.record_fallback(ctx.phase, ctx.num_tokens)
+            return self.eager_forward(ctx)
+        return out
 
     def eager_forward(self, ctx: ForwardContext) -> ForwardOutput:
         """The step run eagerly, piece by piece, whatever `ctx.padded_size` says; counts nothing."""
@@ -171,6 +176,13 @@ class ModelRunner:
             return self.model.attention(layer, outputs, self.cache, ctx.attention)
 
         return attend
+
+    def _buckets_overflowed(self, out: ForwardOutput) -> bool:
+        cfg = self.model.cfg
+        if cfg.moe_form is not MoEForm.SPARSE:
+            return False
+        local = len(self.model.partition.experts(cfg))
+        return any(buckets_overflow(ids.numpy(), cfg.num_experts, local) for ids, _ in out.routing.values())
 
     def _check_routing(self, routing: dict, num_tokens: int) -> None:
         for layer, (_, nonfinite) in routing.items():

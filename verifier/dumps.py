@@ -3,9 +3,16 @@
 Three kinds of output, three rules:
   logits         numerical: element-wise within a Tolerance, and/or relative L2 under a bound
   greedy tokens  exact; the report names the first step where they part
-  routed experts exact per token, except rows the reference marks as near-ties (a decision
-                 margin below `near_tie`): those are reported separately, never hidden and
-                 never failed, since float32 rounding may legitimately flip them
+  routed experts exact per token, except the positions the reference marks as near-tied
+                 under `verifier.tolerance.NEAR_TIE`: a row whose sets differ only there is
+                 reported separately (never hidden, never failed, since float32 rounding may
+                 legitimately flip it); a wrong expert anywhere else fails the row.
+
+Near-ties are judged on the deciding values the reference carries beside each routing key:
+`{phase}topk_margin_p{i}_layer{L}` [T, E] float64 (router logits for softmax_topk, sigmoid scores
++ correction bias for noaux_tc) and one `topk_margin_grouping` = [n_group, topk_group] per file
+(the goldens made by fixtures/build_fixtures.py carry both). Without them every routing difference
+is a failure.
 """
 
 from __future__ import annotations
@@ -17,18 +24,18 @@ import numpy as np
 
 from verifier.compare import Comparison, compare
 from verifier.recording import dump_level
-from verifier.tolerance import EXACT, Tolerance
+from verifier.tolerance import EXACT, NEAR_TIE, NearTie, Tolerance, routing_bounds
 
 ROUTING_KEY = re.compile(r"^(decode_)?topk_ids_p(\d+)_layer(\d+)$")
-NEAR_TIE_MARGIN = 1e-4  # below this decision margin a float32 rounding may flip an expert choice
+GROUPING_KEY = "topk_margin_grouping"
 
 
 @dataclass(frozen=True)
 class RoutingDiff:
     key: str
     rows: int
-    mismatched_rows: tuple[int, ...]  # rows whose expert sets differ and were decisive
-    near_tie_rows: tuple[int, ...]  # rows whose sets differ within the near-tie margin
+    mismatched_rows: tuple[int, ...]  # rows with a wrong expert outside the near-tied positions
+    near_tie_rows: tuple[int, ...]  # rows whose sets differ only at near-tied positions
 
     @property
     def passed(self) -> bool:
@@ -75,11 +82,11 @@ def compare_dumps(
     *,
     logits_tol: Tolerance | None = None,
     max_rel_l2: float | None = None,
-    near_tie: float = NEAR_TIE_MARGIN,
+    near_tie: NearTie = NEAR_TIE,
 ) -> DumpDiff:
-    """Compare every key of `expected` that a dump carries. Margins for the near-tie rule come
-    from `expected` (`topk_margin_p{i}_layer{L}` keys, as the goldens carry); without them every
-    routing difference is a failure."""
+    """Compare every key of `expected` that a dump carries. Deciding values for the near-tie rule
+    come from `expected` (see the module docstring); without them every routing difference is a
+    failure."""
     missing = sorted(k for k in _dump_keys(expected) if k not in actual)
     if missing:
         raise KeyError(f"the dump lacks {len(missing)} key(s) the reference has, first {missing[0]}")
@@ -101,11 +108,12 @@ def _compare_key(
     expected: dict,
     logits_tol: Tolerance | None,
     max_rel_l2: float | None,
-    near_tie: float,
+    near_tie: NearTie,
 ) -> None:
     want = expected[key]
     if ROUTING_KEY.match(key):
-        diff.routing.append(routing_diff(key, actual, want, _margins(expected, key), near_tie))
+        diff.routing.append(routing_diff(key, actual, want, _margins(expected, key),
+                                         expected.get(GROUPING_KEY), near_tie))
     elif key.startswith(("greedy_p", "input_ids_p")):
         _compare_tokens(diff, key, actual, want)
     else:
@@ -148,11 +156,43 @@ def _margins(expected: dict, key: str) -> np.ndarray | None:
 
 
 def routing_diff(
-    key: str, actual: np.ndarray, want: np.ndarray, margins: np.ndarray | None, near_tie: float = NEAR_TIE_MARGIN
+    key: str,
+    actual: np.ndarray,
+    want: np.ndarray,
+    scores: np.ndarray | None,
+    grouping: np.ndarray | None = None,
+    near_tie: NearTie = NEAR_TIE,
 ) -> RoutingDiff:
-    """Rows whose expert sets differ, split into decisive mismatches and near-ties."""
+    """Rows whose expert sets differ, split into failures and near-ties. `scores` [T, E] are the
+    reference's deciding values (None: every difference fails); `grouping` is [n_group,
+    topk_group] (None: no groups). A differing row is a near-tie only if `actual` holds every
+    expert the values decide without a near-tie and none they reject."""
     if actual.shape != want.shape:
         return RoutingDiff(key, len(want), tuple(range(len(want))), ())
     differ = np.flatnonzero((np.sort(actual, -1) != np.sort(want, -1)).any(-1))
-    tied = set() if margins is None else {int(r) for r in differ if margins[r] < near_tie}
-    return RoutingDiff(key, len(want), tuple(int(r) for r in differ if int(r) not in tied), tuple(sorted(tied)))
+    if scores is None or not differ.size:
+        return RoutingDiff(key, len(want), tuple(int(r) for r in differ), ())
+    scores = _checked_scores(key, scores, want)
+    n_group, topk_group = (1, 1) if grouping is None else (int(grouping[0]), int(grouping[1]))
+    must, must_not = routing_bounds(scores[differ], want.shape[1], n_group, topk_group, near_tie)
+    wrong = {int(differ[r]) for r, _, _ in routing_violations(actual[differ], must, must_not)}
+    return RoutingDiff(key, len(want), tuple(sorted(wrong)), tuple(int(r) for r in differ if int(r) not in wrong))
+
+
+def routing_violations(ids: np.ndarray, must: np.ndarray, must_not: np.ndarray) -> list[tuple[int, list, list]]:
+    """(row, experts missing, experts wrongly chosen) for each row of `ids` [T, k] (in range) that
+    lacks an expert of `must` [T, E] or holds one of `must_not` [T, E]."""
+    chosen = np.zeros(must.shape, bool)
+    np.put_along_axis(chosen, ids, True, axis=-1)
+    missing, wrong = must & ~chosen, must_not & chosen
+    return [(int(r), np.flatnonzero(missing[r]).tolist(), np.flatnonzero(wrong[r]).tolist())
+            for r in np.flatnonzero((missing | wrong).any(axis=-1))]
+
+
+def _checked_scores(key: str, scores: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """The deciding values as [T, E]; older dumps' per-token gaps are refused by name."""
+    if scores.ndim != 2 or scores.shape[0] != want.shape[0] or scores.shape[1] < want.shape[1]:
+        raise ValueError(f"{key}: the reference's deciding values have shape {scores.shape}, expected "
+                         f"[{want.shape[0]}, experts]; a per-token margin (older goldens) cannot tell "
+                         "which positions are tied: rebuild with fixtures/build_fixtures.py")
+    return scores

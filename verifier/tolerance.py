@@ -82,6 +82,28 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
+
+# Eager engine logits against the Hugging Face float32 run (fixtures/goldens, cases/test_golden.py):
+# two float32 implementations of one model, apart only by summation order and kernel rounding.
+# Per element, the float32 row. In L2 (per prompt), 16 eps: ~30 rounding stages of a 3-layer
+# forward, each ~eps/2 relative and adding like a random walk, give ~3 eps per implementation.
+# Measured on the three fixtures: the engine at 3.6e-7 to 6.5e-7 rel L2 (3 to 5.5 eps) and at most
+# 0.58 of the element bound; Hugging Face against its own rerun (same versions, this machine) at
+# 3.5e-7 and 0.29. Tight: `rms_norm_eps` read as 1e-6 instead of 1e-5 moves the GLM fixtures to
+# 8.9e-6 rel L2 (4.7x this bound) and 10x the element bound.
+GOLDEN_LOGITS = DEFAULT_TOLERANCES["float32"]
+GOLDEN_MAX_REL_L2 = 16 * FLOAT32_EPS
+
+# MoE router weights (engine float32 vs the float64 reference, cases/router_checks.py): float32
+# sigmoid/softmax (a few ulp), a k-term sum and one division, times a scaling factor <= 2.5.
+# Measured worst case over 1,500 random cases: 6.3e-7 relative, 3.3e-7 absolute, so this pair leaves
+# about 15x headroom while a formula bug (> 1e-2) stays far outside it. The float32 row's atol (1e-5,
+# sized for logits that cancel to near 0) would hide such bugs in small weights. Weights of experts
+# more than 64 nats below a row's best are clipped by Paddle's softmax to ~1.6e-28: inside atol.
+ROUTER_WEIGHTS = Tolerance(rtol=1e-5, atol=1e-7)
+
+
 def dtype_name(dtype: object) -> str:
     """Canonical name of a NumPy dtype, scalar type, dtype string or Paddle dtype ("paddle.float32")."""
     spec = dtype if isinstance(dtype, type) else str(dtype).removeprefix("paddle.")
@@ -106,3 +128,97 @@ def tolerance_for(dtype: object, rtol: float | None = None, atol: float | None =
         missing = "rtol" if rtol is None else "atol"
         raise ValueError(f"tolerance override for {name}: {missing} is missing; give rtol and atol together")
     return Tolerance(rtol, atol)
+
+
+# ---------------------------------------------------------------------------- routing near-ties
+
+
+@dataclass(frozen=True)
+class NearTie:
+    """When a routing decision is too close to call: the one near-tie rule of the project.
+
+    A decision (the k-th expert against the (k+1)-th, or the topk_group-th group against the next)
+    is judged on its *deciding quantity*: the router logit for softmax_topk, the biased score
+    (sigmoid + correction bias, or the group's top-2 sum of them) for noaux_tc. The two candidates'
+    values `first` >= `second` are near-tied when
+
+        first == second, or both are finite and first - second <= atol + rtol * max(|first|, |second|)
+
+    so the bound scales with the values that decide, never with a probability or a weight (a
+    softmax probability 64 nats down is ~1e-28 whatever the logit gap). An infinite `second`
+    (no competitor: every group kept, or exactly k experts left after masking) is never a tie.
+    """
+
+    rtol: float
+    atol: float
+
+    def __post_init__(self) -> None:
+        Tolerance(self.rtol, self.atol)  # the same validation: finite, >= 0
+
+    def tied(self, first, second) -> np.ndarray:
+        """bool per decision, for arrays of the two candidates' deciding values (float64 best)."""
+        first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+        finite = np.isfinite(first) & np.isfinite(second)
+        with np.errstate(invalid="ignore", over="ignore"):
+            gap = np.where(finite, first - second, np.inf)
+            bound = self.atol + self.rtol * np.maximum(np.abs(first), np.abs(second))
+        return (first == second) | (finite & (gap <= bound))
+
+    def split(self, values, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(surely_in, surely_out), bool [T, N]: for a top-k choice over `values` [T, N] (float64,
+        -inf for candidates that cannot be chosen), which candidates every correct choice must
+        hold, and which none may. The rest are contested: near-tied with the boundary between the
+        k-th and the (k+1)-th value, so float32 rounding or a tie-break rule may go either way."""
+        values = np.asarray(values, np.float64)
+        ranked = -np.sort(-values, axis=-1)  # [T, N] descending
+        kth = ranked[:, k - 1 : k]  # [T, 1]
+        nxt = ranked[:, k : k + 1] if k < values.shape[1] else np.full_like(kth, -np.inf)
+        surely_in = (values > nxt) & ~self.tied(values, nxt)
+        surely_out = (values < kth) & ~self.tied(kth, values)
+        return surely_in, surely_out
+
+
+# Twice the float32 row: a comparison accepts each candidate's deciding value anywhere within one
+# float32 tolerance of the reference's, so two candidates closer than two tolerances may swap order
+# and still be correct. Covers, with room, what separates the float32 engine from a float64
+# reference on the same logits (noaux_tc scores: a float32 rounding of the sigmoid and of the bias
+# sum, ~1e-7 of max(|score|, |bias|); softmax_topk: none, it selects on the logits themselves) and
+# from another mode or the Hugging Face run (router logits differ by the float32 row's few 1e-6).
+# A wrong choice 64 nats down, or a wrong group whose top-2 sum is 1e-3 lower, is far outside it.
+NEAR_TIE = NearTie(rtol=2 * DEFAULT_TOLERANCES["float32"].rtol, atol=2 * DEFAULT_TOLERANCES["float32"].atol)
+
+
+def routing_bounds(scores, top_k: int, n_group: int = 1, topk_group: int = 1,
+                   rule: NearTie | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(must, must_not), bool [T, E]: the experts every correct routing of these deciding values
+    chooses, and those none chooses, under `rule` (NEAR_TIE by default).
+
+    `scores` [T, E] are the deciding values (logits for softmax_topk, biased scores for
+    noaux_tc). With groups (noaux_tc), a group scores the sum of its top-2, the best `topk_group`
+    groups are kept and top_k experts chosen inside them; a contested group makes its experts
+    contested. An expert is surely chosen when its group surely is and it beats the (k+1)-th of
+    the widest pool (every group not surely out); surely not when its group is surely out or it
+    trails the k-th of the narrowest pool (the surely kept groups). Only positions that are
+    neither may differ between two correct routings.
+    """
+    rule = NEAR_TIE if rule is None else rule
+    scores = np.asarray(scores, np.float64)
+    group_in, group_out = group_bounds(scores, n_group, topk_group, rule)  # [T, G] each
+    size = scores.shape[1] // n_group
+    group_in, group_out = np.repeat(group_in, size, axis=1), np.repeat(group_out, size, axis=1)  # [T, E]
+    widest_in, _ = rule.split(np.where(group_out, -np.inf, scores), top_k)
+    _, narrowest_out = rule.split(np.where(group_in, scores, -np.inf), top_k)
+    # Experts of a contested group are never sure either way: their group may go either way.
+    return widest_in & group_in, group_out | (narrowest_out & group_in)
+
+
+def group_bounds(scores, n_group: int, topk_group: int, rule: NearTie | None = None):
+    """(surely kept, surely dropped) groups, bool [T, G], of noaux_tc's group choice over the
+    deciding values `scores` [T, E] (see `routing_bounds`); every group kept when topk_group == n_group."""
+    rule = NEAR_TIE if rule is None else rule
+    scores = np.asarray(scores, np.float64)
+    tokens, experts = scores.shape
+    if topk_group == n_group:
+        return np.ones((tokens, n_group), bool), np.zeros((tokens, n_group), bool)
+    grouped = np.sort(scores.reshape(tokens, n_group, experts // n_group), axis=-1)
+    return rule.split(grouped[..., -1] + grouped[..., -2], topk_group)

@@ -12,6 +12,8 @@ warns once, naming both versions: the internals below are not public API and may
   short_op_callstacks   a scoped patch of `traceback.extract_stack` while a program is built
   set_process_flags     `FLAGS_new_executor_serial_run` and `FLAGS_eager_delete_tensor_gb`,
                         set once per process, never restored (they steer every program after)
+  set_kernel_threads    the CPU kernels' OpenMP/MKL thread count (Paddle has no public setter);
+                        engine/threads.py decides the number
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ _PADDLE_DIR = os.path.dirname(paddle.__file__) + os.sep  # frames under it are P
 PROCESS_FLAGS = {"FLAGS_new_executor_serial_run": True, "FLAGS_eager_delete_tensor_gb": -1.0}
 
 __all__ = ["WRITTEN_FOR", "PROCESS_FLAGS", "check_version", "concrete_program", "convert_load",
-           "set_process_flags", "short_op_callstacks"]
+           "set_kernel_threads", "set_process_flags", "short_op_callstacks"]
+
+
+def set_kernel_threads(count: int) -> None:
+    """Make Paddle's CPU kernels use `count` threads (OpenMP and MKL), process-wide."""
+    from paddle.base import core
+
+    core.set_num_threads(count)
 
 
 def check_version(version: str = paddle.__version__) -> str | None:

@@ -231,7 +231,8 @@ class MoEDecoder:
         else:
             ids, weights = replayed_routing(self.cfg, logits, forced, num_real)
         local = weights * self.cfg.routed_scaling_factor if self.faults.on("dist.double_scale") else weights
-        out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down)  # this rank's
+        out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down,
+                             self.cfg.moe_form)  # this rank's
         if w.shared is not None:
             out = out + dense_mlp(x, w.shared.gate, w.shared.up, w.shared.down)
         return out, ids, router.nonfinite_rows(logits, num_real)

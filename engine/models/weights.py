@@ -23,6 +23,8 @@ import paddle
 from engine.checkpoint import hub_schema as hub
 from engine.config import ModelConfig
 from engine.layers.linear import frozen, weight_param
+from engine.moe.experts import pack_experts
+from engine.moe.experts import pack_experts
 
 Convert = Callable[[paddle.Tensor], paddle.Tensor]
 
@@ -106,9 +108,8 @@ def _row_parallel_bias(bias: np.ndarray, rank: int) -> paddle.Tensor:
 
 def _moe_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], layer: int, local: range) -> MoEWeights:
     experts = [hub.expert_names(layer, e) for e in local]
-    gate = np.concatenate([tensors[e.gate].T for e in experts], axis=1)  # Hub [I, H] per expert -> [H, E*I]
-    up = np.concatenate([tensors[e.up].T for e in experts], axis=1)
-    down = np.concatenate([tensors[e.down].T for e in experts], axis=0)  # [E*I, H]
+    gate, up, down = pack_experts([tensors[e.gate] for e in experts], [tensors[e.up] for e in experts],
+                                  [tensors[e.down] for e in experts], cfg.moe_form)
     router = hub.router_names(layer)
     bias = tensors.get(router.bias)
     shared = _mlp_weights(tensors, hub.shared_expert_names(layer)) if cfg.n_shared_experts else None

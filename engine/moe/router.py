@@ -23,6 +23,17 @@ unaffected. The caller computes `nonfinite_rows(logits, num_real)` in the graph 
 calls `check_finite(flags, layer)` on the host, which raises `RouterError` naming the layer and the
 first bad token row. A step with non-finite router logits is therefore an error, never silent.
 
+Paddle 3.3.1 CPU kernels the routers use, probed for clips that would tie distinct candidates:
+- softmax (float32 and float64) and log_softmax clip `x - max` at -64: hence selection on logits.
+- float32 exp: the vectorised body clamps its input near -88.4 (exp(-100) = exp(-800) = 2.9e-39)
+  while the scalar tail does not; float32 sigmoid flushes below ~-88 to 0. Neither is used.
+- float64 sigmoid (noaux_tc): no clip (sigmoid(-300) = 5e-131); rounded to float32 it keeps
+  denormals, so scores are exactly 0 only below ~-103.9 and exactly 1 from ~16.6 up. Those ties are
+  float32's own (any float32 router has them; the float64 reference differs there by less than the
+  near-tie rule's bound), not a kernel's.
+- float32 <-> float64 casts are exact both ways for float32 values; topk ranks NaN first, then
+  +inf, and breaks exact ties by an index order that varies with the row length.
+
 `faults=None` means no failpoints. The default is a literal on purpose: Paddle's AST to_static
 re-executes each converted `def` in a fresh module before this module's globals are attached, so a
 default such as `NO_FAULTS` raises NameError at conversion time.
@@ -90,13 +101,23 @@ def _bias_len(bias):
 
 
 def softmax_topk(logits, *, top_k, norm_topk_prob, num_real=None, faults: Failpoints | None = None):
-    """Qwen3-MoE routing: softmax over all E experts in float32, the top_k probabilities, divided by
-    their sum when `norm_topk_prob`. Returns (ids int64 [T, k], weights float32 [T, k])."""
+    """Qwen3-MoE routing: the top_k experts by logit, weighted by their softmax probability over all
+    E experts in float32, divided by the top_k sum when `norm_topk_prob`.
+    Returns (ids int64 [T, k], weights float32 [T, k]).
+
+    Selection reads the logits, not the probabilities: softmax is monotonic, so the choice is the
+    same in exact arithmetic, but Paddle's CPU softmax clips `x - max` at -64 before `exp`, so every
+    expert more than 64 nats below a row's best gets one shared probability and a top-k over
+    probabilities picks among them by index. The weights still come from that softmax (bitwise
+    what they always were); a clipped weight is below exp(-64) ~ 1.6e-28, absolutely negligible.
+    """
     faults = NO_FAULTS if faults is None else faults
     _, num_experts = _logit_shape(logits)
     _validate_top_k(num_experts, top_k)
-    probs = paddle.nn.functional.softmax(logits.astype("float32"), axis=-1)  # [T, E]
-    weights, ids = paddle.topk(probs, k=top_k, axis=-1)  # [T, k]
+    logits = logits.astype("float32")  # [T, E]
+    ids = paddle.topk(logits, k=top_k, axis=-1)[1]  # [T, k]
+    probs = paddle.nn.functional.softmax(logits, axis=-1)  # [T, E]
+    weights = paddle.take_along_axis(probs, ids, axis=-1)  # [T, k]
     if norm_topk_prob and not faults.on("router.skip_renorm"):
         # No epsilon: the top-1 probability is at least 1/E, so the sum is never 0.
         weights = weights / weights.sum(axis=-1, keepdim=True)
