@@ -75,7 +75,8 @@ def step_outputs(model_runner: ModelRunner, batch) -> list[np.ndarray]:
     """Everything a step hands out, copied: hidden (all rows), routing, and the k/v it wrote."""
     ctx = model_runner.prepare(batch)
     out = model_runner.forward(ctx)
-    kv = [model_runner.cache.read(layer, ctx.attention.slot_mapping) for layer in range(model_runner.model.cfg.num_layers)]
+    slots = ctx.attention.slot_mapping
+    kv = [model_runner.cache.read(layer, slots) for layer in range(model_runner.model.cfg.num_layers)]
     return ([out.hidden.numpy().copy()] + [ids.numpy().copy() for ids, _ in out.routing.values()]
             + [t.numpy().copy() for pair in kv for t in pair])
 

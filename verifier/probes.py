@@ -194,36 +194,40 @@ def _compare(site: Site, name: str, got: np.ndarray, want: np.ndarray, tol: Tole
 
 
 def render(loc: Localisation) -> str:
-    """The first divergence in one line, then max |error| per site and tensor ("!" = out of tolerance)."""
+    """Two summary lines (the first divergence and its worst element; the step and tolerance), then
+    max |error| per site and tensor, "!" where out of tolerance. Piece i finishes layer i - 1 (piece
+    0 embeds) and starts layer i; attention l is layer l's, between piece l and piece l + 1."""
     rows = "padded rows included" if loc.padded_rows_compared else "real rows only"
     size = f"padded to {loc.padded_size}" if loc.padded_size else "unpadded"
-    head = [f"probes: {loc.num_tokens}-token step {size}, {rows}, tolerance {loc.tol}"]
+    step = f"probes: {loc.num_tokens}-token step {size}, {rows}, tolerance {loc.tol}"
     if loc.first is None:
-        head.append("no site out of tolerance: the divergence is after the last piece (logits, cache writes)")
+        head = ["probes: no piece or attention output leaves tolerance (the divergence is in what the check "
+                "compares beyond them, or in a contract both runs break alike)", step]
     else:
         c = loc.first.comparison
         padded = c.max_abs_index and c.max_abs_index[0] >= loc.num_tokens
-        head.append(f"first divergence: {loc.first.where} / {', '.join(loc.first_tensors)}")
-        head.append(f"  {loc.first.tensor}: {c.mismatches} of {c.total} elements, worst |err| {c.max_abs_err:.3g} "
-                    f"at {c.max_abs_index}{' (a padded row)' if padded else ''}")
+        head = [f"first divergence: {loc.first.where} / {', '.join(loc.first_tensors)}; {loc.first.tensor}: "
+                f"{c.mismatches} of {c.total} out, worst |err| {c.max_abs_err:.3g} at {c.max_abs_index}"
+                f"{' (a padded row)' if padded else ''}", step]
     return "\n".join(head + _table(loc.errors))
 
 
 def _table(errors: tuple[SiteError, ...]) -> list[str]:
     names = list(dict.fromkeys(e.tensor for e in errors))
+    widths = [max(len(n), 7) + 2 for n in names]
     cells: dict[str, dict[str, str]] = {}
     for e in errors:
         c = e.comparison
-        cells.setdefault(e.where, {})[e.tensor] = f"{c.max_abs_err:.2g}{'' if c.passed else '!'}"
-    width = max([len(w) for w in cells] + [4])
-    lines = ["site".ljust(width) + "".join(n.rjust(11) for n in names)]
+        cells.setdefault(f"{e.site[0]} {e.site[1]}", {})[e.tensor] = f"{c.max_abs_err:.2g}{'' if c.passed else '!'}"
+    lines = ["max |err|".ljust(12) + "".join(n.rjust(w) for n, w in zip(names, widths))]
     for where, row in cells.items():
-        lines.append(where.ljust(width) + "".join(row.get(n, "-").rjust(11) for n in names))
+        lines.append(where.ljust(12) + "".join(row.get(n, "-").rjust(w) for n, w in zip(names, widths)))
     return lines
 
 
 def localised_problems(expected, actual, expected_batch, actual_batch=None, tol: Tolerance | None = None) -> list[str]:
-    """For a check's failure message: the localisation's text as problem lines. Never raises: a
+    """For a check's failure message: the localisation's text as lines (the first two summarise).
+    Never raises: a
     probe that cannot run says so instead of hiding the failure it was asked to explain."""
     try:
         return localise(expected, actual, expected_batch, actual_batch, tol).render().splitlines()
