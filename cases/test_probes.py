@@ -28,6 +28,7 @@ from engine.llm import LLM
 from engine.runner import ModelRunner
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 from verifier.probes import localise, probing
+from verifier.recording import recording
 from verifier.tolerance import EXACT
 
 ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}
@@ -165,3 +166,15 @@ def test_padded_kv_writes_are_located_after_the_first_attention(eager):
     loc = located(graph, eager("glm4_moe"), DECODES, again=True)
     assert loc.first is not None and loc.first.site == ("piece", 1), loc.render()
     assert not loc.padded_rows_compared
+
+
+def test_probe_comparisons_feed_the_per_layer_picture_not_the_failures(eager):
+    """Inside a case's recording the rerun adds the per-layer picture (every piece's q at layers
+    0..L-1) but no counted comparison and no failure: the case's own failures stay the ones shown."""
+    graph = runner("qwen3_moe", {"graph.stale_positions"})
+    with recording() as recorder:
+        loc = located(graph, eager("qwen3_moe"), PADDED)
+    data = recorder.to_dict()
+    assert loc.first is not None and data["counts"] == {} and data["failures"] == []
+    q_layers = [entry["layer"] for entry in data["layers"] if entry["tensor"] == "probe piece[] q"]
+    assert q_layers == list(range(graph.model.cfg.num_layers)), data["layers"]  # pieces 0..L-1 return q

@@ -17,8 +17,9 @@ rows, so there only real rows are compared (and it returns only the outputs it k
 
 Probes only read: a probe copies each tensor to NumPy and changes nothing the step computes
 (cases/test_probes.py checks outputs with probes on are bitwise the outputs with probes off).
-Comparisons are named "probe piece[i] NAME" / "probe attention[l] NAME", so a recording open
-around `localise` gives the report's per-layer table.
+Comparisons are named "probe piece[i] NAME" / "probe attention[l] NAME" and handed to an open
+recording as diagnosis (verifier/recording.py `as_diagnosis`): they make the report's per-layer
+table without being counted as the case's comparisons or crowding out its own failures.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import paddle
 
 from engine.graph.protocol import run_pieces
 from verifier.compare import Comparison, compare
+from verifier.recording import as_diagnosis
 from verifier.tolerance import EXACT, Tolerance, tolerance_for
 
 Site = tuple[str, int]  # ("piece", i) or ("attention", layer)
@@ -162,7 +164,10 @@ def localise(expected, actual, expected_batch, actual_batch=None, tol: Tolerance
     actual_batch = actual_batch or expected_batch
     got = probe_forward(actual, actual_batch)
     want = probe_padded_eager(expected, expected_batch, got.padded_size or got.num_tokens)
-    return compare_probed(got, want, tol or tolerance_for("float32"))
+    with as_diagnosis() as keep:  # for the report's per-layer picture, not as the case's failures
+        loc = compare_probed(got, want, tol or tolerance_for("float32"))
+        keep([e.comparison for e in loc.errors])
+    return loc
 
 
 def compare_probed(actual: Probed, expected: Probed, tol: Tolerance) -> Localisation:
@@ -201,14 +206,14 @@ def render(loc: Localisation) -> str:
     size = f"padded to {loc.padded_size}" if loc.padded_size else "unpadded"
     step = f"probes: {loc.num_tokens}-token step {size}, {rows}, tolerance {loc.tol}"
     if loc.first is None:
-        head = ["probes: no piece or attention output leaves tolerance (the divergence is in what the check "
-                "compares beyond them, or in a contract both runs break alike)", step]
+        head = [("probes: no piece or attention output leaves tolerance (the divergence is in what the check "
+                 "compares beyond them, or in a contract both runs break alike)"), step]
     else:
         c = loc.first.comparison
         padded = c.max_abs_index and c.max_abs_index[0] >= loc.num_tokens
-        head = [f"first divergence: {loc.first.where} / {', '.join(loc.first_tensors)}; {loc.first.tensor}: "
-                f"{c.mismatches} of {c.total} out, worst |err| {c.max_abs_err:.3g} at {c.max_abs_index}"
-                f"{' (a padded row)' if padded else ''}", step]
+        head = [(f"first divergence: {loc.first.where} / {', '.join(loc.first_tensors)}; {loc.first.tensor}: "
+                 f"{c.mismatches} of {c.total} out, worst |err| {c.max_abs_err:.3g} at {c.max_abs_index}"
+                 f"{' (a padded row)' if padded else ''}"), step]
     return "\n".join(head + _table(loc.errors))
 
 
