@@ -9,8 +9,9 @@ Expected sites come from the checkpoint's config and the fault's meaning, never 
   - `graph.stale_padding` (padded input rows keep the previous step's values): piece 0, in a
     padded row;
   - `kv.write_padded_rows` (a whole-step decode writes padded rows' k/v at slot 0, the first
-    sequence's first key): the next step's first attention reads it, so the first divergence is
-    the piece after attention 0, in real rows (the whole-step graph keeps no attention output).
+    sequence's first key) and `kv.stale_block_table` (a whole-step decode reads a table missing the
+    newest block): the first attention reads the wrong keys, so the first divergence is piece 1,
+    in real rows (the whole-step graph keeps no attention output, and its padded rows differ).
 Engines are fresh and use backend `uncompiled` (no compile cost); the faults live in the graph
 runner and the model, not in a backend.
 """
@@ -37,9 +38,9 @@ FULLER = Composition((Part(0, 14), Part(2, 1, decode=True)), seed=12)  # 15 toke
 DECODES = Composition((Part(20, 1, decode=True), Part(7, 1, decode=True), Part(33, 1, decode=True)), seed=14)  # 3 -> 4
 
 
-def runner(name: str, faults=(), mode: str | None = "piecewise") -> ModelRunner:
+def runner(name: str, faults=(), mode: str | None = "piecewise", backend: str = "uncompiled") -> ModelRunner:
     """A fresh engine's runner (mode None: eager) with these faults planted."""
-    graph = GraphConfig() if mode is None else GraphConfig(mode=mode, backend="uncompiled", prefill_capture_sizes=(16,),
+    graph = GraphConfig() if mode is None else GraphConfig(mode=mode, backend=backend, prefill_capture_sizes=(16,),
                                                             decode_capture_sizes=(4,))
     return LLM(checkpoint_dir(name), EngineConfig(**ENGINE, graph=graph, faults=Failpoints(frozenset(faults)))).runner
 
@@ -98,10 +99,11 @@ def probe_problems(model_runner: ModelRunner, composition: Composition, probe=No
     return problems
 
 
-@pytest.mark.parametrize("mode, composition", [(None, PADDED), ("piecewise", PADDED),
-                                               ("full_and_piecewise", DECODES)], ids=["eager", "piecewise", "whole"])
-def test_probes_do_not_change_outputs(mode, composition):
-    assert probe_problems(runner("glm4_moe", mode=mode), composition) == []
+@pytest.mark.parametrize("mode, backend, composition", [
+    (None, "", PADDED), ("piecewise", "uncompiled", PADDED), ("piecewise", "static", PADDED),
+    ("full_and_piecewise", "uncompiled", DECODES)], ids=["eager", "piecewise", "piecewise-static", "whole"])
+def test_probes_do_not_change_outputs(mode, backend, composition):
+    assert probe_problems(runner("glm4_moe", mode=mode, backend=backend), composition) == []
 
 
 def test_a_probe_that_writes_what_it_sees_is_caught():
@@ -161,9 +163,12 @@ def test_stale_padding_is_located_at_piece_0_in_a_padded_row(eager):
     assert loc.first.comparison.first_mismatch_index[0] >= PADDED.num_tokens, loc.render()
 
 
-def test_padded_kv_writes_are_located_after_the_first_attention(eager):
-    graph = runner("glm4_moe", {"kv.write_padded_rows"}, mode="full_and_piecewise")
-    loc = located(graph, eager("glm4_moe"), DECODES, again=True)
+@pytest.mark.parametrize("fault, again", [("kv.write_padded_rows", True), ("kv.stale_block_table", False)])
+def test_whole_step_cache_faults_are_located_after_the_first_attention(eager, fault, again):
+    """Both corrupt what a whole-step decode's attention reads from the cache (`again`: the first
+    replay corrupts slot 0, the second reads it); piece 0 reads no cache, piece 1 is the first after."""
+    graph = runner("glm4_moe", {fault}, mode="full_and_piecewise")
+    loc = located(graph, eager("glm4_moe"), DECODES, again=again)
     assert loc.first is not None and loc.first.site == ("piece", 1), loc.render()
     assert not loc.padded_rows_compared
 
