@@ -35,6 +35,7 @@ from verifier.tolerance import EXACT
 ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}
 PADDED = Composition((Part(3, 4), Part(9, 1, decode=True), Part(0, 5, rest=3)), seed=11)  # 10 tokens -> 16
 FULLER = Composition((Part(0, 14), Part(2, 1, decode=True)), seed=12)  # 15 tokens -> 16
+ONE_DECODE = Composition((Part(5, 1, decode=True),), seed=15)  # 1 -> 4: one-row tensors are padded too
 DECODES = Composition((Part(20, 1, decode=True), Part(7, 1, decode=True), Part(33, 1, decode=True)), seed=14)  # 3 -> 4
 
 
@@ -120,8 +121,8 @@ def test_a_probe_that_writes_what_it_sees_is_caught():
 # ---------------------------------------------------------------------------- no fault, no divergence
 
 
-@pytest.mark.parametrize("mode, composition", [("piecewise", PADDED), ("full_and_piecewise", DECODES)],
-                         ids=["piecewise", "whole"])
+@pytest.mark.parametrize("mode, composition", [("piecewise", PADDED), ("piecewise", ONE_DECODE),
+                                               ("full_and_piecewise", DECODES)], ids=["piecewise", "one", "whole"])
 def test_without_faults_no_site_diverges(eager, mode, composition):
     loc = located(runner("qwen3_moe", mode=mode), eager("qwen3_moe"), composition)
     assert loc.first is None, loc.render()

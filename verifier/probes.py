@@ -123,12 +123,15 @@ def probe_padded_eager(runner, batch, size: int) -> Probed:
     real-row count set, its eager attention between them (which reads and writes real rows only)."""
     n, model = batch.num_tokens, runner.model
     ctx = replace(runner.prepare(batch), padded_size=None)
-    step = {name: _padded(t, size, n) for name, t in model.step_values(ctx.token_ids, ctx.positions,
-                                                                        ctx.num_real).items()}
+    whole = {spec[0] for index in range(model.num_pieces) for spec in model.piece_inputs(index) if spec[2] is None}
+
+    def padded(inputs: dict) -> dict:  # rows [n, size) zero, as in a replay's input buffers
+        return {name: t if name in whole else _padded(t, size, n) for name, t in inputs.items()}
+
     seen: Seen = {}
 
     def run_piece(index: int, inputs: dict) -> dict:
-        outputs = model.piece(index, {name: _padded(t, size, n) for name, t in inputs.items()})
+        outputs = model.piece(index, padded(inputs))
         seen[("piece", index)] = _copied(outputs)
         return outputs
 
@@ -137,15 +140,15 @@ def probe_padded_eager(runner, batch, size: int) -> Probed:
         seen[("attention", layer)] = _copied(out)
         return out
 
+    step = padded(model.step_values(ctx.token_ids, ctx.positions, ctx.num_real))
     run_pieces(model.num_pieces, run_piece, attend, step)  # inserts piece 0, attention 0, piece 1, ...
     return Probed(n, size if size != n else None, False, seen)
 
 
 def _padded(tensor: paddle.Tensor, size: int, num_tokens: int) -> paddle.Tensor:
-    """Rows [num_tokens, size) zero, as a graph replay's input buffer has them; [1] tensors as they are."""
-    if tensor.ndim == 1 and tensor.shape[0] == 1 or tensor.shape[0] == size:
+    if tensor.shape[0] == size:
         return tensor
-    pad = paddle.zeros([size - tensor.shape[0], *tensor.shape[1:]], dtype=tensor.dtype)
+    pad = paddle.zeros([size - num_tokens, *tensor.shape[1:]], dtype=tensor.dtype)
     return paddle.concat([tensor[:num_tokens], pad])
 
 
