@@ -18,6 +18,8 @@ runner and the model, not in a backend.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import paddle
 import pytest
@@ -28,11 +30,20 @@ from engine.failpoints import Failpoints
 from engine.llm import LLM
 from engine.runner import ModelRunner
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
-from verifier.probes import localise, probing
+from verifier.probes import (
+    compare_probed,
+    from_arrays,
+    localise,
+    merge_ranks,
+    probe_padded_eager,
+    probing,
+)
+from verifier.rank_pool import RankPool
 from verifier.recording import recording
-from verifier.tolerance import EXACT
+from verifier.tolerance import EXACT, tolerance_for
 
 ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}
+FLOAT32 = tolerance_for("float32")
 PADDED = Composition((Part(3, 4), Part(9, 1, decode=True), Part(0, 5, rest=3)), seed=11)  # 10 tokens -> 16
 FULLER = Composition((Part(0, 14), Part(2, 1, decode=True)), seed=12)  # 15 tokens -> 16
 ONE_DECODE = Composition((Part(5, 1, decode=True),), seed=15)  # 1 -> 4: one-row tensors are padded too
@@ -184,3 +195,42 @@ def test_probe_comparisons_feed_the_per_layer_picture_not_the_failures(eager):
     assert loc.first is not None and data["counts"] == {} and data["failures"] == []
     q_layers = [entry["layer"] for entry in data["layers"] if entry["tensor"] == "probe piece[] q"]
     assert q_layers == list(range(graph.model.cfg.num_layers)), data["layers"]  # pieces 0..L-1 return q
+
+
+# ---------------------------------------------------------------------------- N ranks vs 1
+# A 2-rank TP job (cases/rank_programs/probe_server.py) probes the eager step; its ranks' tensors,
+# merged (head shards joined), are compared with one rank's. `dist.skip_allreduce` drops the
+# all-reduce after layer 0's attention output projection, which piece 1 runs (it finishes layer
+# 0): the first divergence is piece 1, whose residual is the sum the all-reduce should have made.
+
+SERVER = str(Path(__file__).resolve().parent / "rank_programs" / "probe_server.py")
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    with RankPool([SERVER], 2, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                  start_timeout_s=180, request_timeout_s=180) as pool:
+        yield pool
+
+
+def ranks_located(pool, reference: ModelRunner, name: str, composition: Composition, failpoints: str = ""):
+    parts = [[p.cached, p.new, p.rest, int(p.decode)] for p in composition.parts]
+    replies = pool.request({"checkpoint": name, "tp": 2, "ep": 1, "failpoints": failpoints, "parts": parts,
+                            "seed": composition.seed})
+    with staged(reference, composition) as batch:
+        one = probe_padded_eager(reference, batch, composition.num_tokens)
+    return compare_probed(merge_ranks([from_arrays(reply) for reply in replies], one), one, FLOAT32)
+
+
+@pytest.mark.xdist_group("probe_ranks")
+def test_two_ranks_match_one_rank_at_every_site(two_ranks, eager):
+    loc = ranks_located(two_ranks, eager("glm4_moe"), "glm4_moe", PADDED)
+    assert loc.first is None, loc.render()
+    assert {e.tensor for e in loc.errors} >= {"q", "k", "v", "attn_out", "residual"}  # sharded ones merged
+
+
+@pytest.mark.xdist_group("probe_ranks")
+def test_a_skipped_all_reduce_is_located_at_piece_1(two_ranks, eager):
+    loc = ranks_located(two_ranks, eager("glm4_moe"), "glm4_moe", PADDED, "dist.skip_allreduce")
+    assert loc.first is not None and loc.first.site == ("piece", 1), loc.render()
+    assert "residual" in loc.first_tensors, loc.render()

@@ -156,6 +156,44 @@ def _copied(outputs: dict) -> dict[str, np.ndarray]:
     return {name: tensor.numpy().copy() for name, tensor in outputs.items()}
 
 
+def to_arrays(probed: Probed) -> dict[str, np.ndarray]:
+    """Flat arrays ("piece/2/q", ..., "num_tokens", "padded_size" (0: eager), "whole_graph") for a
+    rank program's reply; `from_arrays` reads them back."""
+    head = {"num_tokens": np.asarray(probed.num_tokens), "padded_size": np.asarray(probed.padded_size or 0),
+            "whole_graph": np.asarray(probed.whole_graph)}
+    return head | {f"{kind}/{index}/{name}": array for (kind, index), named in probed.seen.items()
+                   for name, array in named.items()}
+
+
+def from_arrays(arrays: dict) -> Probed:
+    seen: Seen = {}
+    for key, array in arrays.items():
+        if key.count("/") == 2:
+            kind, index, name = key.split("/")
+            seen.setdefault((kind, int(index)), {})[name] = np.asarray(array)
+    order = sorted(seen, key=lambda site: (site[1], site[0] == "attention"))  # piece i, then attention i
+    return Probed(int(arrays["num_tokens"]), int(arrays["padded_size"]) or None, bool(arrays["whole_graph"]),
+                  {site: seen[site] for site in order})
+
+
+def merge_ranks(ranks: list[Probed], like: Probed) -> Probed:
+    """One probed step from every TP rank's, shaped like the one-rank step `like`: a tensor that
+    already has `like`'s shape on rank 0 is replicated (rank 0's is taken); a head-sharded one is
+    the ranks' tensors joined along the one axis where rank 0's is smaller (ranks hold contiguous
+    heads). Anything else (kv heads replicated over more ranks than heads) stays rank 0's, and its
+    shape difference shows as a divergence."""
+    seen: Seen = {}
+    for site, named in ranks[0].seen.items():
+        seen[site] = {}
+        for name, first in named.items():
+            want = like.seen.get(site, {}).get(name)
+            smaller = [] if want is None or want.ndim != first.ndim else \
+                [axis for axis, (a, b) in enumerate(zip(first.shape, want.shape)) if a != b]
+            parts = [rank.seen[site][name] for rank in ranks]
+            seen[site][name] = np.concatenate(parts, axis=smaller[0]) if len(smaller) == 1 else first
+    return replace(ranks[0], seen=seen)
+
+
 # ---------------------------------------------------------------------------- comparing
 
 
@@ -205,7 +243,8 @@ def render(loc: Localisation) -> str:
     """Two summary lines (the first divergence and its worst element; the step and tolerance), then
     max |error| per site and tensor, "!" where out of tolerance. Piece i finishes layer i - 1 (piece
     0 embeds) and starts layer i; attention l is layer l's, between piece l and piece l + 1."""
-    rows = "padded rows included" if loc.padded_rows_compared else "real rows only"
+    rows = "real rows only" if not loc.padded_rows_compared else "padded rows included" if loc.padded_size \
+        else "every row"
     size = f"padded to {loc.padded_size}" if loc.padded_size else "unpadded"
     step = f"probes: {loc.num_tokens}-token step {size}, {rows}, tolerance {loc.tol}"
     if loc.first is None:
