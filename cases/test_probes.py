@@ -44,6 +44,7 @@ from verifier.tolerance import EXACT, tolerance_for
 
 ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}
 FLOAT32 = tolerance_for("float32")
+pytestmark = pytest.mark.gate_area("verifier")  # the probes are the verifier's own machinery
 PADDED = Composition((Part(3, 4), Part(9, 1, decode=True), Part(0, 5, rest=3)), seed=11)  # 10 tokens -> 16
 FULLER = Composition((Part(0, 14), Part(2, 1, decode=True)), seed=12)  # 15 tokens -> 16
 ONE_DECODE = Composition((Part(5, 1, decode=True),), seed=15)  # 1 -> 4: one-row tensors are padded too
