@@ -97,11 +97,13 @@ class Localisation:
 
 @contextmanager
 def probing(runner) -> Iterator[Seen]:
-    """Set `runner.probe` for the block; yields what it saw (the latest forward's, by site)."""
+    """Set `runner.probe` for the block; yields what it saw (the latest forward's, by site). The
+    runner calls it with each attention output as produced and with every piece's outputs after
+    the step's last piece: a piece's graph output buffers are rewritten only by its own replay."""
     seen: Seen = {}
 
     def probe(kind: str, index: int, outputs: dict) -> None:
-        seen[(kind, index)] = {name: tensor.numpy().copy() for name, tensor in outputs.items()}
+        seen[(kind, index)] = _copied(outputs)
 
     previous, runner.probe = runner.probe, probe
     try:
