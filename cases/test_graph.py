@@ -46,6 +46,7 @@ from engine.scheduler import Batch
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 from verifier.compare import compare
 from verifier.dumps import compare_dumps
+from verifier.probes import localised_problems
 from verifier.tolerance import EXACT, Tolerance, tolerance_for
 
 FLOAT32 = tolerance_for("float32")
@@ -154,14 +155,20 @@ def eager_problems(graph: StepRecord, eager: StepRecord) -> list[str]:
     """Graph step vs the eager step of the same batch: logits and the keys/values written within
     float32 tolerance (bitwise when the same kernels ran on the same rows: nothing padded, no
     whole-model graph), expert ids of every real row exact."""
-    n = eager.num_tokens
-    tol = EXACT if graph.padded_size in (None, n) and not graph.whole_graph else FLOAT32
+    n, tol = eager.num_tokens, step_tolerance(graph)
     problems = close("logits", graph.logits, eager.logits, tol)
     for layer, (gk, gv, ek, ev) in enumerate(zip(graph.keys, graph.values, eager.keys, eager.values)):
         problems += close(f"keys[{layer}]", gk, ek, tol) + close(f"values[{layer}]", gv, ev, tol)
     for layer, ids in eager.routing.items():
         problems += routing_problems(f"expert ids layer {layer}", graph.routing[layer][:n], ids)
     return problems
+
+
+def step_tolerance(graph: StepRecord) -> Tolerance:
+    """EXACT when the graph ran the eager kernels on the eager rows (nothing padded, no whole-model
+    graph), the float32 row otherwise (see the module docstring)."""
+    exact = graph.padded_size in (None, graph.num_tokens) and not graph.whole_graph
+    return EXACT if exact else FLOAT32
 
 
 def routing_problems(name: str, actual: np.ndarray, expected: np.ndarray) -> list[str]:
@@ -238,9 +245,12 @@ def shape_event(composition: Composition, sizes: dict[str, tuple[int, ...]] = SI
     event(f"{'mixed' if mixed else phase} step, {fit}")
 
 
-def raise_problems(problems: list[str], what: str) -> None:
+def raise_problems(problems: list[str], what: str, diagnosis: list[str] = ()) -> None:
+    """Raise if any problem: the `diagnosis` summary (the probes' first two lines) first, where a
+    shortened report still shows it, then every problem, then the rest of the diagnosis."""
     if problems:
-        raise AssertionError(f"{what}: {len(problems)} problem(s):\n" + "\n".join(problems))
+        lines = [*diagnosis[:2], *problems, *diagnosis[2:]]
+        raise AssertionError(f"{what}: {len(problems)} problem(s):\n" + "\n".join(lines))
 
 
 # ---------------------------------------------------------------------------- property drivers
@@ -255,10 +265,13 @@ def check_step(graph: ModelRunner, eager: ModelRunner, composition: Composition,
         record, _ = run_step(graph, graph_batch)
         reference, _ = run_step(eager, eager_batch)
         slots = np.asarray(graph_batch.slot_mapping(graph.cache.block_size))
-        problems = padding_problems(record, sizes) + eager_problems(record, reference)
-        problems += padded_routing_problems(record) + counter_problems(graph.stats, stats, record)
+        diverged = eager_problems(record, reference) + padded_routing_problems(record)
+        problems = padding_problems(record, sizes) + diverged + counter_problems(graph.stats, stats, record)
         problems += untouched_problems(cache, cache_snapshot(graph), slots)
-    raise_problems(problems, composition.describe())
+        # on a divergence, rerun with probes: where in the stack it starts (after the counters were read)
+        diagnosis = localised_problems(eager, graph, eager_batch, graph_batch, step_tolerance(record)) if diverged \
+            else []
+    raise_problems(problems, composition.describe(), diagnosis)
 
 
 def check_replays(graph: ModelRunner, first: Composition, second: Composition) -> None:
@@ -449,8 +462,10 @@ def test_round_down_is_caught_by_the_padding_check(clean_eager, name):
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)
 def test_route_padding_is_caught_by_the_padded_routing_check(clean_eager, name):
     graph = fresh_llm(name, {"moe.route_padding"}).runner
-    with pytest.raises(AssertionError, match="padded rows .* route to experts"):
+    with pytest.raises(AssertionError, match="padded rows .* route to experts") as failure:
         check_step(graph, clean_eager(name), PADDED)
+    first_moe_piece = graph.model.cfg.moe_layers[0] + 1  # the piece that finishes the first MoE layer
+    assert f"first divergence: piece {first_moe_piece} " in str(failure.value)  # the probes' localisation
 
 
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)

@@ -7,6 +7,7 @@ can keep it across steps (unlike graph output buffers, which the next replay ove
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,9 @@ class ModelRunner:
         self.stats = CaptureStats()
         self.graphs = self._graph_runner()
         self.recorder: RoutingRecorder | None = None  # routing replay (R3): set by the engine to record
+        # verifier/probes.py's hook: called (kind, index, outputs) with every piece's outputs ("piece")
+        # and every attention's ("attention") of each forward; it must only read them. None: off.
+        self.probe: Callable[[str, int, Named], None] | None = None
 
     def _graph_runner(self) -> GraphRunner | None:
         graph = self.engine.graph
@@ -158,7 +162,7 @@ class ModelRunner:
             else:
                 outputs = self.graphs.run_whole_step(ctx.padded_size, ctx.num_tokens, step)
                 self.model.write_step_kv(outputs, self.cache, ctx.attention)
-        out = self.model.forward_output(outputs)
+        out = self.model.forward_output(self._observed(outputs))
         if self._buckets_overflowed(out):  # the sparse MoE form's exact path: this step again, eagerly
             self.stats.record_fallback(ctx.phase, ctx.num_tokens)
             return self.eager_forward(ctx)
@@ -167,13 +171,22 @@ class ModelRunner:
     def eager_forward(self, ctx: ForwardContext) -> ForwardOutput:
         """The step run eagerly, piece by piece, whatever `ctx.padded_size` says; counts nothing."""
         step = self.model.step_values(ctx.token_ids, ctx.positions, ctx.num_real, replay_ids=ctx.replay_ids)
-        return self.model.forward_output(run_pieces(self.model.num_pieces, self.model.piece, self._attention(ctx), step))
+        outputs = run_pieces(self.model.num_pieces, self.model.piece, self._attention(ctx), step)
+        return self.model.forward_output(self._observed(outputs))
+
+    def _observed(self, outputs: list[Named]) -> list[Named]:
+        for index, named in enumerate(outputs if self.probe is not None else ()):
+            self.probe("piece", index, named)
+        return outputs
 
     def _attention(self, ctx: ForwardContext):
         """The model's eager attention between pieces, on this runner's cache and the step's metadata."""
 
         def attend(layer: int, outputs: Named) -> Named:
-            return self.model.attention(layer, outputs, self.cache, ctx.attention)
+            out = self.model.attention(layer, outputs, self.cache, ctx.attention)
+            if self.probe is not None:
+                self.probe("attention", layer, out)
+            return out
 
         return attend
 

@@ -81,6 +81,22 @@ def note(comparison):
     return comparison
 
 
+@contextlib.contextmanager
+def as_diagnosis() -> Iterator[Callable[[list], None]]:
+    """For comparisons that explain a failure (the probes' rerun of a failed step): inside the block
+    `note` records nothing; the yielded `keep(comparisons)` adds them to the per-layer picture only,
+    neither counted nor kept as failures, so the case's own failed comparisons stay the ones shown."""
+    recorder = _ACTIVE.get()
+    if recorder is None:
+        yield lambda comparisons: None
+        return
+    recorder.paused += 1
+    try:
+        yield recorder.recent.extend
+    finally:
+        recorder.paused -= 1
+
+
 def dump_level(compare_dumps: Callable) -> Callable:
     """Decorate `compare_dumps`: record its verdict per key instead of its inner comparisons.
 
