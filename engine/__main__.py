@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.capture == CaptureTiming.EAGER.value and not args.verbose:  # long work shows progress
+        logging.getLogger("engine.graph.runner").setLevel(logging.INFO)
     try:
         set_threads(args.threads, ranks=args.tp)
     except ValueError as err:

@@ -17,6 +17,7 @@ KNOWN: dict[str, str] = {
     "router.bias_in_weights": "noaux_tc gathers weights from the biased scores instead of the unbiased ones",
     "router.group_score_max": "noaux_tc scores each group by its max instead of the sum of its top-2 scores",
     "router.mask_fill_zero": "noaux_tc fills masked groups with 0 instead of -inf",
+    "router.bias_absent_crash": "noaux_tc adds the correction bias even when the checkpoint has none (None in arithmetic: the seed's crash)",
     "router.skip_renorm": "top-k weights are not renormalised even when norm_topk_prob is set",
     # MoE block and attention (engine/models/moe_decoder.py)
     "moe.route_padding": "the router is not told which rows are padding, so padded rows pick real experts",

@@ -50,9 +50,10 @@ AREA_FIRST: dict[str, tuple[str, ...]] = {
            "test_routing_replay_ranks.py"),
 }
 
-# One failpoint per area for CI's fast run; every name must be declared in engine/failpoints.py.
-FAST_SUBSET = ("router.mask_fill_zero", "moe.route_padding", "graph.copy_outputs",
-               "attention.drop_cached_prefix", "dist.skip_allreduce", "r3.record_padding")
+# One failpoint per area for CI's fast run (router, padding, buffers, KV, parallel, routing replay);
+# every name must be declared in engine/failpoints.py.
+FAST_SUBSET = ("router.bias_absent_crash", "moe.route_padding", "graph.copy_outputs", "kv.slot_off_by_one",
+               "dist.skip_allreduce", "r3.record_padding")
 
 
 @dataclass

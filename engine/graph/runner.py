@@ -19,6 +19,7 @@ k/v, which the caller writes to the cache after the replay.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import paddle
@@ -101,10 +102,14 @@ class GraphRunner:
         log.debug("captured %s graphs at size %d", phase, size)
 
     def capture_all(self) -> None:
-        """Eager capture: every size of every phase, largest first."""
-        for phase, sizes in self.sizes.items():
-            for size in sizes.largest_first():
-                self.capture(phase, size)
+        """Eager capture: every size of every phase, largest first. Logs a progress line per size
+        at INFO (a whole ladder takes tens of seconds; the CLI shows these lines)."""
+        todo = [(phase, size) for phase, sizes in self.sizes.items() for size in sizes.largest_first()]
+        start = time.perf_counter()
+        for done, (phase, size) in enumerate(todo, start=1):
+            self.capture(phase, size)
+            log.info("captured %s size %d (%d/%d sizes, %.1f s)", phase, size, done, len(todo),
+                     time.perf_counter() - start)
 
     def _capture_pieces(self, size: int) -> list[GraphEntry]:
         step = {name: None for name in self.model.step_inputs}  # one buffer per step input, made on first use

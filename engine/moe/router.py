@@ -138,7 +138,10 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     _, num_experts = _logit_shape(logits)
     validate_grouping(num_experts, top_k, n_group, topk_group, _bias_len(bias))
     scores = _sigmoid(logits)  # [T, E]
-    selection = scores if bias is None else scores + bias.astype("float32")  # [T, E]
+    if bias is None and faults.on("router.bias_absent_crash"):
+        selection = scores + bias  # the seed bug: a missing bias reaches arithmetic
+    else:
+        selection = scores if bias is None else scores + bias.astype("float32")  # [T, E]
     kept = _kept_experts(selection, n_group, topk_group, faults)  # [T, E] bool
     fill = 0.0 if faults.on("router.mask_fill_zero") else float("-inf")
     masked = paddle.where(kept, selection, paddle.full_like(selection, fill))  # [T, E]
