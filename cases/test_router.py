@@ -296,8 +296,19 @@ PLANTED = {
 }
 
 
+# Planted faults that make routing raise instead of route wrongly (the seed's crash).
+CRASHES = {"router.bias_absent_crash"}
+
+
 def test_every_router_failpoint_has_a_planted_case():
-    assert sorted(PLANTED) == sorted(n for n in KNOWN if n.startswith("router."))
+    assert sorted(PLANTED.keys() | CRASHES) == sorted(n for n in KNOWN if n.startswith("router."))
+
+
+def test_planted_crash_on_an_absent_bias_is_detected(faults):
+    case = replace(_FAULT_BASE, bias=None)  # a GLM checkpoint without e_score_correction_bias
+    assert routing_problems(case, faults) == [], "an absent bias routes like a zero bias"
+    with pytest.raises(TypeError):
+        routing_problems(case, Failpoints(faults.active | {"router.bias_absent_crash"}))
 
 
 @pytest.mark.parametrize("name", sorted(PLANTED))
