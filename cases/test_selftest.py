@@ -89,3 +89,5 @@ def test_falsifying_example_is_read_from_the_failure_text():
     text = "E   AssertionError\nFalsifying example: test_x(\n    n=3,\n)\nmore"
     assert falsifying_example(text) == "test_x( n=3, )"
     assert falsifying_example("AssertionError: plain failure") == ""
+    runner = "Falsifying example: test_y(\n    runner=<engine.X object at 0x7f00>,\n    n=2,\n)"
+    assert falsifying_example(runner) == "test_y( n=2, )"

@@ -225,7 +225,7 @@ def markdown(outcomes: list[Outcome]) -> str:
 def timing_summary(outcomes: list[Outcome]) -> dict:
     times = sorted(o.seconds for o in outcomes if o.caught)
     return {"caught": len(times), "planted": len(outcomes),
-            "median_seconds": statistics.median(times) if times else None,
+            "median_seconds": round(statistics.median(times), 1) if times else None,
             "max_seconds": times[-1] if times else None}
 
 

@@ -54,14 +54,15 @@ class _EventWriter:
 
 def falsifying_example(text: str) -> str:
     """Hypothesis' minimal example from a failure's text ('' when the failure has none): the call
-    it prints after 'Falsifying example:', up to the closing parenthesis line."""
+    it prints after 'Falsifying example:', up to the closing parenthesis line, without arguments
+    that only print as an object's address."""
     start = text.find(_EXAMPLE_MARK)
     if start < 0:
         return ""
     lines = []
     for line in text[start + len(_EXAMPLE_MARK):].splitlines():
         line = line.strip().removeprefix("E").strip()
-        if line:
+        if line and " object at 0x" not in line:  # a fixture shown by its address says nothing
             lines.append(line)
         if line == ")" or (lines and line.endswith(")") and len(lines) == 1):
             break
