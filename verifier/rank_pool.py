@@ -10,6 +10,7 @@ folder `<log dir>/pool`. One-shot jobs use `engine.launch.run_ranks` directly.
 from __future__ import annotations
 
 import itertools
+import logging
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from engine.launch.blame import RankJobError, rank_names
 from engine.launch.job import check_positive, fresh_dir
 from engine.launch.lifecycle import Launch
 from engine.launch.rank_entry import POOL_DIR_ENV
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RankPool", "RankJobError"]
 
@@ -128,10 +131,16 @@ class RankPool:
             self._stop("stopped by an exception in the caller")
 
     def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+        """Wait for every rank's ready mark; logs progress (INFO) as ranks come up (10 s or more)."""
+        start = time.monotonic()
+        deadline = start + timeout_s
         ready: set[int] = set()
         for pause in wire.backoff():
-            ready |= {r for r in range(self.nproc) if wire.ready_path(self.pool_dir, r).exists()}
+            now_ready = {r for r in range(self.nproc) if wire.ready_path(self.pool_dir, r).exists()}
+            if now_ready - ready:
+                log.info("rank pool: %d/%d ranks ready after %.1f s", len(ready | now_ready), self.nproc,
+                         time.monotonic() - start)
+            ready |= now_ready
             if len(ready) == self.nproc:
                 return
             self._check_alive()
