@@ -298,6 +298,12 @@ def check_backends_agree(static: ModelRunner, uncompiled: ModelRunner, compositi
 # ---------------------------------------------------------------------------- properties
 
 
+# Three decodes padded to the decode size 4, one of them crossing into a new KV block: in mode
+# full_and_piecewise this replays the whole-step decode graph, whose fixed-shape attention reads the
+# cache through the slot tables.
+DECODE_ONLY = Composition((Part(16, 1, decode=True), Part(3, 1, decode=True), Part(40, 1, decode=True)), seed=7)
+
+
 # Always run, whatever the profile: the last positions of the model, and a step of exactly one size.
 AT_THE_EDGES = (Composition((Part(500, 11), Part(511, 1, decode=True)), seed=5),  # positions up to 511
                 Composition((Part(0, 15, rest=1), Part(24, 1, decode=True)), seed=6))  # 16 tokens: no padding
@@ -309,6 +315,7 @@ AT_THE_EDGES = (Composition((Part(500, 11), Part(511, 1, decode=True)), seed=5),
 @given(composition=drawn_steps)
 @example(composition=AT_THE_EDGES[0])
 @example(composition=AT_THE_EDGES[1])
+@example(composition=DECODE_ONLY)  # every fixture and mode meets a decode-only step
 def test_graph_step_matches_eager(engine_for, name, mode, composition):
     """Logits, expert ids and cache writes equal eager; padding, padded routing and counters right."""
     shape_event(composition)
@@ -323,13 +330,15 @@ def test_replays_overwrite_outputs_and_repeat_exactly(engine_for, name, mode, pa
     check_replays(graph_llm(engine_for, name, mode).runner, *pair)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=FEW)
 @given(composition=drawn_steps)
-def test_static_backend_equals_uncompiled_backend(engine_for, name, composition):
+@example(composition=DECODE_ONLY)
+def test_static_backend_equals_uncompiled_backend(engine_for, name, mode, composition):
     shape_event(composition)
-    check_backends_agree(graph_llm(engine_for, name).runner, graph_llm(engine_for, name, backend="uncompiled").runner,
-                         composition)
+    check_backends_agree(graph_llm(engine_for, name, mode).runner,
+                         graph_llm(engine_for, name, mode, backend="uncompiled").runner, composition)
 
 
 ABOVE_LARGEST = {
