@@ -14,7 +14,7 @@ from itertools import pairwise
 
 import numpy as np
 from batches import Composition, Part
-from hypothesis import settings
+from hypothesis import assume, settings
 from hypothesis import strategies as st
 from router_checks import PADDING_VALUES, Case, pad
 
@@ -109,14 +109,15 @@ def _possible(kind: str, tokens: int, max_seqs: int, up_to: bool) -> bool:
 @st.composite
 def same_size_pairs(draw, prefill_sizes: Sequence[int], decode_sizes: Sequence[int],
                     max_seqs: int = MAX_SEQS, max_cached: int = MAX_POSITIONS - 1) -> tuple[Composition, Composition]:
-    """(A, B): two steps of one phase that replay the same capture size, B with more real rows
-    than A whenever A is padded, so B's rows land in what is padding for A."""
+    """(A, B): two steps of one phase that replay the same capture size, A padded and B with more
+    real rows than A, so B's rows land in what is padding for A."""
     decode_room = [s for s in decode_sizes if s <= max_seqs]
     kind = draw(st.sampled_from(KINDS if decode_room else ("prefill", "mixed")))
     cap = max(decode_room) if kind == "decode" else max(prefill_sizes)  # a replayed size, not a fallback
     first = draw(compositions(prefill_sizes, decode_room, cap, (kind,), max_seqs=max_seqs, max_cached=max_cached))
     size = padded_to(decode_room if first.is_decode_only else prefill_sizes, first.num_tokens)
-    low = first.num_tokens + 1 if first.num_tokens < size else size
+    assume(first.num_tokens < size)  # A must have padded rows for B's rows to land in (stale padding)
+    low = first.num_tokens + 1
     kinds = ("decode",) if first.is_decode_only else ("prefill", "mixed")
     second = draw(compositions(prefill_sizes, decode_room, size, kinds, total=draw(st.integers(low, size)),
                                max_seqs=max_seqs, max_cached=max_cached))
