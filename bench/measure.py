@@ -23,7 +23,7 @@ from bench.synthetic import synthetic_config, synthetic_model
 from bench.timers import Clock, instrument, timed_programs
 from engine.checkpoint.loader import load_weights
 from engine.config import EngineConfig, GraphConfig, ModelConfig
-from engine.graph.capture_sizes import default_prefill_sizes
+from engine.config import default_prefill_sizes
 from engine.graph.guard import PREFILL
 from engine.hf_config import read_model_config
 from engine.models.moe_decoder import MoEDecoder

@@ -297,3 +297,10 @@ def test_the_static_backend_hands_out_the_program_it_replays():
     assert program is backend.program(fn, x)
     assert "pd_op.matmul" in [op.name() for op in program.main_program.global_block().ops]
 
+
+
+def test_the_default_sizes_are_the_capture_ladders():
+    """Without --sizes the lint takes each phase's capture sizes (the README's own command)."""
+    report = lint_model(checkpoint_dir("qwen3_moe"), phases=("decode",))
+    assert report.sizes["decode"] == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)  # FastDeploy's shape up to 64 seqs
+    assert report.findings == []

@@ -23,12 +23,9 @@ from engine.graph.backends import (
     cuda_graphs_available,
     make_backend,
 )
-from engine.graph.capture_sizes import (
-    CaptureSizeError,
-    CaptureSizes,
-    default_decode_sizes,
-    default_prefill_sizes,
-)
+from engine.config import default_decode_sizes, default_prefill_sizes
+from engine.errors import CaptureSizeError
+from engine.graph.capture_sizes import CaptureSizes
 from engine.graph.guard import DECODE, EAGER, PREFILL, CaptureGuard, CaptureState
 from engine.graph.protocol import PiecewiseModel, WholeStepModel, run_pieces
 from engine.graph.runner import GraphRunner

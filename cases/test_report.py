@@ -197,3 +197,9 @@ def test_near_ties_are_shown_apart_and_colour_only_when_asked():
                                             ("test_routing_replay_store", "routing replay"), ("test_new", "other")])
 def test_case_files_map_to_report_areas(stem, area):
     assert area_of_file(stem) == area
+
+
+def test_every_area_a_case_file_maps_to_is_a_report_area():
+    from verifier.report import AREA_OF_FILE, AREA_OF_PREFIX, AREAS
+
+    assert set(AREA_OF_FILE.values()) | set(AREA_OF_PREFIX.values()) <= set(AREAS)

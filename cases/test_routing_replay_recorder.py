@@ -148,9 +148,13 @@ def test_refuses_to_run_inside_a_capture(faults):
 
 
 def test_replayed_steps_outside_capture_are_recorded(faults):
+    """Inside a replay scope (not capturing) a replayed step is recorded like any other."""
     guard = CaptureGuard()
-    with guard.scope(PREFILL, 8):  # a replay scope: not capturing
-        run(recorder(faults), WORKLOAD[:1], guard)
+    rec = recorder(faults)
+    with guard.scope(PREFILL, 8):
+        rec.record_step(WORKLOAD[1][0], model_outputs(WORKLOAD[1][0], 8), REPLAYED, guard)
+    assert rec.steps[REPLAYED] == 1
+    assert np.array_equal(rec.finish(1, 3), expected_table(1, 3))
 
 
 def test_padded_rows_holding_ids_are_refused(faults):
@@ -172,14 +176,14 @@ def kind_of(*events) -> str:
 
 
 def test_step_kind_reads_the_capture_counters():
-    assert [kind_of(), kind_of("fallback"), kind_of("capture", "replay"), kind_of("replay")] == \
-        [EAGER, FALLBACK, CAPTURED, REPLAYED]
+    assert [kind_of(), kind_of("fallback"), kind_of("capture", "replay"), kind_of("replay"),
+            kind_of("replay", "fallback")] == [EAGER, FALLBACK, CAPTURED, REPLAYED, FALLBACK]  # last: an overflow re-run
 
 
 def test_dropped_request_leaves_nothing(faults):
     rec = recorder(faults)
     run(rec, WORKLOAD[:1])
-    rec.drop(0)
+    rec.drop_all()
     with pytest.raises(RoutingRecordError, match="0 rows recorded"):
         rec.finish(0, 6)
 

@@ -281,3 +281,18 @@ def test_sigkill_mid_write_never_leaves_a_file_that_loads_wrong(tmp_path, faults
 
 def test_planted_in_place_write_is_caught_by_the_crash_check(tmp_path, faults):
     assert check_crash_safety(tmp_path, planted(faults, "r3.write_in_place"), trials=TRIALS, seed=13) != []
+
+
+def test_the_model_identity_ignores_the_engines_expert_form():
+    """A recording made with the dense MoE form replays under the sparse one (same model), but not
+    on a model that differs in a real field."""
+    from dataclasses import replace
+
+    from engine.config import MoEForm
+    from engine.hf_config import read_model_config
+    from engine.routing_replay import model_identity
+    from fixtures.pytest_fixtures import checkpoint_dir
+
+    cfg = read_model_config(checkpoint_dir("glm4_moe"))
+    assert model_identity(replace(cfg, moe_form=MoEForm.SPARSE)) == model_identity(cfg)
+    assert model_identity(replace(cfg, top_k=cfg.top_k - 1)) != model_identity(cfg)

@@ -91,3 +91,10 @@ def test_falsifying_example_is_read_from_the_failure_text():
     assert falsifying_example("AssertionError: plain failure") == ""
     runner = "Falsifying example: test_y(\n    runner=<engine.X object at 0x7f00>,\n    n=2,\n)"
     assert falsifying_example(runner) == "test_y( n=2, )"
+
+
+def test_every_file_the_selftest_orders_exists():
+    from verifier.selftest import AREA_FIRST, CASES, GATE_ORDER
+
+    named = set(GATE_ORDER) | {f for files in AREA_FIRST.values() for f in files}
+    assert sorted(f for f in named if not (CASES / f).exists()) == []

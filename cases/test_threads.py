@@ -22,6 +22,3 @@ def test_a_bad_count_names_the_value(bad):
     with pytest.raises(ValueError, match=f"threads={bad!r}"):
         threads.set_threads(bad)
 
-
-def test_setting_returns_the_count_applied():
-    assert threads.set_threads(1) == 1

@@ -315,8 +315,9 @@ class EngineConfig:
 
     def _capture_sizes(self) -> CaptureSizeLists:
         g, limit = self.graph, self.max_num_batched_tokens
-        prefill = tuple(g.prefill_capture_sizes or default_prefill_sizes(limit))
-        decode = tuple(g.decode_capture_sizes or default_decode_sizes(min(self.max_num_seqs, limit)))
+        prefill = tuple(default_prefill_sizes(limit) if g.prefill_capture_sizes is None else g.prefill_capture_sizes)
+        decode = tuple(default_decode_sizes(min(self.max_num_seqs, limit)) if g.decode_capture_sizes is None
+                       else g.decode_capture_sizes)
         check_capture_sizes(prefill, limit, "prefill_capture_sizes")
         check_capture_sizes(decode, limit, "decode_capture_sizes")
         return CaptureSizeLists(prefill, decode)

@@ -3,8 +3,8 @@
 A failpoint is a deliberate bug the gate must catch. Each one is switched on
 by name through a `Failpoints` value that is handed down explicitly (from the
 CLI or a test), never read from a global, so two tests in one process can run
-with different faults. `python -m verifier selftest` (later) runs the gate with
-each failpoint on and requires at least one case to fail.
+with different faults. `python -m verifier selftest` runs the gate with each
+failpoint on and requires at least one case to fail.
 """
 
 from __future__ import annotations

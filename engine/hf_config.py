@@ -1,5 +1,9 @@
 """A Hugging Face config.json -> `ModelConfig`, for the two MoE architectures this runtime runs.
 
+A key absent from the file takes transformers' default for that architecture (checked against
+transformers 5.24's Glm4MoeConfig and Qwen3MoeConfig: GLM rms_norm_eps 1e-5, Qwen 1e-6;
+num_experts_per_tok 8; GLM n_shared_experts 1), so an absent key means what it means there.
+
 Both spellings found on the Hub are read: transformers 4.x files (top-level `rope_theta`,
 `partial_rotary_factor`, the architecture's own expert-count key) and transformers 5.x files
 (`rope_parameters`, `num_local_experts`). Where a value can be spelled both ways, both may be
@@ -90,11 +94,14 @@ def _common_fields(raw: dict[str, Any], arch: str) -> dict[str, Any]:
                               f"by num_attention_heads={heads}")
         head_dim = hidden // heads
     theta, partial = _rope(raw, arch)
+    if not float(head_dim * partial).is_integer():
+        raise ConfigError(f"partial_rotary_factor={partial} gives a rotary width of {head_dim * partial} "
+                          f"channels of head_dim={head_dim}: it must be a whole number", field="partial_rotary_factor")
     attention_bias = _bool(raw, "attention_bias", default=False)
     return dict(
         vocab_size=_int(raw, "vocab_size"), hidden_size=hidden, num_layers=_int(raw, "num_hidden_layers"),
         num_heads=heads, num_kv_heads=_int(raw, "num_key_value_heads", default=heads), head_dim=head_dim,
-        rotary_dim=int(head_dim * partial), rope_theta=theta, rms_norm_eps=_float(raw, "rms_norm_eps", default=1e-6),
+        rotary_dim=int(head_dim * partial), rope_theta=theta, rms_norm_eps=_float(raw, "rms_norm_eps", default=1e-5 if arch == GLM4_MOE else 1e-6),
         max_position_embeddings=_int(raw, "max_position_embeddings"),
         intermediate_size=_int(raw, "intermediate_size"),
         attention_bias=attention_bias,
@@ -148,12 +155,12 @@ def _glm_moe_fields(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
                           f"num_hidden_layers={num_layers}")
     return dict(
         router=RouterKind.NOAUX_TC, moe_layers=tuple(range(first_dense, num_layers)) if experts else (),
-        num_experts=experts or 0, top_k=_int(raw, "num_experts_per_tok", default=1),
+        num_experts=experts or 0, top_k=_int(raw, "num_experts_per_tok", default=8),
         moe_intermediate_size=_int(raw, "moe_intermediate_size"),
         norm_topk_prob=_bool(raw, "norm_topk_prob", default=True),
         n_group=_int(raw, "n_group", default=1), topk_group=_int(raw, "topk_group", default=1),
         routed_scaling_factor=_float(raw, "routed_scaling_factor", default=1.0),
-        n_shared_experts=_int(raw, "n_shared_experts", default=0) or 0,
+        n_shared_experts=_int(raw, "n_shared_experts", default=1) or 0,
         num_mtp_layers=_int(raw, "num_nextn_predict_layers", default=0),
     )
 
@@ -171,7 +178,7 @@ def _qwen_moe_fields(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
                        if experts and i not in dense_only and (i + 1) % step == 0)
     return dict(
         router=RouterKind.SOFTMAX_TOPK, moe_layers=moe_layers, num_experts=experts or 0,
-        top_k=_int(raw, "num_experts_per_tok", default=1),
+        top_k=_int(raw, "num_experts_per_tok", default=8),
         moe_intermediate_size=_int(raw, "moe_intermediate_size"),
         norm_topk_prob=_bool(raw, "norm_topk_prob", default=False),
     )

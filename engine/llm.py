@@ -7,6 +7,7 @@ MoE layer routed every token to (prefill and decode separately).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -91,9 +92,13 @@ class LLM:
             outputs[i] = RequestOutput(prompt.name, np.asarray(prompt.input_ids, np.int64), max_new_tokens)
         try:
             self._run(scheduler, outputs, record_prompt_logits)
-        finally:
-            if self.routing is not None:  # R3: wait for the files; unfinished requests leave none
-                self.routing.close()
+        except BaseException:
+            if self.routing is not None:  # R3: unfinished requests leave no file; the run's own error wins
+                with contextlib.suppress(Exception):
+                    self.routing.close()
+            raise
+        if self.routing is not None:  # R3: wait for every file; a failed write is an error naming it
+            self.routing.close()
         return [outputs[i] for i in range(len(prompts))]
 
     def _run(self, scheduler: Scheduler, outputs: dict[int, RequestOutput], record_prompt_logits: bool) -> None:

@@ -34,6 +34,7 @@ from engine.checkpoint.loader import load_weights
 from engine.config import EngineConfig, GraphConfig, ParallelConfig
 from engine.distributed import Collectives, Partition
 from engine.graph.backends import Replay, StaticBackend
+from engine.graph.capture_sizes import capture_sizes_for
 from engine.hf_config import read_model_config
 from engine.models.moe_decoder import MoEDecoder
 from engine.runner import ModelRunner
@@ -238,7 +239,7 @@ def lint_model(model_dir: str, sizes: tuple[int, ...] | None = None, phases: tup
     engine = EngineConfig(graph=GraphConfig(mode="full_and_piecewise", backend="static"),
                           parallel=ParallelConfig(tp=tp, ep=ep))
     cfg = read_model_config(model_dir)
-    ladder = {phase: sizes or engine.capture_sizes()[phase].sizes for phase in phases}
+    ladder = {phase: sizes or capture_sizes_for(engine)[phase].sizes for phase in phases}
     report = LintReport(str(model_dir), list(ranks if ranks is not None else range(tp)), ladder)
     for rank in report.ranks:
         runner, owned = _rank_runner(model_dir, cfg, engine, rank, replaying)

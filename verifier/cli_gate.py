@@ -73,8 +73,6 @@ def check_setup(args: argparse.Namespace) -> str | None:
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         return f"missing dependency {', '.join(missing)} (install the project: pip install -e .)"
-    if args.cases is None and not (ROOT / "cases").is_dir():
-        return f"no cases/ folder beside {ROOT / 'verifier'}: install from a checkout (pip install -e .)"
     for model in args.model:
         if not (Path(model) / "config.json").is_file():
             return f"--model {model}: no config.json in that folder"

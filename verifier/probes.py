@@ -83,11 +83,6 @@ class Localisation:
         return tuple(e.tensor for e in self.errors if self.first and e.site == self.first.site
                      and not e.comparison.passed)
 
-    @property
-    def first_piece(self) -> int | None:
-        """The piece the divergence first shows in (an attention's output counts as the piece before)."""
-        return None if self.first is None else self.first.site[1]
-
     def render(self) -> str:
         return render(self)
 

@@ -37,7 +37,8 @@ SCHEMA_NAME = "graphgate.report"
 VERSION = 1
 OUTCOMES = ("passed", "failed", "error", "skipped")
 # Areas in display order; a case outside them is "other".
-AREAS = ("graph vs eager", "ranks", "routing", "routing replay", "reference", "verifier", "other")
+AREAS = ("graph vs eager", "ranks", "routing", "routing replay", "reference", "capture lint", "config", "verifier",
+         "other")
 # Case file stem -> area, for cases without a `gate_area` mark.
 AREA_OF_FILE = {
     "test_graph": "graph vs eager", "test_graph_toy": "graph vs eager", "test_pieces": "graph vs eager",

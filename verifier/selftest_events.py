@@ -61,7 +61,8 @@ def falsifying_example(text: str) -> str:
         return ""
     lines = []
     for line in text[start + len(_EXAMPLE_MARK):].splitlines():
-        line = line.strip().removeprefix("E").strip()
+        line = line.strip()
+        line = line[1:].strip() if line[:2] in ("E", "E ") or line.startswith("E\t") else line  # pytest's marker
         if line and " object at 0x" not in line:  # a fixture shown by its address says nothing
             lines.append(line)
         if line == ")" or (lines and line.endswith(")") and len(lines) == 1):

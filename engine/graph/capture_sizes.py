@@ -14,9 +14,6 @@ import bisect
 from dataclasses import dataclass
 
 from engine.config import EngineConfig, check_capture_sizes
-from engine.config import default_decode_sizes as default_decode_sizes  # re-exported: the ladders' old home
-from engine.config import default_prefill_sizes as default_prefill_sizes
-from engine.errors import CaptureSizeError as CaptureSizeError
 from engine.graph.guard import DECODE, PREFILL
 
 

@@ -24,7 +24,6 @@ from engine.checkpoint import hub_schema as hub
 from engine.config import ModelConfig
 from engine.layers.linear import frozen, weight_param
 from engine.moe.experts import pack_experts
-from engine.moe.experts import pack_experts
 
 Convert = Callable[[paddle.Tensor], paddle.Tensor]
 

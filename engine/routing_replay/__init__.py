@@ -17,6 +17,9 @@ import json
 
 
 def model_identity(model_config) -> str:
-    """sha256 of the model config's fields: a recording from another model does not match."""
+    """sha256 of the model config's fields: a recording from another model does not match. The
+    expert form (`moe_form`) is the engine's choice, not the model's: a recording made with one form
+    replays under the other."""
     fields = dataclasses.asdict(model_config)
+    fields.pop("moe_form", None)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()

@@ -35,12 +35,15 @@ STEP_KINDS = (CAPTURED, REPLAYED, EAGER, FALLBACK)
 def step_kind(gained: Snapshot) -> str:
     """How a step ran, from what the graph runner's counters gained during it (`CaptureStats.since`):
     captured (it captured its size first; that step then replays too), replayed, fallback (graphs,
-    but the step ran eagerly) or eager (no graph runner: nothing counted)."""
+    but the step ran eagerly, including a replay whose sparse-MoE buckets overflowed and was run
+    again eagerly: what the step's outputs came from decides) or eager (no graph runner)."""
+    if sum(gained["fallbacks"].values()):
+        return FALLBACK
     if sum(gained["captures"].values()):
         return CAPTURED
     if sum(gained["replays"].values()):
         return REPLAYED
-    return FALLBACK if sum(gained["fallbacks"].values()) else EAGER
+    return EAGER
 
 
 class RoutingRecorder:
@@ -143,11 +146,6 @@ class RoutingRecorder:
         """Forget every unfinished request (the workload ended without them)."""
         self._tables.clear()
         self._lengths.clear()
-
-    def drop(self, request_id: int) -> None:
-        """Forget a cancelled or failed request: it leaves no file."""
-        self._tables.pop(request_id, None)
-        self._lengths.pop(request_id, None)
 
 
 def _numpy(ids) -> np.ndarray:

@@ -93,11 +93,10 @@ class RoutingStore:
                 self._errors.append(err)
 
     def _write(self, path: Path, table: RoutingTable) -> None:
-        data = encode(table)
         write = write_in_place if self.faults.on("r3.write_in_place") else write_atomic
         try:
-            write(path, data)
-        except OSError as err:
+            write(path, encode(table))
+        except (OSError, ValueError) as err:  # ValueError: a table the format cannot encode
             raise RoutingWriteError(path, f"write failed: {err}") from err
         self.written.append(path)
 
