@@ -1,4 +1,4 @@
-"""Routing replay on 4 ranks (TP4 and TP4+EP4): rank 0 alone writes, each request gets one complete
+"""Routing replay on 4 ranks (TP4 and TP4+EP4, in graph modes): rank 0 alone writes, each request gets one complete
 file holding every MoE layer's full top-k, and the ids match the goldens' expert sets. Every rank
 checks each step that all ranks recorded the same ids (a disagreement is a ParallelError).
 
@@ -30,7 +30,15 @@ def run_job(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)})
 
 
-@pytest.mark.parametrize("layout", [["--tp", "4"], ["--tp", "4", "--ep", "4"]], ids=["tp4", "tp4_ep4"])
+# Inside the capture guard, as in the seed's 4-card run: TP4 piecewise with lazy capture (the first
+# step, a 119-token prefill, captures size 128 before it replays), TP4+EP4 full_and_piecewise with
+# every size captured at start-up (decode steps replay the whole-step graph).
+GRAPHS = ["--capture-sizes", "16,128", "--decode-capture-sizes", "4"]
+LAYOUTS = {"tp4_piecewise_lazy": ["--tp", "4", "--graph", "piecewise", *GRAPHS],
+           "tp4_ep4_full_eager": ["--tp", "4", "--ep", "4", "--graph", "full_and_piecewise", "--capture", "eager", *GRAPHS]}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_four_ranks_write_one_complete_file_per_request(faults, prompts, golden, tmp_path, layout):
     folder = tmp_path / "r3"
     planted = ["--failpoints", ",".join(sorted(faults.active))] if faults.active else []  # the run's, on every rank
