@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse and run one verb; returns the exit code (argparse's own exits become return values)."""
     warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
+    warnings.filterwarnings("ignore", message="Tensor do not have 'place'")  # Paddle, while tracing pieces
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2)
