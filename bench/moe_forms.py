@@ -18,6 +18,7 @@ import time
 import numpy as np
 import paddle
 
+from engine.config import MoEForm
 from engine.moe import experts as X
 from engine.moe import router
 
@@ -52,7 +53,7 @@ def measure(tokens: int = 4096, hidden: int = 1024, inter: int = 256, experts: i
               "capacity": X.expert_capacity(tokens, top_k, experts),
               "overflow": int(X.overflow_count(ids, experts).item())}
     outs = {}
-    for form in X.FORMS:
+    for form in MoEForm:
         packed = [paddle.to_tensor(a) for a in X.pack_experts(*hub, form)]
         seconds, outs[form] = _best(lambda: X.routed_experts(x, ids, weights, experts, *packed, form=form), repeat)
         result[f"{form}_s"] = seconds
@@ -60,7 +61,7 @@ def measure(tokens: int = 4096, hidden: int = 1024, inter: int = 256, experts: i
     useful = 2 * 3 * tokens * top_k * hidden * inter
     result["useful_gflop"] = useful / 1e9
     result["speedup"] = result["dense_s"] / result["sparse_s"]
-    dense, sparse = outs[X.DENSE].numpy(), outs[X.SPARSE].numpy()
+    dense, sparse = outs[MoEForm.DENSE].numpy(), outs[MoEForm.SPARSE].numpy()
     result["max_abs_err"] = float(np.abs(dense - sparse).max())
     result["max_abs_out"] = float(np.abs(dense).max())
     return result

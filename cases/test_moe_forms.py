@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import scaled_examples
 
-from engine.config import GraphConfig
+from engine.config import GraphConfig, MoEForm
 from engine.dump import dump_arrays
 from engine.llm import LLM
 from engine.moe import experts as X
@@ -77,7 +77,7 @@ def assert_close(name: str, actual: np.ndarray, expected: np.ndarray) -> None:
 @given(batch=routed_batches())
 def test_sparse_and_dense_match_the_reference_and_each_other(batch):
     expected = reference(*batch)
-    sparse, dense = run_form(X.SPARSE, *batch), run_form(X.DENSE, *batch)
+    sparse, dense = run_form(MoEForm.SPARSE, *batch), run_form(MoEForm.DENSE, *batch)
     assert_close("sparse vs float64 reference", sparse, expected)
     assert_close("dense vs float64 reference", dense, expected)
     assert_close("sparse vs dense", sparse, dense)
@@ -100,16 +100,16 @@ def test_overflow_is_counted_and_computed_exactly_in_eager():
     batch = skewed_batch()
     capacity = X.expert_capacity(80, 2, 8)
     assert X.overflow_count(paddle.to_tensor(batch[1]), 8).item() == 80 - capacity
-    assert_close("sparse with overflow vs reference", run_form(X.SPARSE, *batch), reference(*batch))
+    assert_close("sparse with overflow vs reference", run_form(MoEForm.SPARSE, *batch), reference(*batch))
 
 
 def static_program(x, ids, weights, gates, ups, downs):
     """The sparse form compiled with `to_static(full_graph=True)` at the batch's fixed shapes."""
-    packed = [paddle.to_tensor(a) for a in X.pack_experts(gates, ups, downs, X.SPARSE)]
+    packed = [paddle.to_tensor(a) for a in X.pack_experts(gates, ups, downs, MoEForm.SPARSE)]
     experts = len(gates)
 
     def fn(x_, ids_, w_):
-        return X.routed_experts(x_, ids_, w_, experts, *packed, form=X.SPARSE)
+        return X.routed_experts(x_, ids_, w_, experts, *packed, form=MoEForm.SPARSE)
 
     spec = [paddle.static.InputSpec(list(a.shape), str(a.dtype)) for a in (x, ids, weights)]
     program = paddle.jit.to_static(fn, input_spec=spec, full_graph=True)

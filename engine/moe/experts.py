@@ -28,8 +28,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-DENSE, SPARSE = "dense", "sparse"
-FORMS = (DENSE, SPARSE)
+from engine.config import MoEForm
 CAPACITY_FACTOR = 1.25  # bucket size as a multiple of the balanced share T*k/E (the cost above useful FLOPs)
 MIN_CAPACITY = 16  # small steps: a bucket holds every row, so they can never overflow
 
@@ -44,7 +43,7 @@ def expert_capacity(num_rows: int, top_k: int, num_experts: int) -> int:
 def pack_experts(gates: list[np.ndarray], ups: list[np.ndarray], downs: list[np.ndarray],
                  form: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hub per-expert weights (gate/up [I, H], down [H, I]) -> (gate, up, down) in `form`'s layout."""
-    if form == SPARSE:
+    if form == MoEForm.SPARSE:
         return (np.stack([g.T for g in gates]), np.stack([u.T for u in ups]),
                 np.stack([d.T for d in downs]))  # [E, H, I], [E, H, I], [E, I, H]
     return (np.concatenate([g.T for g in gates], axis=1), np.concatenate([u.T for u in ups], axis=1),
@@ -58,7 +57,7 @@ def routed_experts(x: paddle.Tensor, ids: paddle.Tensor, weights: paddle.Tensor,
     for padding or another rank's expert) -> [T, H], the sum over the chosen experts of
     weight * expert(x). gate/up/down in `form`'s layout (`pack_experts`). (The default is spelled
     out: to_static's AST mode cannot resolve a module constant in a default.)"""
-    if form == SPARSE:
+    if form == MoEForm.SPARSE:
         return sparse_routed_experts(x, ids, weights, num_experts, gate, up, down)
     return dense_routed_experts(x, ids, weights, num_experts, gate, up, down)
 
@@ -96,8 +95,8 @@ def sparse_routed_experts(x, ids, weights, num_experts, gate, up, down) -> paddl
 
 
 def overflow_count(ids: paddle.Tensor, num_experts: int) -> paddle.Tensor:
-    """[1] int64: assignments of `ids` [T, k] beyond their expert's bucket capacity (graph-safe);
-    what a runner checks after a replay to decide on an eager re-run of the step."""
+    """[1] int64: assignments of `ids` [T, k] beyond their expert's bucket capacity (graph-safe), for
+    cases and benchmarks; the runner's host-side check after a replay is `buckets_overflow`."""
     t, k = ids.shape
     plan = _sort_by_expert(ids, num_experts)
     return _beyond(plan, expert_capacity(t, k, num_experts), num_experts).astype("int64").sum().reshape([1])
