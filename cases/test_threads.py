@@ -22,3 +22,27 @@ def test_a_bad_count_names_the_value(bad):
     with pytest.raises(ValueError, match=f"threads={bad!r}"):
         threads.set_threads(bad)
 
+
+
+def _cpuinfo(tmp_path, vendor: str):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
+    return path
+
+
+def test_cpu_vendor_is_read_from_cpuinfo_and_none_when_unreadable(tmp_path):
+    assert threads.cpu_vendor(_cpuinfo(tmp_path, "AuthenticAMD")) == "AuthenticAMD"
+    assert threads.cpu_vendor(tmp_path / "missing") is None
+
+
+def test_amd_gets_mkl_avx2_kernels_intel_is_left_alone(monkeypatch):
+    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    assert threads.choose_gemm_path("GenuineIntel") is None
+    assert "MKL_DEBUG_CPU_TYPE" not in os.environ
+    assert threads.choose_gemm_path("AuthenticAMD") == "5"
+    assert os.environ["MKL_DEBUG_CPU_TYPE"] == "5"
+
+
+def test_a_users_mkl_choice_is_kept(monkeypatch):
+    monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "2")
+    assert threads.choose_gemm_path("AuthenticAMD") == "2"

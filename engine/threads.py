@@ -10,13 +10,24 @@ on one core. The policy:
 * Ranks of an N-rank job share the machine: `cpus // N` each, at least 1.
 
 The caller (the CLI's set-up, conftest) applies it once, before the first step; nothing else calls
-`set_threads`. Paddle offers no public setter: the internal one is called through
+`set_threads`. It also picks the GEMM code path (`choose_gemm_path`), which must happen before the
+first matrix product of the process. Paddle offers no public setter: the internal one is called through
 `engine/graph/paddle_compat.py`, with the other Paddle internals.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# Paddle's CPU build links an MKL (libmklml_intel) that picks its kernels by CPU vendor: on AMD it
+# takes a generic path and multiplies float32 matrices 2-3x slower than the AVX2 path the same CPU
+# runs (8192x512 @ 512x1024 on the 2-core AMD EPYC VM: 8-14 vs 21-41 GFLOP/s, bench/README.md).
+# This MKL still honours MKL_DEBUG_CPU_TYPE=5 (use the AVX2 kernels); newer MKLs ignore it. MKL reads
+# it at its first GEMM, so it is set here, at set-up, and only on AMD (on Intel the vendor path may
+# be AVX-512, faster than AVX2) and only when the user has not chosen a value.
+MKL_CPU_TYPE_ENV = "MKL_DEBUG_CPU_TYPE"
+MKL_AVX2 = "5"
 
 
 def default_threads(ranks: int = 1) -> int:
@@ -33,5 +44,26 @@ def set_threads(count: int | None = None, ranks: int = 1) -> int:
         raise ValueError(f"threads={count!r}: must be a positive integer")
     from engine.graph.paddle_compat import set_kernel_threads  # deferred: deciding must not import Paddle
 
+    choose_gemm_path()
     set_kernel_threads(threads)
     return threads
+
+
+def choose_gemm_path(vendor: str | None = None) -> str | None:
+    """On an AMD CPU, ask MKL for its AVX2 GEMM kernels unless the user set `MKL_DEBUG_CPU_TYPE`;
+    returns the value in force (None: left to MKL). Child processes (ranks) inherit the choice."""
+    vendor = cpu_vendor() if vendor is None else vendor
+    if vendor == "AuthenticAMD":
+        os.environ.setdefault(MKL_CPU_TYPE_ENV, MKL_AVX2)
+    return os.environ.get(MKL_CPU_TYPE_ENV)
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU vendor string (e.g. "AuthenticAMD", "GenuineIntel"), None when it cannot be read."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
