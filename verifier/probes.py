@@ -115,6 +115,28 @@ def probe_forward(runner, batch) -> Probed:
     return Probed(batch.num_tokens, ctx.padded_size, ctx.attention.decode is not None, dict(seen))
 
 
+@contextmanager
+def probing_steps(runner) -> Iterator[list[Probed]]:
+    """Probe every step `runner` runs inside the block (a whole workload: `LLM.generate`); yields
+    the list the steps' `Probed` are appended to, in order. The runner's `forward` is wrapped on
+    the instance for the block only, because the probe hook alone does not say where a step ends
+    or how many of its rows are real."""
+    steps: list[Probed] = []
+    forward = runner.forward
+
+    def probed_forward(ctx):
+        with probing(runner) as seen:
+            out = forward(ctx)
+        steps.append(Probed(ctx.num_tokens, ctx.padded_size, ctx.attention.decode is not None, dict(seen)))
+        return out
+
+    runner.forward = probed_forward
+    try:
+        yield steps
+    finally:
+        del runner.forward  # the class's method again
+
+
 def probe_padded_eager(runner, batch, size: int) -> Probed:
     """The reference: `runner`'s pieces run eagerly on inputs padded with zero rows to `size`, the
     real-row count set, its eager attention between them (which reads and writes real rows only)."""
@@ -221,6 +243,36 @@ def compare_probed(actual: Probed, expected: Probed, tol: Tolerance) -> Localisa
                 errors.append(SiteError(site, name, _compare(site, name, got[rows], want[rows], tol)))
     first = next((e for e in errors if not e.comparison.passed), None)
     return Localisation(actual.num_tokens, actual.padded_size, all_rows, tol, tuple(errors), first)
+
+
+@dataclass(frozen=True)
+class StepDivergence:
+    """The first step of a workload whose probes leave tolerance, and its localisation."""
+
+    step: int
+    loc: Localisation | None  # None: one run ended here, the other went on
+    steps: tuple[int, int] = (0, 0)  # (actual, expected) step counts
+
+    def render(self) -> str:
+        if self.loc is None:
+            return f"step {self.step}: the runs differ in length ({self.steps[0]} steps vs {self.steps[1]} expected)"
+        return f"step {self.step} of {self.steps[1]}: {self.loc.render()}"  # the summary stays one line
+
+
+def first_divergent_step(actual: list[Probed], expected: list[Probed], tol: Tolerance) -> StepDivergence | None:
+    """Two runs of one workload (the same steps in the same order: a replay of a recorded run),
+    compared step by step at every probe; the first step that leaves tolerance (None: none does).
+    A run with more or fewer steps diverges at the first step the other lacks. Its comparisons go
+    to an open recording as diagnosis (the per-layer picture), like `localise`'s."""
+    with as_diagnosis() as keep:
+        for step, (got, want) in enumerate(zip(actual, expected)):
+            loc = compare_probed(got, want, tol)
+            if loc.first is not None:
+                keep([e.comparison for e in loc.errors])
+                return StepDivergence(step, loc, (len(actual), len(expected)))
+    if len(actual) != len(expected):
+        return StepDivergence(min(len(actual), len(expected)), None, (len(actual), len(expected)))
+    return None
 
 
 def _compare(site: Site, name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance) -> Comparison:

@@ -46,7 +46,7 @@ AREA_OF_FILE = {
     "test_router": "routing", "test_seed_regression": "routing",
     "test_golden": "reference", "test_batching": "reference", "test_user_model": "graph vs eager",
     "test_verifier_compare": "verifier", "test_report": "verifier", "test_verifier_cli": "verifier",
-    "test_probes": "graph vs eager", "test_moe_forms": "reference", "test_attention": "reference",
+    "test_probes": "graph vs eager", "test_probes_replay": "routing replay", "test_moe_forms": "reference", "test_attention": "reference",
     "test_threads": "config", "test_selftest": "verifier", "test_capture_lint": "capture lint", "test_layering": "verifier",
     "test_config": "config", "test_config_fields": "config", "test_cli": "config", "test_loader": "config",
 }
