@@ -387,8 +387,7 @@ def _table(errors: tuple[SiteError, ...]) -> list[str]:
 
 def localised_problems(expected, actual, expected_batch, actual_batch=None, tol: Tolerance | None = None) -> list[str]:
     """For a check's failure message: the localisation's text as lines (the first two summarise).
-    Never raises: a
-    probe that cannot run says so instead of hiding the failure it was asked to explain."""
+    Never raises: a probe that cannot run says so instead of hiding the failure it was asked to explain."""
     try:
         return localise(expected, actual, expected_batch, actual_batch, tol).render().splitlines()
     except Exception as error:  # noqa: BLE001 - the diagnosis must not mask the failure it explains
