@@ -474,7 +474,7 @@ def test_route_padding_is_caught_by_the_padded_routing_check(clean_eager, name):
     with pytest.raises(AssertionError, match="padded rows .* route to experts") as failure:
         check_step(graph, clean_eager(name), PADDED)
     first_moe_piece = graph.model.cfg.moe_layers[0] + 1  # the piece that finishes the first MoE layer
-    assert f"first divergence: piece {first_moe_piece} " in str(failure.value)  # the probes' localisation
+    assert f"first divergence: piece {first_moe_piece}, layer {first_moe_piece - 1} " in str(failure.value)  # probes
 
 
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)

@@ -30,7 +30,7 @@ from engine.failpoints import Failpoints
 from engine.hf_config import read_model_config
 from engine.llm import LLM
 from engine.runner import ModelRunner
-from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
+from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir, rewrite_config
 from verifier.probes import (
     compare_probed,
     from_arrays,
@@ -191,15 +191,44 @@ def test_whole_step_cache_faults_are_located_after_the_first_attention(eager, fa
 
 
 def test_probe_comparisons_feed_the_per_layer_picture_not_the_failures(eager):
-    """Inside a case's recording the rerun adds the per-layer picture (every piece's q at layers
-    0..L-1) but no counted comparison and no failure: the case's own failures stay the ones shown."""
+    """Inside a case's recording the rerun adds the per-layer picture (q of layers 0..L-1, from
+    pieces 0..L-1) but no counted comparison and no failure: the case's own failures stay the ones shown."""
     graph = runner("qwen3_moe", {"graph.stale_positions"})
     with recording() as recorder:
         loc = located(graph, eager("qwen3_moe"), PADDED)
     data = recorder.to_dict()
     assert loc.first is not None and data["counts"] == {} and data["failures"] == []
-    q_layers = [entry["layer"] for entry in data["layers"] if entry["tensor"] == "probe piece[] q"]
+    q_layers = [entry["layer"] for entry in data["layers"] if entry["tensor"] == "probe q[]"]
     assert q_layers == list(range(graph.model.cfg.num_layers)), data["layers"]  # pieces 0..L-1 return q
+
+
+# ---------------------------------------------------------------------------- names: the layer a tensor belongs to
+# The GLM fixture cut to 2 layers (layer 0 dense, layer 1 MoE; its layer 2 is then read as the MTP
+# layer and not run). Written by hand from engine/models/moe_decoder.py's cut: piece 0 embeds and
+# starts layer 0 (q/k/v); piece 1 finishes layer 0 (its residual) and starts layer 1; piece 2
+# finishes layer 1 (routing, then the residual add) and applies the final norm.
+TWO_LAYER_NAMES = [
+    (("piece", 0), "residual (embedding)", "piece 0, embedding"), (("piece", 0), "q[0]", "piece 0, layer 0"),
+    (("piece", 0), "k[0]", "piece 0, layer 0"), (("piece", 0), "v[0]", "piece 0, layer 0"),
+    (("attention", 0), "attn_out[0]", "attention 0, layer 0"),
+    (("piece", 1), "residual[0]", "piece 1, layer 0"), (("piece", 1), "q[1]", "piece 1, layer 1"),
+    (("piece", 1), "k[1]", "piece 1, layer 1"), (("piece", 1), "v[1]", "piece 1, layer 1"),
+    (("attention", 1), "attn_out[1]", "attention 1, layer 1"),
+    (("piece", 2), "topk_ids[1]", "piece 2, layer 1"), (("piece", 2), "nonfinite[1]", "piece 2, layer 1"),
+    (("piece", 2), "hidden (final norm)", "piece 2, final norm"),
+]
+TWO_LAYER_PICTURE = {(f"probe {t}[]", layer) for t in ("q", "k", "v", "attn_out") for layer in (0, 1)}
+
+
+def test_probe_names_follow_the_decoder_cut_on_a_two_layer_model(copy_checkpoint):
+    folder = copy_checkpoint("glm4_moe")
+    rewrite_config(folder, num_hidden_layers=2)
+    two = LLM(folder, EngineConfig(**ENGINE)).runner
+    with staged(two, PADDED) as batch, recording() as recorder:
+        loc = localise(two, two, batch, tol=EXACT)  # the step against itself: every site, nothing diverges
+    assert [(e.site, e.name, e.where) for e in loc.errors] == TWO_LAYER_NAMES
+    # the report's per-layer picture: tensors seen at both layers, each at its own layer, none at "layer 2"
+    assert {(entry["tensor"], entry["layer"]) for entry in recorder.to_dict()["layers"]} == TWO_LAYER_PICTURE
 
 
 # ---------------------------------------------------------------------------- N ranks vs 1

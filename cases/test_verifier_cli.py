@@ -8,6 +8,7 @@ the ones the case perturbs, never read back from the code under test.
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -189,3 +190,59 @@ def test_a_case_that_cannot_start_makes_the_gate_exit_2(tmp_path):
     assert done.returncode == 2, done.stdout[-3000:]
     assert "COULD NOT RUN" in done.stdout and "ERROR" in done.stdout and "test_synthetic.py::test_needs_ranks" in done.stdout
     assert "rank 2 did not come up" in done.stdout
+
+
+# ---------------------------------------------------------------------------- the gate's progress
+# Two tiny case files (no engine): three cases, the last one a failed comparison. Run under xdist
+# so the progress comes from the controller, as in the gate.
+TINY = {
+    "test_one.py": "def test_a():\n    pass\n\n\ndef test_b():\n    pass\n",
+    "test_two.py": ("import numpy as np\nfrom verifier.compare import compare\n\n\n"
+                    "def test_c():\n    assert compare(np.ones(3), np.zeros(3), name='ones').passed\n"),
+}
+PROGRESS_LINE = r"gate: (\d+)/(\d+|\?) cases done, (\d+) failed, \d+:\d\d:\d\d elapsed, running: (\S.*)"
+
+
+def tiny_run(folder: Path, *options: str) -> str:
+    for name, text in TINY.items():
+        (folder / name).write_text(text)
+    done = subprocess.run([sys.executable, "-m", "pytest", *TINY, "-p", "verifier.plugin", "-p", "no:cacheprovider",
+                           "-q", "--tb=no", "-n", "1", *options], capture_output=True, text=True, cwd=folder,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1"))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def report_problems(stdout: str) -> list[str]:
+    """The report after its separator, whole: headline, the failed case's ASCII panel (every line
+    boxed, full width), its reproduce line, and no progress line inside it."""
+    report = stdout.split("graphgate report", 1)[-1].splitlines()[1:]
+    problems = [f"progress inside the report: {line!r}" for line in report if re.match(PROGRESS_LINE, line)]
+    if not report or report[0] != "graphgate: DIVERGENCE  (2 passed, 1 failed, 0 errors, 0 skipped)":
+        problems.append(f"headline {report[:1]}")
+    start = next((i for i, line in enumerate(report) if line.startswith("+- FAILED")), None)
+    end = next((i for i, line in enumerate(report) if line.startswith("reproduce: ")), None)
+    if start is None or end is None:
+        return problems + ["no FAILED panel or no reproduce line"]
+    panel = report[start:end]
+    problems += [f"panel line {line!r}" for line in panel if len(line) != len(panel[0]) or line[0] not in "|+"]
+    reproduce = "reproduce: python -m pytest test_two.py::test_c"
+    if "test_two.py::test_c" not in "\n".join(panel) or report[end] != reproduce:
+        problems.append("the panel or its reproduce line does not name the failed case")
+    return problems
+
+
+def test_gate_progress_prints_plain_lines_and_leaves_the_report_whole(tmp_path):
+    stdout = tiny_run(tmp_path, "--gate-progress", "auto", "--gate-progress-every", "0")  # NO_COLOR: plain
+    lines = [re.fullmatch(PROGRESS_LINE, line) for line in stdout.splitlines()]
+    seen = [(int(m[1]), m[2], int(m[3]), m[4]) for m in lines if m]
+    assert [done for done, *_ in seen] == [1, 2, 3], stdout  # one line per finished case, nothing repeated
+    assert {total for _, total, _, _ in seen} == {"3"} and seen[-1][2] == 1 and seen[-1][3] == "other", stdout
+    assert not re.search(r"^[.F]+\s*(\[\s*\d+%\])?$", stdout, re.M), stdout  # pytest's marks are off
+    assert report_problems(stdout) == [], stdout
+
+
+def test_without_the_option_pytest_keeps_its_own_progress(tmp_path):
+    stdout = tiny_run(tmp_path)
+    assert re.search(r"^[.F]{3}\s+\[100%\]$", stdout, re.M) and not re.search(PROGRESS_LINE, stdout), stdout
+    assert report_problems(stdout) == [], stdout

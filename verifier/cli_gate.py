@@ -1,8 +1,9 @@
 """gate: run the gate's cases (pytest + xdist underneath) and print one report.
 
 Runs the bundled cases/ on the bundled checkpoints; each `--model DIR` adds a Hugging Face
-checkpoint folder that cases/test_user_model.py checks graph vs eager. Progress is pytest's own
-(one mark per case, with a percentage); the report follows, then the artifacts are written.
+checkpoint folder that cases/test_user_model.py checks graph vs eager. Progress is the plugin's
+(`--gate-progress auto`, verifier/progress.py: a rich bar on a terminal, plain lines in a log,
+instead of pytest's marks); the report follows, then the artifacts are written.
 Anything after `--` goes to pytest unchanged (e.g. `-- -k graph`).
 
 Exit codes: 0 every case passed; 1 a divergence (a case failed); 2 the gate could not run (bad
@@ -95,7 +96,8 @@ def pytest_command(args: argparse.Namespace, json_path: str) -> list[str]:
     """The pytest run behind the gate: quiet progress, no tracebacks (the report replaces them)."""
     cases = [str(Path(p).resolve()) for p in args.cases] if args.cases else [str(ROOT / "cases")]
     command = [sys.executable, "-m", "pytest", *cases, "-q", "--tb=no", "-p", "verifier.plugin",
-               "--hypothesis-profile", args.profile, "--report-json", str(Path(json_path).resolve())]
+               "--hypothesis-profile", args.profile, "--report-json", str(Path(json_path).resolve()),
+               "--gate-progress", "auto"]
     if args.workers:
         command += ["-n", str(args.workers)]
     if args.failpoints:

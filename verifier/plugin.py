@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from verifier import progress
 from verifier.recording import Recorder, recording
 from verifier.render import render, write_html
-from verifier.report import Case, GateReport, area_of_file
+from verifier.report import Case, GateReport, area_of_nodeid
 
 RECORD = "graphgate.record"  # user_properties name of the JSON record (also a JUnit property)
 _RECORDER = pytest.StashKey[Recorder]()
@@ -35,12 +36,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--model", action="append", default=[], metavar="DIR",
                     help="also gate this Hugging Face checkpoint folder (repeatable); "
                          "cases/test_user_model.py runs graph vs eager on it")
+    progress.add_options(group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gate_area(name): the report area of a case (default: from its file)")
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(Controller(config), "graphgate-controller")
+        style = config.getoption("--gate-progress")
+        if style != "off":
+            shown = progress.GateProgress(config, style, config.getoption("--gate-progress-every"))
+            config.pluginmanager.register(shown, "graphgate-progress")
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +107,7 @@ class Controller:
 def _merge(report: GateReport, test_report: pytest.TestReport, config: pytest.Config) -> None:
     """Fold one phase's report into the case of its nodeid (setup / call / teardown)."""
     nodeid = XDIST_GROUP.sub("", test_report.nodeid)
-    case = report.cases.get(nodeid) or Case(nodeid, area=_area_of_path(nodeid))
+    case = report.cases.get(nodeid) or Case(nodeid, area=area_of_nodeid(nodeid))
     case.duration += test_report.duration
     case.worker = _worker(test_report)
     if test_report.when == "call":
@@ -129,11 +135,7 @@ def _take_call(case: Case, test_report: pytest.TestReport, config: pytest.Config
 
 def _area(item: pytest.Item) -> str:
     mark = item.get_closest_marker("gate_area")
-    return mark.args[0] if mark else _area_of_path(item.nodeid)
-
-
-def _area_of_path(nodeid: str) -> str:
-    return area_of_file(Path(nodeid.split("::", 1)[0]).stem)
+    return mark.args[0] if mark else area_of_nodeid(item.nodeid)
 
 
 def _example(excinfo) -> str | None:

@@ -17,7 +17,10 @@ rows, so there only real rows are compared (and it returns only the outputs it k
 
 Probes only read: a probe copies each tensor to NumPy and changes nothing the step computes
 (cases/test_probes.py checks outputs with probes on are bitwise the outputs with probes off).
-Comparisons are named "probe piece[i] NAME" / "probe attention[l] NAME" and handed to an open
+Tensors are named by the layer they belong to, as the decoder's cut places them (`layer_of`):
+piece i finishes layer i - 1 (its residual and routing are layer i - 1's) and starts layer i (its
+q/k/v are layer i's); attention l is layer l's. Comparisons are named "probe q[1]", "probe
+topk_ids[1]", "probe residual (embedding)", "probe hidden (final norm)" and handed to an open
 recording as diagnosis (verifier/recording.py `as_diagnosis`): they make the report's per-layer
 table without being counted as the case's comparisons or crowding out its own failures.
 """
@@ -50,6 +53,50 @@ class Probed:
     seen: Seen
 
 
+# Where the decoder's cut puts each probed tensor (engine/models/moe_decoder.py, `piece_outputs`):
+# piece i finishes layer i - 1 (o-proj, residual add, MLP or MoE with its routing) and starts layer
+# i (input norm, q/k/v); piece 0 starts with the embedding, the last piece ends with the final norm.
+STARTS = ("q", "k", "v")  # computed by piece i for the layer it starts, i
+ORDER = ("topk_ids", "nonfinite", "residual", "hidden", *STARTS)  # within a piece, in the order computed
+
+
+def stack_position(site: Site) -> tuple[int, bool]:
+    """Sort key of sites in the order the stack runs them: piece 0, attention 0, piece 1, ..."""
+    return site[1], site[0] == "attention"
+
+
+def layer_of(site: Site, tensor: str) -> int | None:
+    """The decoder layer a probed tensor belongs to; None for piece 0's residual (the embedding)
+    and the last piece's hidden rows (the final norm)."""
+    kind, index = site
+    if kind == "attention" or tensor in STARTS:
+        return index
+    return None if index == 0 or tensor == "hidden" else index - 1
+
+
+def part_of(site: Site, tensor: str) -> str:
+    """"layer 1", "embedding" or "final norm": the part of the model a probed tensor belongs to."""
+    layer = layer_of(site, tensor)
+    if layer is not None:
+        return f"layer {layer}"
+    return "embedding" if site[1] == 0 and tensor != "hidden" else "final norm"
+
+
+def probe_name(site: Site, tensor: str) -> str:
+    """The report's name of a probed tensor: "q[1]", "topk_ids[1]" (tensor[layer], so the report's
+    per-layer picture puts it at its layer), "residual (embedding)", "hidden (final norm)"."""
+    layer = layer_of(site, tensor)
+    return f"{tensor} ({part_of(site, tensor)})" if layer is None else f"{tensor}[{layer}]"
+
+
+def _in_computed_order(named: dict) -> list[str]:
+    """A site's tensor names in the order the piece computes them (unknown names keep their place
+    after the known finishing ones): a fault in the layer a piece finishes shows first there,
+    not in the next layer's q/k/v computed from it."""
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(named, key=lambda name: rank.get(name, rank["hidden"]))
+
+
 @dataclass(frozen=True)
 class SiteError:
     """One tensor at one site: its comparison (actual vs reference)."""
@@ -59,11 +106,17 @@ class SiteError:
     comparison: Comparison
 
     @property
+    def layer(self) -> int | None:
+        return layer_of(self.site, self.tensor)
+
+    @property
+    def name(self) -> str:
+        return probe_name(self.site, self.tensor)
+
+    @property
     def where(self) -> str:
-        kind, index = self.site
-        if kind == "attention":
-            return f"attention {index} (layer {index})"
-        return f"piece {index} ({'embedding' if index == 0 else f'finishes layer {index - 1}'})"
+        """"piece 2, layer 1" (this tensor's piece and layer), "piece 0, embedding", "attention 1, layer 1"."""
+        return f"{self.site[0]} {self.site[1]}, {part_of(self.site, self.tensor)}"
 
 
 @dataclass(frozen=True)
@@ -79,9 +132,12 @@ class Localisation:
 
     @property
     def first_tensors(self) -> tuple[str, ...]:
-        """Every tensor out of tolerance at the first divergent site, in the site's output order."""
-        return tuple(e.tensor for e in self.errors if self.first and e.site == self.first.site
-                     and not e.comparison.passed)
+        """Every tensor out of tolerance at the first divergent site, in the order the piece computes them."""
+        return tuple(e.tensor for e in self.first_failures())
+
+    def first_failures(self) -> list[SiteError]:
+        """The first divergent site's errors out of tolerance (empty when nothing diverged)."""
+        return [e for e in self.errors if self.first and e.site == self.first.site and not e.comparison.passed]
 
     def render(self) -> str:
         return render(self)
@@ -113,6 +169,28 @@ def probe_forward(runner, batch) -> Probed:
     with probing(runner) as seen:
         runner.forward(ctx)
     return Probed(batch.num_tokens, ctx.padded_size, ctx.attention.decode is not None, dict(seen))
+
+
+@contextmanager
+def probing_steps(runner) -> Iterator[list[Probed]]:
+    """Probe every step `runner` runs inside the block (a whole workload: `LLM.generate`); yields
+    the list the steps' `Probed` are appended to, in order. The runner's `forward` is wrapped on
+    the instance for the block only, because the probe hook alone does not say where a step ends
+    or how many of its rows are real."""
+    steps: list[Probed] = []
+    forward = runner.forward
+
+    def probed_forward(ctx):
+        with probing(runner) as seen:
+            out = forward(ctx)
+        steps.append(Probed(ctx.num_tokens, ctx.padded_size, ctx.attention.decode is not None, dict(seen)))
+        return out
+
+    runner.forward = probed_forward
+    try:
+        yield steps
+    finally:
+        del runner.forward  # the class's method again
 
 
 def probe_padded_eager(runner, batch, size: int) -> Probed:
@@ -168,7 +246,7 @@ def from_arrays(arrays: dict) -> Probed:
         if key.count("/") == 2:
             kind, index, name = key.split("/")
             seen.setdefault((kind, int(index)), {})[name] = np.asarray(array)
-    order = sorted(seen, key=lambda site: (site[1], site[0] == "attention"))  # piece i, then attention i
+    order = sorted(seen, key=stack_position)
     return Probed(int(arrays["num_tokens"]), int(arrays["padded_size"]) or None, bool(arrays["whole_graph"]),
                   {site: seen[site] for site in order})
 
@@ -209,25 +287,56 @@ def localise(expected, actual, expected_batch, actual_batch=None, tol: Tolerance
 
 
 def compare_probed(actual: Probed, expected: Probed, tol: Tolerance) -> Localisation:
-    """Site by site in the reference's order, tensors both sides saw; integer tensors exactly
-    (`*_ids` compared as sets per row)."""
+    """Site by site in stack order, each site's tensors in computed order, those both sides saw;
+    integer tensors exactly (`*_ids` compared as sets per row)."""
     all_rows = not actual.whole_graph
     rows = slice(None) if all_rows else slice(0, actual.num_tokens)
     errors = []
-    for site, named in expected.seen.items():
-        for name, want in named.items():
-            got = actual.seen.get(site, {}).get(name)
+    for site in sorted(expected.seen, key=stack_position):  # a runner's probe sees attention first
+        named = expected.seen[site]
+        for name in _in_computed_order(named):
+            want, got = named[name], actual.seen.get(site, {}).get(name)
             if got is not None:
                 errors.append(SiteError(site, name, _compare(site, name, got[rows], want[rows], tol)))
     first = next((e for e in errors if not e.comparison.passed), None)
     return Localisation(actual.num_tokens, actual.padded_size, all_rows, tol, tuple(errors), first)
 
 
+@dataclass(frozen=True)
+class StepDivergence:
+    """The first step of a workload whose probes leave tolerance, and its localisation."""
+
+    step: int
+    loc: Localisation | None  # None: one run ended here, the other went on
+    steps: tuple[int, int] = (0, 0)  # (actual, expected) step counts
+
+    def render(self) -> str:
+        if self.loc is None:
+            return f"step {self.step}: the runs differ in length ({self.steps[0]} steps vs {self.steps[1]} expected)"
+        return f"step {self.step} of {self.steps[1]}: {self.loc.render()}"  # the summary stays one line
+
+
+def first_divergent_step(actual: list[Probed], expected: list[Probed], tol: Tolerance) -> StepDivergence | None:
+    """Two runs of one workload (the same steps in the same order: a replay of a recorded run),
+    compared step by step at every probe; the first step that leaves tolerance (None: none does).
+    A run with more or fewer steps diverges at the first step the other lacks. Its comparisons go
+    to an open recording as diagnosis (the per-layer picture), like `localise`'s."""
+    with as_diagnosis() as keep:
+        for step, (got, want) in enumerate(zip(actual, expected)):
+            loc = compare_probed(got, want, tol)
+            if loc.first is not None:
+                keep([e.comparison for e in loc.errors])
+                return StepDivergence(step, loc, (len(actual), len(expected)))
+    if len(actual) != len(expected):
+        return StepDivergence(min(len(actual), len(expected)), None, (len(actual), len(expected)))
+    return None
+
+
 def _compare(site: Site, name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance) -> Comparison:
     exact = not np.issubdtype(want.dtype, np.floating)
     if name.endswith("_ids") and got.shape == want.shape:
         got, want = np.sort(got, axis=-1), np.sort(want, axis=-1)
-    label = f"probe {site[0]}[{site[1]}] {name}"
+    label = f"probe {probe_name(site, name)}"
     if got.shape != want.shape:  # a shape mismatch is a divergence, shown by compare's own message
         got = np.full(want.shape, np.nan) if want.size else got
     return compare(got, want, EXACT if exact else tol, name=label)
@@ -237,9 +346,9 @@ def _compare(site: Site, name: str, got: np.ndarray, want: np.ndarray, tol: Tole
 
 
 def render(loc: Localisation) -> str:
-    """Two summary lines (the first divergence and its worst element; the step and tolerance), then
-    max |error| per site and tensor, "!" where out of tolerance. Piece i finishes layer i - 1 (piece
-    0 embeds) and starts layer i; attention l is layer l's, between piece l and piece l + 1."""
+    """Two summary lines (the first divergence: its piece and layer, every tensor out of tolerance
+    there, the worst element of the first; the step and tolerance), then max |error| per layer (rows:
+    embedding, layer 0, ..., final norm) and tensor, "!" where out of tolerance."""
     rows = "real rows only" if not loc.padded_rows_compared else "padded rows included" if loc.padded_size \
         else "every row"
     size = f"padded to {loc.padded_size}" if loc.padded_size else "unpadded"
@@ -250,19 +359,26 @@ def render(loc: Localisation) -> str:
     else:
         c = loc.first.comparison
         padded = c.max_abs_index and c.max_abs_index[0] >= loc.num_tokens
-        head = [(f"first divergence: {loc.first.where} / {', '.join(loc.first_tensors)}; {loc.first.tensor}: "
+        out = ", ".join(e.name for e in loc.first_failures())
+        head = [(f"first divergence: {loc.first.where} / {out}; {loc.first.name}: "
                  f"{c.mismatches} of {c.total} out, worst |err| {c.max_abs_err:.3g} at {c.max_abs_index}"
                  f"{' (a padded row)' if padded else ''}"), step]
     return "\n".join(head + _table(loc.errors))
 
 
+COLUMNS = (*STARTS, "attn_out", "topk_ids", "nonfinite", "residual", "hidden")  # a layer's, in computed order
+
+
 def _table(errors: tuple[SiteError, ...]) -> list[str]:
-    names = list(dict.fromkeys(e.tensor for e in errors))
+    """One row per part of the model in stack order (a layer's tensors come from pieces l and l + 1
+    and attention l), one column per tensor name."""
+    seen = list(dict.fromkeys(e.tensor for e in errors))
+    names = [n for n in COLUMNS if n in seen] + [n for n in seen if n not in COLUMNS]
     widths = [max(len(n), 7) + 2 for n in names]
     cells: dict[str, dict[str, str]] = {}
     for e in errors:
         c = e.comparison
-        cells.setdefault(f"{e.site[0]} {e.site[1]}", {})[e.tensor] = f"{c.max_abs_err:.2g}{'' if c.passed else '!'}"
+        cells.setdefault(part_of(e.site, e.tensor), {})[e.tensor] = f"{c.max_abs_err:.2g}{'' if c.passed else '!'}"
     lines = ["max |err|".ljust(12) + "".join(n.rjust(w) for n, w in zip(names, widths))]
     for where, row in cells.items():
         lines.append(where.ljust(12) + "".join(row.get(n, "-").rjust(w) for n, w in zip(names, widths)))
@@ -271,8 +387,7 @@ def _table(errors: tuple[SiteError, ...]) -> list[str]:
 
 def localised_problems(expected, actual, expected_batch, actual_batch=None, tol: Tolerance | None = None) -> list[str]:
     """For a check's failure message: the localisation's text as lines (the first two summarise).
-    Never raises: a
-    probe that cannot run says so instead of hiding the failure it was asked to explain."""
+    Never raises: a probe that cannot run says so instead of hiding the failure it was asked to explain."""
     try:
         return localise(expected, actual, expected_batch, actual_batch, tol).render().splitlines()
     except Exception as error:  # noqa: BLE001 - the diagnosis must not mask the failure it explains

@@ -46,7 +46,8 @@ AREA_OF_FILE = {
     "test_router": "routing", "test_seed_regression": "routing",
     "test_golden": "reference", "test_batching": "reference", "test_user_model": "graph vs eager",
     "test_verifier_compare": "verifier", "test_report": "verifier", "test_verifier_cli": "verifier",
-    "test_probes": "graph vs eager", "test_moe_forms": "reference", "test_attention": "reference",
+    "test_probes": "graph vs eager", "test_probes_replay": "routing replay",
+    "test_moe_forms": "reference", "test_attention": "reference",
     "test_threads": "config", "test_selftest": "verifier", "test_capture_lint": "capture lint", "test_layering": "verifier",
     "test_config": "config", "test_config_fields": "config", "test_cli": "config", "test_loader": "config",
 }
@@ -58,6 +59,12 @@ def area_of_file(stem: str) -> str:
     if stem in AREA_OF_FILE:
         return AREA_OF_FILE[stem]
     return next((area for prefix, area in AREA_OF_PREFIX.items() if stem.startswith(prefix)), "other")
+
+
+def area_of_nodeid(nodeid: str) -> str:
+    """The report area of a case by its file (what a case's `gate_area` mark does not override)."""
+    return area_of_file(Path(nodeid.split("::", 1)[0]).stem)
+
 
 _NUMBER_OR_TEXT = {"type": ["number", "string"]}
 _INDEX = {"type": ["array", "null"], "items": {"type": "integer"}}

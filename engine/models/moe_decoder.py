@@ -186,7 +186,10 @@ class MoEDecoder:
         """The recorded ids [T, k] a replaying view routes MoE `layer` by; None otherwise."""
         if not (self.replays and self.cfg.is_moe_layer(layer)):
             return None
-        return inputs[REPLAY_IDS][:, self.cfg.moe_layers.index(layer)]
+        column = self.cfg.moe_layers.index(layer)
+        if self.faults.on("r3.replay_layer_off_by_one") and column == len(self.cfg.moe_layers) - 1:
+            column = max(column - 1, 0)  # the planted MoE-layer index mix-up: only the last layer is off
+        return inputs[REPLAY_IDS][:, column]
 
     def _reduce_add_norm(self, partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor,
                          reduce: bool = True) -> Tensors:
