@@ -1,7 +1,7 @@
 """How many 4-rank comparisons a minute the gate gets by reusing started ranks, and where a
 request's time goes.
 
-    nice -n 10 python -m bench.rank_pool_bench [--requests N] [--json PATH]
+    nice -n 10 python -m bench.rank_pool_bench [--requests N] [--sweep-new-tokens 1,4,8,16] [--json PATH]
 
 Starts the 4-rank engine server of cases/test_parallel.py once (wrapped by
 bench/timed_engine_server.py, which times each rank's handler and its collectives), then times N
@@ -20,6 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fixtures.pytest_fixtures import default_prompts
 from verifier.rank_pool import RankPool
 
@@ -30,9 +32,9 @@ MODES = ("eager", "piecewise")
 GOAL_PER_MIN = 120  # issue 16
 
 
-def payload(layout: tuple[int, int], mode: str, prompts) -> dict:
+def payload(layout: tuple[int, int], mode: str, prompts, new_tokens: int = 8) -> dict:
     graph = {"capture_sizes": [128], "decode_capture_sizes": [4]} if mode != "eager" else {}
-    return {"checkpoint": "glm4_moe", "tp": layout[0], "ep": layout[1], "mode": mode, "max_new_tokens": 8,
+    return {"checkpoint": "glm4_moe", "tp": layout[0], "ep": layout[1], "mode": mode, "max_new_tokens": new_tokens,
             "prompts": [list(p.input_ids) for p in prompts], **graph}
 
 
@@ -61,8 +63,20 @@ def summary(runs: list[dict]) -> dict:
     return med
 
 
-def measure(requests: int = 10) -> dict:
-    """Start the pool, time `requests` warm requests per layout and mode; the result as data."""
+def sweep_steps(pool: RankPool, prompts, requests: int, new_tokens: list[int]) -> dict:
+    """TP4 eager requests generating each count of `new_tokens` (a request runs that many steps):
+    median wall per count and the fitted fixed and per-step seconds of a request."""
+    walls = {}
+    for n in new_tokens:
+        body = payload(LAYOUTS["tp4"], "eager", prompts, n)
+        walls[n] = statistics.median(timed_request(pool, body)["wall_s"] for _ in range(requests))
+    per_step, fixed = np.polyfit(list(walls), list(walls.values()), 1) if len(walls) > 1 else (None, None)
+    return {"median_wall_s": walls, "per_step_s": per_step, "fixed_s": fixed}
+
+
+def measure(requests: int = 10, new_tokens: list[int] | None = None) -> dict:
+    """Start the pool, time `requests` warm requests per layout and mode (and, with `new_tokens`,
+    the step sweep of `sweep_steps`); the result as data."""
     prompts = default_prompts()
     started = time.monotonic()
     result: dict = {"requests": requests, "goal_per_min": GOAL_PER_MIN, "runs": {}}
@@ -74,6 +88,8 @@ def measure(requests: int = 10) -> dict:
                 first = timed_request(pool, body)  # loads weights, captures graphs
                 runs = [timed_request(pool, body) for _ in range(requests)]
                 result["runs"][f"{name}-{mode}"] = {"first_s": first["wall_s"], **summary(runs), "each": runs}
+        if new_tokens:
+            result["steps_sweep"] = sweep_steps(pool, prompts, requests, new_tokens)
     walls = [r["wall_s"] for run in result["runs"].values() for r in run["each"]]
     result["per_min_overall"] = 60 * len(walls) / sum(walls)
     return result
@@ -97,15 +113,21 @@ def report(result: dict) -> str:
                      f"{z['all_gather_last_n']:.0f} / {z['all_gather_last_s']:.2f} | {z['agree_n']:.0f} / "
                      f"{z['agree_s']:.2f} | {z['dump_s']:.3f} |")
     lines.append(f"overall: {result['per_min_overall']:.0f} comparisons/min (goal >= {result['goal_per_min']})")
+    sweep = result.get("steps_sweep")
+    if sweep and sweep["per_step_s"] is not None:
+        walls = ", ".join(f"{n} tokens {s:.2f} s" for n, s in sweep["median_wall_s"].items())
+        lines.append(f"tp4 eager by new tokens: {walls}; fit: {sweep['fixed_s']:.2f} s + {sweep['per_step_s']:.3f} s/step")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10, help="timed requests per layout and mode")
+    parser.add_argument("--sweep-new-tokens", default="", metavar="N,N,...",
+                        help="also time TP4 eager requests generating these token counts (fixed vs per-step cost)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = parser.parse_args()
-    result = measure(args.requests)
+    result = measure(args.requests, [int(n) for n in args.sweep_new_tokens.split(",") if n])
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
