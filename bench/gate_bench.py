@@ -115,7 +115,8 @@ def graph_vs_eager(stats: dict[str, dict]) -> dict:
 def rate(stats) -> dict:
     stats = list(stats)
     examples, seconds = sum(s["examples"] for s in stats), sum(s["seconds"] for s in stats)
-    return {"examples": examples, "seconds": seconds, "examples_per_s_per_worker": examples / seconds if seconds else None}
+    per_s = examples / seconds if seconds else None
+    return {"examples": examples, "seconds": seconds, "examples_per_s_per_worker": per_s}
 
 
 def breakdown(cases: list[dict], workers: dict[str, str], wall: float) -> dict:
@@ -138,15 +139,19 @@ def breakdown(cases: list[dict], workers: dict[str, str], wall: float) -> dict:
 def bounds(result: dict) -> list[str]:
     """What limits each measurement, read from the numbers (sentences for the summary)."""
     gate, cores = result["gate"], result["machine"]["usable_cpus"]
-    said = [f"gate: CPU {gate['cpu_s']:.0f} s over {gate['wall_s']:.0f} s wall = {gate['cpu_s'] / gate['wall_s']:.2f} "
-            f"of {cores} cores busy on average"]
+    busy = gate["cpu_s"] / gate["wall_s"]
+    said = [f"gate: CPU {gate['cpu_s']:.0f} s (at least: processes killed before being reaped are missed) over "
+            f"{gate['wall_s']:.0f} s wall = {busy:.2f} of {cores} cores busy on average"]
     share = gate["busiest_worker_share_of_wall"]
-    if share > 0.85:
+    if busy > 0.8 * cores:
+        said.append("gate: CPU-bound: every core was busy; less work per case (or fewer cases) is the only lever")
+    elif share > 0.85:
         said.append(f"gate: the busiest worker was busy {100 * share:.0f}% of the wall time: its serial share "
                     "(an xdist group stays on one worker) bounds the run; split or shorten it")
     else:
-        said.append(f"gate: the busiest worker was busy {100 * share:.0f}% of the wall time: the run is bound by "
-                    "CPU and start-up, not by one worker's serial share")
+        said.append(f"gate: neither CPU-bound nor bound by one worker (busiest {100 * share:.0f}% of the wall): "
+                    "start-up, waiting (rank jobs, subprocesses) or other load on the machine (load average "
+                    f"{result['machine']['load_average_at_start'][0]} at the start)")
     hyp = result["graph_vs_eager"]
     if hyp["examples_per_s_per_worker"]:
         slowest = next(iter(hyp["per_case"].items()))
@@ -168,9 +173,11 @@ def bounds(result: dict) -> list[str]:
 
 def summary(result: dict) -> str:
     gate = result["gate"]
-    lines = [f"gate: {gate['command']}", f"exit {gate['exit_code']}, wall {gate['wall_s']:.1f} s, CPU {gate['cpu_s']:.1f} s, "
-             f"outcomes {gate['outcomes']}", "per worker (s): " + ", ".join(
-                 f"{w} {s:.1f}" for w, s in gate["per_worker_s"].items()), "slowest cases:"]
+    workers = ", ".join(f"{w} {s:.1f}" for w, s in gate["per_worker_s"].items())
+    lines = [f"gate: {gate['command']}",
+             f"exit {gate['exit_code']}, wall {gate['wall_s']:.1f} s, CPU {gate['cpu_s']:.1f} s, "
+             f"outcomes {gate['outcomes']}",
+             f"per worker (s): {workers}", "slowest cases:"]
     lines += [f"  {c['seconds']:7.2f} s  {c['worker']:4s} {c['nodeid']}" for c in gate["slowest_cases"]]
     lines.append("per file (s, cases):")
     lines += [f"  {f['seconds']:7.1f} s {f['cases']:4d}  {name}" for name, f in list(gate["per_file"].items())[:15]]
@@ -207,7 +214,8 @@ def main() -> None:
         result["rank_pool"] = measure(args.pool_requests)
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["bounds"] = bounds(result)
-    out = args.out or ROOT / "bench" / "results" / f"gate-{slug(machine)}-{time.strftime('%Y%m%d-%H%M', time.gmtime())}.json"
+    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
+    out = args.out or ROOT / "bench" / "results" / f"gate-{slug(machine)}-{stamp}.json"
     out.write_text(json.dumps(result, indent=1))
     print(summary(result))
     print(f"wrote {out}")

@@ -49,7 +49,7 @@ def timed_request(pool: RankPool, body: dict) -> dict:
             "handler_cpu_s": [r["handle_cpu_s"] for r in replies],
             "collective_s": max(r["collective_s"] for r in replies), "collectives": replies[0]["collectives"],
             "return_s": done - max(r["t_end"] for r in replies),
-            "rank0": {key: value for key, value in replies[0].items() if key.endswith(("_s", "_n")) and key[:2] != "t_"}}
+            "rank0": {key: value for key, value in replies[0].items() if key.endswith(("_s", "_n"))}}
 
 
 def summary(runs: list[dict]) -> dict:
@@ -109,14 +109,16 @@ def report(result: dict) -> str:
               "|" + "---|" * 7]
     for name, r in result["runs"].items():
         z = r["rank0"]
-        lines.append(f"| {name} | {z['step_n']:.0f} | {z['step_s']:.2f} | {z['all_reduce_n']:.0f} / {z['all_reduce_s']:.2f} | "
-                     f"{z['all_gather_last_n']:.0f} / {z['all_gather_last_s']:.2f} | {z['agree_n']:.0f} / "
-                     f"{z['agree_s']:.2f} | {z['dump_s']:.3f} |")
+        lines.append(f"| {name} | {z['step_n']:.0f} | {z['step_s']:.2f} | "
+                     f"{z['all_reduce_n']:.0f} / {z['all_reduce_s']:.2f} | "
+                     f"{z['all_gather_last_n']:.0f} / {z['all_gather_last_s']:.2f} | "
+                     f"{z['agree_n']:.0f} / {z['agree_s']:.2f} | {z['dump_s']:.3f} |")
     lines.append(f"overall: {result['per_min_overall']:.0f} comparisons/min (goal >= {result['goal_per_min']})")
     sweep = result.get("steps_sweep")
     if sweep and sweep["per_step_s"] is not None:
         walls = ", ".join(f"{n} tokens {s:.2f} s" for n, s in sweep["median_wall_s"].items())
-        lines.append(f"tp4 eager by new tokens: {walls}; fit: {sweep['fixed_s']:.2f} s + {sweep['per_step_s']:.3f} s/step")
+        lines.append(f"tp4 eager by new tokens: {walls}; "
+                     f"fit: {sweep['fixed_s']:.2f} s + {sweep['per_step_s']:.3f} s/step")
     return "\n".join(lines)
 
 
