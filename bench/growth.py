@@ -48,7 +48,7 @@ HIDDEN, TOP_K = 256, 8
 BASE = {"tokens": 1024, "layers": 2, "experts": 32}
 FULL = {"tokens": (128, 256, 512, 1024, 2048, 4096, 8192), "layers": (1, 2, 3, 4, 6, 8),
         "experts": (8, 16, 32, 64, 128)}
-QUICK = {"tokens": (128, 512, 2048), "layers": (1, 2, 4), "experts": (8, 32, 128)}  # about 1 min idle
+QUICK = {"tokens": (128, 512, 2048), "layers": (1, 2, 4), "experts": (8, 32, 128)}
 AXIS_LABEL = {"tokens": "tokens in the step (sequences of <= 512)", "layers": "decoder layers (all MoE)",
               "experts": "routed experts (top-8)"}
 
