@@ -1,17 +1,18 @@
 """4-rank tensor and expert parallelism against 1 rank, in eager and piecewise-graph mode.
 
-One 4-rank job (a RankPool running cases/rank_programs/engine_server.py) serves the whole module:
-ranks start once and take many requests, so hypothesis examples cost a request, not a launch.
-The module runs on one xdist worker (xdist_group), so the gate never starts two such jobs at once.
+One 4-rank job (a RankPool running cases/rank_programs/engine_server.py, cases/conftest.py's
+`four_rank_pool`) serves the whole module and test_parallel_sparse.py: ranks start once and take
+many requests, so hypothesis examples cost a request, not a launch. The modules run on one xdist
+worker (xdist_group), so the gate never starts two such jobs at once.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from four_ranks import start_pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,8 +26,6 @@ from verifier.tolerance import GOLDEN_LOGITS, GOLDEN_MAX_REL_L2, tolerance_for
 
 pytestmark = pytest.mark.xdist_group("four_ranks")
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVER = str(ROOT / "cases" / "rank_programs" / "engine_server.py")
 FLOAT32 = tolerance_for("float32")
 LAYOUTS = {"tp4": (4, 1), "tp4_ep4": (4, 4)}
 # Few sizes: every size is compiled per piece on each of the 4 ranks sharing 2 cores. The default
@@ -35,14 +34,9 @@ GRAPH = {"capture_sizes": [16, 48, 128, 256], "decode_capture_sizes": [2, 4, 5]}
 MAX_NEW_TOKENS = 8
 
 
-def start_pool(**timeouts) -> RankPool:
-    return RankPool([SERVER], 4, env={"PYTHONPATH": str(ROOT)}, **timeouts)
-
-
 @pytest.fixture(scope="module")
-def pool():
-    with start_pool(start_timeout_s=180, request_timeout_s=180) as ranks:
-        yield ranks
+def pool(four_rank_pool):
+    return four_rank_pool  # cases/conftest.py: shared with test_parallel_sparse.py
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 Request: {"checkpoint": name, "tp": N, "ep": N, "mode": graph mode, "capture_sizes": [...],
 "decode_capture_sizes": [...], "max_num_batched_tokens": T, "prompts": [[ids], ...],
-"max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T}; or {"hang": rank} / {"exit": rank} to plant a hung or
-dead rank. Reply: the run's dump arrays (engine/dump.py keys) plus "rank". Engines are cached per
+"max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T, "moe_form": "dense" | "sparse"}; or
+{"hang": rank} / {"exit": rank} to plant a hung or dead rank. Reply: the run's dump arrays (engine/dump.py keys) plus "rank". Engines are cached per
 configuration, so a module's examples reuse loaded weights and captured graphs.
 """
 
@@ -31,7 +31,8 @@ def engine_for(request: dict) -> LLM:
     config = EngineConfig(max_num_batched_tokens=request.get("max_num_batched_tokens", 8192), graph=graph,
                           parallel=ParallelConfig(tp=request["tp"], ep=request.get("ep", 1),
                                                   fused_allreduce_max_tokens=request.get("fused_max_tokens", 2048)),
-                          faults=Failpoints.parse(request.get("failpoints", "")))
+                          faults=Failpoints.parse(request.get("failpoints", "")),
+                          moe_form=request.get("moe_form", "dense"))
     key = (request["checkpoint"], config)
     if key not in ENGINES:
         ENGINES[key] = LLM(checkpoint_dir(request["checkpoint"]), config)
