@@ -46,6 +46,8 @@ KNOWN: dict[str, str] = {
     "r3.write_in_place": "routing files are written in place at their final path, not via temp file + rename",
     "r3.every_rank_writes": "every rank writes each routing file, not rank 0 alone",
     "r3.rank_skews_ids": "rank 1 records every expert id one higher than the other ranks do",
+    # Rank agreement (engine/runner.py)
+    "dist.skip_agreement_check": "ranks do not compare their step plans before running the step",
 }
 
 
