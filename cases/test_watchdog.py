@@ -107,6 +107,8 @@ def test_an_enclosing_call_lends_its_allowance_to_the_calls_inside_it():
     assert dog.waited_s(inner, now=110.0, cpu=50.0) > dog.timeout_s
     assert not dog.is_stuck([capture, inner], now=110.0, cpu=50.0)
     assert dog.is_stuck([capture, inner], now=143.0, cpu=50.0)
+    just_entered = Call("all_reduce", "o_proj, layer 1", index=3, step=4, started=142.5, cpu_before=50.0, serial=3)
+    assert not dog.is_stuck([capture, just_entered], now=143.0, cpu=50.0)  # the program is moving on
 
 
 def test_a_stuck_record_is_blamed_by_its_line_and_positions_show_the_odd_rank_first():

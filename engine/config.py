@@ -258,7 +258,7 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1
     fused_allreduce_max_tokens: int = 2048
-    collective_timeout_s: float = 10.0  # why 10: the waits measured in bench/README.md's watchdog section
+    collective_timeout_s: float = 5.0  # why 5: the measured waits in engine/launch/watchdog.py
 
     def __post_init__(self) -> None:
         for name in ("tp", "ep", "fused_allreduce_max_tokens"):
