@@ -83,7 +83,7 @@ def test_calls_that_end_are_never_reported(tmp_path):
     dog.close()
     state = read_state(tmp_path / "state.json")
     assert (state["in"], state["last"], state["last_step"]) == (None, "all_reduce #2 (o_proj, layer 1)", 3)
-    assert describe(state, now=0.0) == "not in a collective; last entered all_reduce #2 (o_proj, layer 1) at step 3"
+    assert describe(state) == "not in a collective; last entered all_reduce #2 (o_proj, layer 1) at step 3"
 
 
 def call(what: str, started: float, cpu_before: float) -> Call:
@@ -116,10 +116,10 @@ def test_a_stuck_record_is_blamed_by_its_line_and_positions_show_the_odd_rank_fi
     assert blame.exit_reason(record).startswith("stuck in all_reduce #2 (o_proj, layer 0) at step 1 for 3.1 s")
     same = {"in": "program #2 (replay of piece 1 at size 8)", "in_step": 1, "in_since": 95.0, "stuck": ""}
     odd = {"in": "all_gather #5 (lm head)", "in_step": 1, "in_since": 96.0, "stuck": ""}
-    where = blame.group_by_position({0: same, 1: odd, 2: same, 3: None}, now=100.0)
-    assert where.split("; ") == ["rank 1 in all_gather #5 (lm head) at step 1 for 4.0 s",
+    where = blame.group_by_position({0: same, 1: odd, 2: same | {"stuck": "stuck in ..."}, 3: None})
+    assert where.split("; ") == ["rank 1 in all_gather #5 (lm head) at step 1",
                                  "rank 3 no collective watchdog state",
-                                 "ranks 0, 2 in program #2 (replay of piece 1 at size 8) at step 1 for 5.0 s"]
+                                 "ranks 0, 2 in program #2 (replay of piece 1 at size 8) at step 1"]
 
 
 # ----------------------------------------------------------------------------- a real 2-rank job
@@ -162,6 +162,6 @@ def test_without_the_agreement_check_the_watchdog_names_the_stuck_rank_and_colle
     assert json.loads((logs / f"exit.{rank}.json").read_text())["code"] == STUCK_EXIT
     # Where every rank was, from the ranks' state files: rank 0 in a program, rank 1 eager.
     positions = errors[0].split("; collectives: ", 1)[1]
-    assert f"rank {rank} in {collective} at step 1 (stuck)" in positions, positions
+    assert f" in {collective} at step 1" in positions, positions
     assert re.search(r"rank 0 in program #\d+ \((capture|replay) of piece \d at size 8\) at step 1", positions)
     assert re.search(r"rank 1 in all_(reduce|gather) #\d+ \([^)]+\) at step 1", positions)

@@ -132,13 +132,13 @@ def code_text(code: int) -> str:
     return f"exit code {code}"
 
 
-def group_by_position(states: Mapping[int, Mapping[str, Any] | None], now: float) -> str:
-    """'rank 1 in all_gather #9 (lm head) at step 2 for 9.8 s; ranks 0, 2 in ...' from the ranks'
-    collective watchdog state files (engine/launch/watchdog.py), smallest group first: the rank
-    at a different collective from the others. '' when no rank left a state file."""
+def group_by_position(states: Mapping[int, Mapping[str, Any] | None]) -> str:
+    """'rank 1 in all_gather #9 (lm head) at step 2; ranks 0, 2 in ...' from the ranks' collective
+    watchdog state files (engine/launch/watchdog.py), smallest group first: the rank at a different
+    collective from the others. '' when no rank left a state file."""
     if not any(states.values()):
         return ""
-    return group_by_frame({r: watchdog.describe(state, now) if state else None for r, state in states.items()},
+    return group_by_frame({r: watchdog.describe(state) if state else None for r, state in states.items()},
                           missing="no collective watchdog state")
 
 

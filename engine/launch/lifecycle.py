@@ -213,7 +213,7 @@ class Launch:
         """'; collectives: rank 1 in ...; ranks 0, 2 in ...' from the ranks' watchdog state files
         ('' when no rank wrote one: no collective watchdog, or no collective yet)."""
         states = {r: watchdog.read_state(watchdog.state_path(self.log_dir, r)) for r in range(self.nproc)}
-        where = blame.group_by_position(states, time.time())
+        where = blame.group_by_position(states)
         return f"; collectives: {where}" if where else ""
 
     def error(self, ranks: Sequence[int], reason: str, lines: int,

@@ -228,13 +228,12 @@ def read_state(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def describe(state: dict[str, Any], now: float) -> str:
-    """Where a state file says its rank was at wall time `now`: 'in all_reduce #3 (embedding) at
-    step 2 for 5.1 s', or 'not in a collective; last entered all_gather #9 (lm head) at step 2'."""
-    if state.get("stuck"):
-        return f"in {state['in']} at step {state['in_step']} (stuck)"
+def describe(state: dict[str, Any]) -> str:
+    """Where a state file says its rank was: 'in all_reduce #3 (embedding) at step 2', or 'not in
+    a collective; last entered all_gather #9 (lm head) at step 2' (no times: ranks at the same
+    call read the same, so a blame can group them)."""
     if state.get("in"):
-        return f"in {state['in']} at step {state['in_step']} for {now - state['in_since']:.1f} s"
+        return f"in {state['in']} at step {state['in_step']}"
     if state.get("last"):
         return f"not in a collective; last entered {state['last']} at step {state['last_step']}"
     return "not in a collective yet"
