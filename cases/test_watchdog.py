@@ -17,8 +17,14 @@ import sys
 import threading
 from pathlib import Path
 
+import paddle
+import pytest
+
+from engine.__main__ import build_parser, engine_config
+from engine.config import ConfigError, ParallelConfig
+from engine.distributed import Collectives
 from engine.launch import blame
-from engine.launch.watchdog import SLACK_PER_CPU_S, STUCK_EXIT, Call, Watchdog, describe, read_state
+from engine.launch.watchdog import SLACK_PER_CPU_S, STUCK_EXIT, UNWATCHED, Call, Watchdog, describe, read_state
 from fixtures.pytest_fixtures import checkpoint_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +126,37 @@ def test_a_stuck_record_is_blamed_by_its_line_and_positions_show_the_odd_rank_fi
     assert where.split("; ") == ["rank 1 in all_gather #5 (lm head) at step 1",
                                  "rank 3 no collective watchdog state",
                                  "ranks 0, 2 in program #2 (replay of piece 1 at size 8) at step 1"]
+
+
+def test_collectives_watch_eager_calls_but_not_a_program_being_traced():
+    """While to_static traces a piece, a collective becomes a program op; the program's call is what
+    waits, and the graph runner watches that instead."""
+    comm, seen = Collectives(2, watchdog=Watchdog(rank=0, timeout_s=5.0)), []
+
+    @paddle.jit.not_to_static
+    def look() -> None:
+        seen.append(comm.watch("all_reduce", "traced") is UNWATCHED)
+
+    def program(x):
+        look()
+        return x * 2
+
+    paddle.jit.to_static(program, full_graph=True)(paddle.ones([2]))
+    look()
+    assert seen == [True, False]
+    assert Collectives(1).watch("all_reduce") is UNWATCHED  # one rank: nothing to wait for
+
+
+def test_the_timeout_comes_from_the_flag_or_the_environment(monkeypatch):
+    def timeout(*args: str) -> float:
+        run = ["run", "--model", "m", "--prompts", "p", "--tp", "2", *args]
+        return engine_config(build_parser().parse_args(run)).parallel.collective_timeout_s
+
+    assert timeout() == ParallelConfig.collective_timeout_s
+    monkeypatch.setenv("ENGINE_COLLECTIVE_TIMEOUT", "7.5")
+    assert (timeout(), timeout("--collective-timeout", "0")) == (7.5, 0)
+    with pytest.raises(ConfigError, match=r"collective_timeout_s=-1\.0 must be a number of seconds >= 0"):
+        timeout("--collective-timeout", "-1")
 
 
 # ----------------------------------------------------------------------------- a real 2-rank job

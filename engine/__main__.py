@@ -1,8 +1,9 @@
 """`python -m engine run`: run a prompts file through a checkpoint and optionally dump every output.
 
 Environment variables: ENGINE_FAILPOINTS (comma-separated failpoint names), the default of
---failpoints, and ENGINE_COLLECTIVE_TIMEOUT (seconds), the default of --collective-timeout, are read here; the launcher's own variables (which rank this process is, in a
-multi-rank job) only in engine/launch/rank_entry.py. No other engine module reads the environment.
+--failpoints, and ENGINE_COLLECTIVE_TIMEOUT (seconds), the default of --collective-timeout, are
+read here; the launcher's own variables (which rank this process is, in a multi-rank job) only in
+engine/launch/rank_entry.py. No other engine module reads the environment.
 """
 
 from __future__ import annotations
