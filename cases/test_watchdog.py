@@ -50,31 +50,45 @@ class Stuck:
         self.seen.set()
 
 
-def test_a_collective_no_peer_joins_is_named_with_its_step_and_index(tmp_path):
-    stuck, never = Stuck(), threading.Event()  # `never`: the peer that does not come
-    dog = Watchdog(rank=3, timeout_s=0.3, state_path=tmp_path / "state.json", on_stuck=stuck, poll_s=0.02)
-    dog.begin_step()
-    dog.begin_step()
-    with dog.watch("all_reduce", "embedding"):
-        pass
+def wait_stuck(dog: Watchdog, stuck: Stuck, kind: str, what: str) -> None:
+    """Enter (kind, what) on another thread, as a rank would, and wait there until reported."""
+    never = threading.Event()
 
     def rank() -> None:
-        with dog.watch("all_reduce", "o_proj, layer 1"):
+        with dog.watch(kind, what):
             never.wait(30)
 
     thread = threading.Thread(target=rank, daemon=True)
     thread.start()
     try:
-        assert stuck.seen.wait(30), "the watchdog never reported the stuck collective"
+        assert stuck.seen.wait(30), "the watchdog never reported the stuck call"
     finally:
         never.set()
         thread.join()
+
+
+def test_a_collective_no_peer_joins_is_named_with_its_step_and_index(tmp_path):
+    stuck = Stuck()
+    dog = Watchdog(rank=3, timeout_s=0.3, state_path=tmp_path / "state.json", on_stuck=stuck, poll_s=0.02)
+    dog.begin_step()
+    dog.begin_step()
+    with dog.watch("all_reduce", "embedding"):
+        pass
+    wait_stuck(dog, stuck, "all_reduce", "o_proj, layer 1")
     assert stuck.code == STUCK_EXIT
     assert re.fullmatch(r"stuck in all_reduce #2 \(o_proj, layer 1\) at step 2 for \d+\.\d s "
                         r"\(collective timeout 0\.3 s\)", stuck.line), stuck.line
     state = read_state(tmp_path / "state.json")
     assert (state["rank"], state["in"], state["in_step"], state["stuck"]) == \
         (3, "all_reduce #2 (o_proj, layer 1)", 2, stuck.line)
+
+
+def test_a_capture_before_the_first_step_is_bounded_by_a_multiple_of_the_timeout():
+    stuck = Stuck()
+    dog = Watchdog(rank=1, timeout_s=0.1, on_stuck=stuck, poll_s=0.02)
+    wait_stuck(dog, stuck, "capture", "piece 0 at size 8")
+    assert re.fullmatch(r"stuck in capture #1 \(piece 0 at size 8\) at step 0 for \d+\.\d s "
+                        r"\(collective timeout 0\.3 s\)", stuck.line), stuck.line
 
 
 def test_calls_that_end_are_never_reported(tmp_path):
@@ -92,13 +106,13 @@ def test_calls_that_end_are_never_reported(tmp_path):
     assert describe(state) == "not in a collective; last entered all_reduce #2 (o_proj, layer 1) at step 3"
 
 
-def call(what: str, started: float, cpu_before: float) -> Call:
-    return Call("program", what, index=1, step=4, started=started, cpu_before=cpu_before, serial=1)
+def call(kind: str, what: str, started: float, cpu_before: float, limit_s: float = 2.0) -> Call:
+    return Call(kind, what, index=1, step=4, started=started, cpu_before=cpu_before, serial=1, limit_s=limit_s)
 
 
 def test_the_bound_is_the_timeout_plus_slack_for_the_cpu_the_rank_used():
     dog = Watchdog(rank=0, timeout_s=2.0)
-    replay = call("replay of piece 1 at size 8", started=100.0, cpu_before=50.0)
+    replay = call("replay", "piece 1 at size 8", started=100.0, cpu_before=50.0)
     # 1 s of CPU since the previous call (a compile, say) buys SLACK_PER_CPU_S s of waiting.
     bound = 100.0 + 2.0 + SLACK_PER_CPU_S * 1.0
     assert not dog.is_stuck([replay], now=bound - 0.01, cpu=51.0)
@@ -108,24 +122,24 @@ def test_the_bound_is_the_timeout_plus_slack_for_the_cpu_the_rank_used():
 
 def test_an_enclosing_call_lends_its_allowance_to_the_calls_inside_it():
     dog = Watchdog(rank=0, timeout_s=2.0)
-    capture = call("capture of piece 1 at size 8", started=100.0, cpu_before=40.0)  # 10 s of CPU: 40 s more
-    inner = Call("all_reduce", "o_proj, layer 0", index=2, step=4, started=101.0, cpu_before=50.0, serial=2)
+    capture = call("capture", "piece 1 at size 8", started=100.0, cpu_before=40.0)  # 10 s of CPU: 40 s more
+    inner = call("all_reduce", "o_proj, layer 0", started=101.0, cpu_before=50.0)
     assert dog.waited_s(inner, now=110.0, cpu=50.0) > dog.timeout_s
     assert not dog.is_stuck([capture, inner], now=110.0, cpu=50.0)
     assert dog.is_stuck([capture, inner], now=143.0, cpu=50.0)
-    just_entered = Call("all_reduce", "o_proj, layer 1", index=3, step=4, started=142.5, cpu_before=50.0, serial=3)
+    just_entered = call("all_reduce", "o_proj, layer 1", started=142.5, cpu_before=50.0)
     assert not dog.is_stuck([capture, just_entered], now=143.0, cpu=50.0)  # the program is moving on
 
 
 def test_a_stuck_record_is_blamed_by_its_line_and_positions_show_the_odd_rank_first():
     record = {"code": STUCK_EXIT, "time": 1.0, "error": "stuck in all_reduce #2 (o_proj, layer 0) at step 1 for 3.1 s"}
     assert blame.exit_reason(record).startswith("stuck in all_reduce #2 (o_proj, layer 0) at step 1 for 3.1 s")
-    same = {"in": "program #2 (replay of piece 1 at size 8)", "in_step": 1, "in_since": 95.0, "stuck": ""}
+    same = {"in": "replay #2 (piece 1 at size 8)", "in_step": 1, "in_since": 95.0, "stuck": ""}
     odd = {"in": "all_gather #5 (lm head)", "in_step": 1, "in_since": 96.0, "stuck": ""}
     where = blame.group_by_position({0: same, 1: odd, 2: same | {"stuck": "stuck in ..."}, 3: None})
     assert where.split("; ") == ["rank 1 in all_gather #5 (lm head) at step 1",
                                  "rank 3 no collective watchdog state",
-                                 "ranks 0, 2 in program #2 (replay of piece 1 at size 8) at step 1"]
+                                 "ranks 0, 2 in replay #2 (piece 1 at size 8) at step 1"]
 
 
 def test_collectives_watch_eager_calls_but_not_a_program_being_traced():
@@ -192,7 +206,7 @@ def test_without_the_agreement_check_the_watchdog_names_the_stuck_rank_and_colle
     done, logs = run_cli(tmp_path, planted_with(faults, "dist.rank_disagrees", "dist.skip_agreement_check"))
     errors = error_lines(done.stderr)
     assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
-    found = re.match(r"error: the 2-rank job failed: rank (\d): stuck in ((all_reduce|all_gather|program) #\d+ "
+    found = re.match(r"error: the 2-rank job failed: rank (\d): stuck in ((all_reduce|all_gather|capture|replay) #\d+ "
                      r"\([^)]+\)) at step 1 for [\d.]+ s \(collective timeout 3 s\) \(exit code 124", errors[0])
     assert found, errors[0]
     rank, collective = int(found[1]), found[2]
@@ -200,5 +214,5 @@ def test_without_the_agreement_check_the_watchdog_names_the_stuck_rank_and_colle
     # Where every rank was, from the ranks' state files: rank 0 in a program, rank 1 eager.
     positions = errors[0].split("; collectives: ", 1)[1]
     assert f" in {collective} at step 1" in positions, positions
-    assert re.search(r"rank 0 in program #\d+ \((capture|replay) of piece \d at size 8\) at step 1", positions)
+    assert re.search(r"rank 0 in (capture|replay) #\d+ \(piece \d at size 8\) at step 1", positions)
     assert re.search(r"rank 1 in all_(reduce|gather) #\d+ \([^)]+\) at step 1", positions)

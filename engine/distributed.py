@@ -136,7 +136,7 @@ class Collectives:
 
     def watch(self, kind: str, what: str = ""):
         """A context manager that bounds one call which communicates: a collective, or a call of
-        a captured program holding collectives (kind "program", what "replay of piece 3 at size 16")."""
+        a captured program holding collectives (kind "capture" or "replay", what "piece 3 at size 16")."""
         if self.watchdog is None or not paddle.in_dynamic_mode():
             return watchdogs.UNWATCHED
         return self.watchdog.watch(kind, what)

@@ -49,7 +49,7 @@ class GraphEntry:
     buffers: list[paddle.Tensor]
     replay: Replay
     output_names: tuple
-    label: str = ""  # "piece 3 at size 16": how the collective watchdog names a replay of it
+    label: str = ""  # "piece 3 at size 16": how the collective watchdog names its replays
 
     def output(self, name) -> paddle.Tensor:
         return self.replay.outputs[self.output_names.index(name)]
@@ -127,7 +127,7 @@ class GraphRunner:
             specs = input_specs(self.model, index)
             buffers = [self._buffer(spec, size, step, chained) for spec in specs]
             label = f"piece {index} at size {size}"
-            with self.watch("program", f"capture of {label}"):
+            with self.watch("capture", label):
                 replay = self.backend.capture(self._pieces[index], [buffers])
             entries.append(GraphEntry(specs, buffers, replay, self.model.piece_outputs(index), label))
         return entries
@@ -149,7 +149,7 @@ class GraphRunner:
         specs = tuple(TensorSpec(*spec) for spec in self.model.whole_step_inputs(width))
         buffers = [spec.buffer(size) for spec in specs]
         label = f"the whole-step decode graph at size {size}"
-        with self.watch("program", f"capture of {label}"):
+        with self.watch("capture", label):
             replay = self.backend.capture(self._whole, [buffers, cache.keys, cache.values])
         return GraphEntry(specs, buffers, replay, tuple(whole_step_layout(self.model)), label)
 
@@ -192,7 +192,7 @@ class GraphRunner:
                 continue
             self._copy_in(spec, buffer, value, num_tokens)
             filled.add(id(buffer))
-        with self.watch("program", f"replay of {entry.label}"):
+        with self.watch("replay", entry.label):
             outputs = entry.replay()
         if self.faults.on("graph.copy_outputs"):
             outputs = tuple(paddle.assign(t) for t in outputs)
