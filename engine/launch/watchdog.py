@@ -28,9 +28,10 @@ cases/test_launch.py, test_parallel.py, test_cli_ranks.py and test_routing_repla
 `pytest -n 2` on two shared cores (run twice), the longest wait beyond slack of any call on any
 rank was 0.16 s (engine loads and gloo's first calls included: the CPU slack covers them); over the
 4-rank runs of bench/dump_matrix.sh, 0.5 s, in a capture (every rank compiling at once), so
-captures get SLOWER_KINDS' multiple of the timeout. A disagreeing rank in a 2-rank CLI job (cases/test_watchdog.py's)
-is named 5.2 s after it entered the collective; without the watchdog gloo's own timeout ended it
-after 30.0 s, naming neither. Each state file keeps its rank's longest wait, to check the margin.
+captures get SLOWER_KINDS' multiple of the timeout. A disagreeing rank in a 2-rank CLI job
+(cases/test_watchdog.py's) is named 5.2 s after it entered the collective; without the watchdog
+gloo's own timeout ended it after 30.0 s, naming neither. Each state file keeps its rank's
+longest wait, to check the margin.
 
 On NCCL a collective returns once it is queued on the GPU, so there the watchdog bounds the
 host's waits only (a program call, a blocking copy); a kernel that never ends is NCCL's own
