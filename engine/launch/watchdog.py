@@ -146,8 +146,10 @@ class Watchdog:
         return bool(calls) and all(self.waited_s(c, now, cpu) > c.limit_s for c in calls)
 
     def _run(self) -> None:
+        """Check, then sleep: the first call's position is written at once (a rank that crashes
+        in its first collective, as gloo aborts on mismatched sizes, then still says where)."""
         written = None
-        while not self._closed.wait(self.poll_s):
+        while True:
             calls = list(self._stack)  # a copy: the rank's thread pushes and pops meanwhile
             now = time.monotonic()
             if self.is_stuck(calls, now, time.process_time()):
@@ -157,6 +159,8 @@ class Watchdog:
             if position != written:
                 self._write_state(calls, now)
                 written = position
+            if self._closed.wait(self.poll_s):
+                return
 
     def _stuck(self, calls: list[Call], now: float) -> None:
         call = calls[-1]
