@@ -67,6 +67,21 @@ def test_a_hanging_rank_times_out_with_stack_dumps_and_leaves_nothing(tmp_path):
     assert job_pids(error.token) == []
 
 
+def test_the_collective_watchdog_ends_a_job_whose_rank_never_joins_and_says_who_is_elsewhere(tmp_path):
+    with pytest.raises(RankJobError) as caught:
+        run_ranks([ALLREDUCE, str(tmp_path), "--hang-rank", "2", "--watchdog", "2"], 4, timeout_s=BOUND_S,
+                  log_dir=tmp_path / "logs")
+    error = caught.value
+    # Ranks 0, 1 and 3 wait in the sum; the first whose watchdog fires is blamed, and the positions
+    # read from the ranks' state files single out rank 2, which never entered a collective.
+    assert len(error.ranks) == 1 and error.ranks[0] in (0, 1, 3)
+    assert error.reason.startswith("stuck in all_reduce #1 (the program's sum) at step 1 for "), error.reason
+    assert "(exit code 124: the collective watchdog)" in error.reason
+    assert error.reason.endswith("; collectives: rank 2 no collective watchdog state; ranks 0, 1, 3 in "
+                                 "all_reduce #1 (the program's sum) at step 1"), error.reason
+    assert job_pids(error.token) == []
+
+
 def test_two_concurrent_four_rank_jobs_all_reduce_on_their_own_ports(tmp_path):
     def job(index: int):
         out = tmp_path / f"out{index}"

@@ -163,10 +163,11 @@ def test_planted_parallel_fault_is_caught(pool, engine_for, prompts, fault, layo
     assert problems, f"{fault} went unnoticed"
 
 
-def test_rank_that_disagrees_is_an_error_not_a_hang(pool, prompts):
+def test_rank_that_disagrees_is_an_error_not_a_hang(pool, prompts, planted):
+    faults = ",".join(filter(None, ("dist.rank_disagrees", planted)))  # and the run's --failpoints
     started = time.monotonic()
     with pytest.raises(RankJobError, match="ranks disagree on the step"):
-        pool.request(request("glm4_moe", "tp4", "piecewise", prompts, "dist.rank_disagrees"))
+        pool.request(request("glm4_moe", "tp4", "piecewise", prompts, faults))
     assert time.monotonic() - started < 60
     run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts[:1], ""))  # the pool is still usable
 

@@ -1,8 +1,9 @@
 """`python -m engine run`: run a prompts file through a checkpoint and optionally dump every output.
 
 Environment variables: ENGINE_FAILPOINTS (comma-separated failpoint names), the default of
---failpoints, is read here; the launcher's own variables (which rank this process is, in a
-multi-rank job) only in engine/launch/rank_entry.py. No other engine module reads the environment.
+--failpoints, and ENGINE_COLLECTIVE_TIMEOUT (seconds), the default of --collective-timeout, are
+read here; the launcher's own variables (which rank this process is, in a multi-rank job) only in
+engine/launch/rank_entry.py. No other engine module reads the environment.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 import warnings
 
-from engine.config import CaptureTiming, GraphBackend, GraphMode, MoEForm
+from engine.config import CaptureTiming, GraphBackend, GraphMode, MoEForm, ParallelConfig
 from engine.errors import UserError
 from engine.launch import cli_job
 from engine.threads import set_threads
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--replay-routing", metavar="DIR",
                      help="route every token by the experts recorded in DIR (by --routing-replay-dir), "
                           "weights recomputed from the router's scores")
+    run.add_argument("--collective-timeout", type=float, metavar="S",
+                     default=os.environ.get("ENGINE_COLLECTIVE_TIMEOUT", str(ParallelConfig.collective_timeout_s)),
+                     help="with --tp N > 1: a rank that waits longer than S seconds in one collective (plus "
+                          "slack for the work it has just done) is named with its step and collective and "
+                          "ended; 0: no bound (default: $ENGINE_COLLECTIVE_TIMEOUT, else "
+                          f"{ParallelConfig.collective_timeout_s:g})")
     run.add_argument("--log-dir", metavar="DIR", help="where a multi-rank job keeps its logs (default: a temp dir)")
     run.add_argument("--report-dir", help=argparse.SUPPRESS)  # set by the parent of a multi-rank job
     run.add_argument("--failpoints", default=os.environ.get("ENGINE_FAILPOINTS", ""), metavar="NAMES",
@@ -92,7 +99,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def engine_config(args: argparse.Namespace):
-    from engine.config import ConfigError, EngineConfig, GraphConfig, ParallelConfig
+    from engine.config import ConfigError, EngineConfig, GraphConfig
     from engine.failpoints import Failpoints
 
     try:
@@ -101,9 +108,9 @@ def engine_config(args: argparse.Namespace):
         raise ConfigError(f"--failpoints: {err}") from None
     graph = GraphConfig(mode=args.graph, backend=args.graph_backend, prefill_capture_sizes=args.capture_sizes,
                         decode_capture_sizes=args.decode_capture_sizes, capture=args.capture)
+    parallel = ParallelConfig(tp=args.tp, ep=args.ep, collective_timeout_s=args.collective_timeout)
     return EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        graph=graph, parallel=ParallelConfig(tp=args.tp, ep=args.ep), faults=faults,
-                        moe_form=args.moe_form)
+                        graph=graph, parallel=parallel, faults=faults, moe_form=args.moe_form)
 
 
 def run(args: argparse.Namespace, out=None) -> int:

@@ -251,15 +251,22 @@ def _check_experts(cfg: ModelConfig) -> None:
 class ParallelConfig:
     """tp ranks (the world size); ep is 1 (experts split by intermediate dimension across the TP
     ranks) or tp (experts placed on ranks). Steps of up to `fused_allreduce_max_tokens` tokens take
-    the fused all-reduce + residual + RMSNorm path; larger ones the unfused path."""
+    the fused all-reduce + residual + RMSNorm path; larger ones the unfused path. A rank waiting
+    longer than `collective_timeout_s` in one collective (plus slack for the work it has just done:
+    engine/launch/watchdog.py) is named and ended; 0 turns that watchdog off."""
 
     tp: int = 1
     ep: int = 1
     fused_allreduce_max_tokens: int = 2048
+    collective_timeout_s: float = 5.0  # why 5: the measured waits in engine/launch/watchdog.py
 
     def __post_init__(self) -> None:
         for name in ("tp", "ep", "fused_allreduce_max_tokens"):
             check_positive_int(name, getattr(self, name))
+        timeout = self.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout >= 0:
+            raise ConfigError(f"collective_timeout_s={timeout!r} must be a number of seconds >= 0 (0: off)",
+                              field="collective_timeout_s")
         if self.ep not in (1, self.tp):
             raise ConfigError(f"ep={self.ep} must be 1 or equal to tp={self.tp}", field="ep")
 

@@ -13,7 +13,9 @@ Routers, norms and correction biases are replicated. A row-parallel bias is adde
 
 `Collectives` is the one interface the model talks to. Here it is all-reduce (the only collective
 that gloo supports inside a static program) plus an eager all-gather for the LM head; an all-to-all
-expert dispatch can replace the EP path behind it on NCCL.
+expert dispatch can replace the EP path behind it on NCCL. Every eager collective, and every call of
+a captured program (the graph runner enters `watch` around it), runs under the rank's collective
+watchdog (engine/launch/watchdog.py), which names the rank, the step and the call when one is stuck.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import paddle.distributed as dist
 from engine.checkpoint.hub_schema import Role, role
 from engine.config import ConfigError, ModelConfig, ParallelConfig
 from engine.errors import UserError
+from engine.launch import watchdog as watchdogs
 
 
 class ParallelError(UserError, RuntimeError):
@@ -115,25 +118,44 @@ _RULES = {
 
 
 class Collectives:
-    """The collectives the model uses. With one rank every call is the identity."""
+    """The collectives the model uses. With one rank every call is the identity.
 
-    def __init__(self, world: int = 1, group=None):
+    `watchdog` (None: unbounded) bounds each eager call; `what` names its call site in the
+    watchdog's message ("o_proj, layer 1"). While a program is being traced (static mode) a
+    collective only becomes an op of the program, so it is not watched: the program's calls are."""
+
+    def __init__(self, world: int = 1, group=None, watchdog: watchdogs.Watchdog | None = None):
         self.world = world
         self.group = group
+        self.watchdog = watchdog
 
-    def all_reduce(self, x: paddle.Tensor) -> paddle.Tensor:
+    def begin_step(self) -> None:
+        """The calls from here on belong to the next step (what the watchdog's messages count)."""
+        if self.watchdog is not None:
+            self.watchdog.begin_step()
+
+    def watch(self, kind: str, what: str = ""):
+        """A context manager that bounds one call which communicates: a collective, or a call of
+        a captured program holding collectives (kind "capture" or "replay", what "piece 3 at size 16")."""
+        if self.watchdog is None or not paddle.in_dynamic_mode():
+            return watchdogs.UNWATCHED
+        return self.watchdog.watch(kind, what)
+
+    def all_reduce(self, x: paddle.Tensor, what: str = "") -> paddle.Tensor:
         """Sum over ranks; safe inside a static program (gloo and NCCL)."""
         if self.world == 1:
             return x
-        dist.all_reduce(x, group=self.group)
+        with self.watch("all_reduce", what):
+            dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather_last(self, x: paddle.Tensor) -> paddle.Tensor:
+    def all_gather_last(self, x: paddle.Tensor, what: str = "") -> paddle.Tensor:
         """Concatenate every rank's x along the last axis, rank order. Eager only."""
         if self.world == 1:
             return x
         parts: list[paddle.Tensor] = []
-        dist.all_gather(parts, x, group=self.group)
+        with self.watch("all_gather", what):
+            dist.all_gather(parts, x, group=self.group)
         return paddle.concat(parts, axis=-1)
 
     def agree(self, values: list[int], what: str) -> None:
@@ -142,7 +164,8 @@ class Collectives:
         if self.world == 1:
             return
         both = paddle.to_tensor(values + [-v for v in values], dtype="int64")
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        with self.watch("all_reduce", f"agreement on {what}"):
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         high, low = both.numpy()[: len(values)], -both.numpy()[len(values):]
         if (high != low).any():
             raise ParallelError(f"ranks disagree on {what}: this rank has {values}, the ranks span "
@@ -160,4 +183,6 @@ def init_parallel(parallel: ParallelConfig) -> tuple[Partition, Collectives]:
     if not dist.is_initialized():
         dist.init_parallel_env()
     partition = Partition(dist.get_rank(), world, expert_parallel=parallel.ep > 1)
-    return partition, Collectives(world)
+    timeout_s = parallel.collective_timeout_s
+    watchdog = watchdogs.for_rank(partition.rank, timeout_s) if timeout_s else None
+    return partition, Collectives(world, watchdog=watchdog)

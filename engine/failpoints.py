@@ -47,6 +47,8 @@ KNOWN: dict[str, str] = {
     "r3.every_rank_writes": "every rank writes each routing file, not rank 0 alone",
     "r3.rank_skews_ids": "rank 1 records every expert id one higher than the other ranks do",
     "r3.replay_layer_off_by_one": "routing replay routes the last MoE layer by the previous MoE layer's recorded ids",
+    # Rank agreement (engine/runner.py)
+    "dist.skip_agreement_check": "ranks do not compare their step plans before running the step",
 }
 
 

@@ -74,7 +74,7 @@ class ModelRunner:
             return None
         whole = WholeStep(self.cache, self.decode_table_width) if graph.mode is GraphMode.FULL_AND_PIECEWISE else None
         runner = GraphRunner(self.model, make_backend(graph.backend), capture_sizes_for(self.engine), self.guard,
-                             self.stats, self.engine.faults, whole_step=whole)
+                             self.stats, self.engine.faults, whole_step=whole, watch=self.model.comm.watch)
         if graph.capture is CaptureTiming.EAGER:
             runner.capture_all()
         return runner
@@ -111,7 +111,8 @@ class ModelRunner:
         if self.engine.faults.on("dist.rank_disagrees") and self.model.partition.rank == 1:
             size = None
         decision = [PHASE_CODES[phase], num_tokens, size or 0]
-        self.model.comm.agree(decision, "the step (phase, tokens, padded size; 0 = eager)")
+        if not self.engine.faults.on("dist.skip_agreement_check"):
+            self.model.comm.agree(decision, "the step (phase, tokens, padded size; 0 = eager)")
         return size
 
     def _decode_tables(self, batch: Batch) -> DecodeTables:
@@ -136,6 +137,7 @@ class ModelRunner:
     def step(self, batch: Batch, all_prompt_logits: bool = False) -> StepResult:
         """Run one step. Logits come back for each sampling row; with `all_prompt_logits`, for every
         prefill row as well (what a dump of prompt logits needs)."""
+        self.model.comm.begin_step()
         ctx, before = self.prepare(batch), self.stats.snapshot() if self.recorder is not None else None
         out = self.forward(ctx)
         self._check_routing(out.routing, batch.num_tokens)

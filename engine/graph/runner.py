@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import paddle
@@ -35,6 +37,8 @@ from engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
+Watch = Callable[[str, str], AbstractContextManager]
+
 
 @dataclass(frozen=True)
 class GraphEntry:
@@ -45,6 +49,7 @@ class GraphEntry:
     buffers: list[paddle.Tensor]
     replay: Replay
     output_names: tuple
+    label: str = ""  # "piece 3 at size 16": how the collective watchdog names its replays
 
     def output(self, name) -> paddle.Tensor:
         return self.replay.outputs[self.output_names.index(name)]
@@ -62,9 +67,11 @@ class WholeStep:
 class GraphRunner:
     def __init__(self, model: PiecewiseModel, backend: GraphBackend, sizes: dict[str, CaptureSizes],
                  guard: CaptureGuard, stats: CaptureStats, faults: Failpoints = NO_FAULTS,
-                 whole_step: WholeStep | None = None):
+                 whole_step: WholeStep | None = None, watch: Watch | None = None):
         """`whole_step`: capture decode steps as one whole-step graph; None captures them piecewise
-        like prefill."""
+        like prefill. `watch(kind, what)`: a context manager that bounds each capture and replay (the
+        collective watchdog's, engine/distributed.py: inside a program the collectives are program
+        ops, so the bound covers the whole call); None: unbounded."""
         self.model = model
         self.whole_step = whole_step
         self.backend = backend
@@ -72,6 +79,7 @@ class GraphRunner:
         self.guard = guard
         self.stats = stats
         self.faults = faults
+        self.watch = watch or _unbounded
         self._entries: dict[tuple[str, int], list[GraphEntry]] = {}
         # One function object per piece, reused for every size (the static backend compiles per function).
         self._pieces = [piece_program(model, i) for i in range(model.num_pieces)]
@@ -118,8 +126,10 @@ class GraphRunner:
             chained = dict(zip(entries[-1].output_names, entries[-1].replay.outputs)) if entries else {}
             specs = input_specs(self.model, index)
             buffers = [self._buffer(spec, size, step, chained) for spec in specs]
-            replay = self.backend.capture(self._pieces[index], [buffers])
-            entries.append(GraphEntry(specs, buffers, replay, self.model.piece_outputs(index)))
+            label = f"piece {index} at size {size}"
+            with self.watch("capture", label):
+                replay = self.backend.capture(self._pieces[index], [buffers])
+            entries.append(GraphEntry(specs, buffers, replay, self.model.piece_outputs(index), label))
         return entries
 
     @staticmethod
@@ -138,8 +148,10 @@ class GraphRunner:
         cache, width = self.whole_step.cache, self.whole_step.table_width
         specs = tuple(TensorSpec(*spec) for spec in self.model.whole_step_inputs(width))
         buffers = [spec.buffer(size) for spec in specs]
-        replay = self.backend.capture(self._whole, [buffers, cache.keys, cache.values])
-        return GraphEntry(specs, buffers, replay, tuple(whole_step_layout(self.model)))
+        label = f"the whole-step decode graph at size {size}"
+        with self.watch("capture", label):
+            replay = self.backend.capture(self._whole, [buffers, cache.keys, cache.values])
+        return GraphEntry(specs, buffers, replay, tuple(whole_step_layout(self.model)), label)
 
     def _entries_for(self, phase: str, size: int) -> list[GraphEntry]:
         """The entries captured at (phase, size), capturing them first if new; counts one replay."""
@@ -180,7 +192,8 @@ class GraphRunner:
                 continue
             self._copy_in(spec, buffer, value, num_tokens)
             filled.add(id(buffer))
-        outputs = entry.replay()
+        with self.watch("replay", entry.label):
+            outputs = entry.replay()
         if self.faults.on("graph.copy_outputs"):
             outputs = tuple(paddle.assign(t) for t in outputs)
         return dict(zip(entry.output_names, outputs))
@@ -194,3 +207,7 @@ class GraphRunner:
         buffer[:rows] = value[:rows]
         if rows < buffer.shape[0] and not self.faults.on("graph.stale_padding"):
             buffer[rows:] = 0
+
+
+def _unbounded(kind: str, what: str) -> AbstractContextManager:
+    return nullcontext()

@@ -9,6 +9,8 @@
   rank_entry.py  the rank side: entry point, exit record, stack dumps, `serve` for a pool; the one
                  place that reads the launcher's environment variables
   wire.py        the pool folder's files: .npz requests and replies, atomic writes, polling
+  watchdog.py    the rank side's bound on each collective: a stuck rank is named (step, call) and
+                 ends with exit code 124; its state file tells the blame where each rank was
   cli_job.py     `python -m engine run --tp N`: the CLI re-run on N ranks, one report
 
 The warm rank pool that the gate's cases use is verifier/rank_pool.py, built on these modules.

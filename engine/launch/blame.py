@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from engine.launch import rank_logs
+from engine.launch import rank_logs, watchdog
+from engine.launch.watchdog import STUCK_EXIT
 
 # A death without an exit record is blamed before exit records up to this much older: the peers of
 # a rank that dies hard fail on the broken connection within milliseconds, and the parent may
@@ -104,16 +105,19 @@ def error_with_tails(ranks: Sequence[int], reason: str, log_dir: Path, token: st
     return RankJobError(ranks, reason, log_dir, token, "".join(parts))
 
 
-def group_by_frame(frames: Mapping[int, str | None]) -> str:
-    """'rank 1 at a.py:3 in f; ranks 0, 2 at b.py:9 in g' (smallest group first: the odd one out)."""
+def group_by_frame(frames: Mapping[int, str | None], missing: str = "at an unknown place (no stack dump)") -> str:
+    """'rank 1 at a.py:3 in f; ranks 0, 2 at b.py:9 in g' (smallest group first: the odd one out);
+    `frames` are 'at ...' or 'in ...' phrases, `missing` stands for None."""
     groups: dict[str, list[int]] = {}
     for rank, frame in sorted(frames.items()):
-        groups.setdefault(frame or "an unknown place (no stack dump)", []).append(rank)
+        groups.setdefault(frame or missing, []).append(rank)
     ordered = sorted(groups.items(), key=lambda item: (len(item[1]), item[1]))
-    return "; ".join(f"{rank_names(ranks)} at {frame}" for frame, ranks in ordered)
+    return "; ".join(f"{rank_names(ranks)} {frame}" for frame, ranks in ordered)
 
 
 def exit_reason(record: Mapping[str, Any]) -> str:
+    if record["code"] == STUCK_EXIT and record["error"]:  # the watchdog's line names the call
+        return f"{record['error']} (exit code {STUCK_EXIT}: the collective watchdog)"
     text = code_text(record["code"]) if record["code"] else "returned (exit code 0) unasked"
     return f"{text}: {record['error']}" if record["error"] else text
 
@@ -126,6 +130,16 @@ def code_text(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+def group_by_position(states: Mapping[int, Mapping[str, Any] | None]) -> str:
+    """'rank 1 in all_gather #9 (lm head) at step 2; ranks 0, 2 in ...' from the ranks' collective
+    watchdog state files (engine/launch/watchdog.py), smallest group first: the rank at a different
+    collective from the others. '' when no rank left a state file."""
+    if not any(states.values()):
+        return ""
+    return group_by_frame({r: watchdog.describe(state) if state else None for r, state in states.items()},
+                          missing="no collective watchdog state")
 
 
 def rank_names(ranks: Sequence[int]) -> str:

@@ -9,7 +9,8 @@ What this relies on in Paddle 3.3.1's launcher (measured on CPU; the same flags 
   - Logs: `workerlog.R` per rank (stdout and stderr), `envlog.R`, `backup_env.R.json`,
     `<job>.<pod>.log` (holds the launcher's whole environment). Files are appended to, so every
     job gets a fresh folder. The launcher echoes rank 0's log to its own stdout, kept here in
-    `launcher.log`; rank_entry adds `exit.R.json`.
+    `launcher.log`; rank_entry adds `exit.R.json`, the collective watchdog (watchdog.py)
+    `collectives.R.json` (where each rank was: the blame's message quotes it).
   - Every worker is started with `setsid` (see processes.py for why that needs the token).
   - The launcher polls its workers every second, so it sees a rank end about 1 s after the
     process is gone (Paddle's interpreter tear-down takes another 1-3 s after the program's last
@@ -39,7 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from engine.launch import blame, processes, rank_logs
+from engine.launch import blame, processes, rank_logs, watchdog
 from engine.launch.ports import free_port
 from engine.launch.rank_entry import ENTRY_CODE, PARENT_ENV, TOKEN_ENV
 
@@ -177,7 +178,8 @@ class Launch:
         dumps = self._stack_dumps(running)
         where = blame.group_by_frame({r: rank_logs.innermost_frame(dump) for r, (_, dump) in dumps.items()})
         blamed = sorted(running if suspects is None else suspects)
-        error = self.error(blamed, f"{reason}; still running: {where or 'no rank'}", lines=15, dumps=dumps)
+        reason = f"{reason}; still running: {where or 'no rank'}{self._positions()}"
+        error = self.error(blamed, reason, lines=15, dumps=dumps)
         self.stop()
         return error
 
@@ -205,7 +207,14 @@ class Launch:
                                   (self.log_dir / LAUNCHER_LOG).read_text(errors="replace"),
                                   self._stopping_since, self.proc.returncode)
         ranks, reason = blame.first_failure(evidence, any_exit_fails)
-        return self.error(ranks, reason, lines=30)
+        return self.error(ranks, reason + self._positions(), lines=30)
+
+    def _positions(self) -> str:
+        """'; collectives: rank 1 in ...; ranks 0, 2 in ...' from the ranks' watchdog state files
+        ('' when no rank wrote one: no collective watchdog, or no collective yet)."""
+        states = {r: watchdog.read_state(watchdog.state_path(self.log_dir, r)) for r in range(self.nproc)}
+        where = blame.group_by_position(states)
+        return f"; collectives: {where}" if where else ""
 
     def error(self, ranks: Sequence[int], reason: str, lines: int,
               dumps: Mapping[int, tuple[int, str]] | None = None) -> blame.RankJobError:

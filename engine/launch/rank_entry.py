@@ -70,7 +70,7 @@ def main() -> None:
         code, error = 1, traceback.format_exception_only(exc)[-1].strip()[:300]
         raise
     finally:
-        _record_exit(code, error)
+        record_exit(code, error)
 
 
 def serve(handler: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
@@ -108,13 +108,21 @@ def _run_program(argv: list[str]) -> None:
         runpy.run_path(argv[0], run_name="__main__")
 
 
-def _record_exit(code: int, error: str) -> None:
-    """Leave {rank, code, time, error} for the parent, which blames the earliest failure."""
-    rank, log_dir = os.environ.get(RANK_ENV), os.environ.get(_LOG_DIR_ENV)
+def record_exit(code: int, error: str) -> None:
+    """Leave {rank, code, time, error} for the parent, which blames the earliest failure (nothing
+    outside a launched job). `main` records every rank's end; a rank that ends itself through
+    os._exit (the collective watchdog) records first."""
+    rank, log_dir = os.environ.get(RANK_ENV), job_log_dir()
     if rank is None or log_dir is None:
         return
     record = {"rank": int(rank), "code": code, "time": time.time(), "error": error}
-    wire.write_atomic(exit_record_path(Path(log_dir), int(rank)), json.dumps(record).encode())
+    wire.write_atomic(exit_record_path(log_dir, int(rank)), json.dumps(record).encode())
+
+
+def job_log_dir() -> Path | None:
+    """The job's log folder (None outside a launched job)."""
+    log_dir = os.environ.get(_LOG_DIR_ENV)
+    return Path(log_dir) if log_dir else None
 
 
 def _watch_parent() -> None:

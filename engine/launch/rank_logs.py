@@ -51,10 +51,10 @@ def main_stack(dump: str) -> str:
 
 
 def innermost_frame(dump: str) -> str | None:
-    """Where the main thread was in a dump: 'file.py:41 in main' (None without a frame)."""
+    """Where the main thread was in a dump: 'at file.py:41 in main' (None without a frame)."""
     block = _main_thread_block(dump)
     frame = _FRAME_LINE.match(block[1]) if len(block) > 1 else None
-    return f"{Path(frame[1]).name}:{frame[2]} in {frame[3]}" if frame else None
+    return f"at {Path(frame[1]).name}:{frame[2]} in {frame[3]}" if frame else None
 
 
 def _main_thread_block(dump: str) -> list[str]:

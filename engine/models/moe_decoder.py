@@ -169,7 +169,7 @@ class MoEDecoder:
         positions = inputs["positions"]
         if index == 0:
             hidden = vocab_parallel_embed(inputs["token_ids"], self.embed_table, self.first_token_id,
-                                          self.comm.all_reduce)
+                                          lambda rows: self.comm.all_reduce(rows, "embedding"))
             normed = rms_norm(hidden, self.layers[0].input_norm, self.cfg.rms_norm_eps)
             return {**self._qkv(0, normed, positions), "residual": hidden}
         forced = self._forced_ids(index - 1, inputs)
@@ -177,7 +177,8 @@ class MoEDecoder:
                                                         inputs["num_real"], forced)
         last = index == self.cfg.num_layers
         norm = self.final_norm if last else self.layers[index].input_norm
-        normed, residual = self._reduce_add_norm(partial, residual, norm)
+        ffn = "moe" if self.cfg.is_moe_layer(index - 1) else "mlp"
+        normed, residual = self._reduce_add_norm(partial, residual, norm, f"{ffn}, layer {index - 1}")
         if last:
             return {"hidden": normed, **routing}
         return {**self._qkv(index, normed, positions), "residual": residual, **routing}
@@ -192,8 +193,9 @@ class MoEDecoder:
         return inputs[REPLAY_IDS][:, column]
 
     def _reduce_add_norm(self, partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor,
-                         reduce: bool = True) -> Tensors:
-        all_reduce = self.comm.all_reduce if reduce else (lambda x: x)
+                         what: str, reduce: bool = True) -> Tensors:
+        """`what` names the all-reduce for the collective watchdog ("o_proj, layer 1")."""
+        all_reduce = (lambda x: self.comm.all_reduce(x, what)) if reduce else (lambda x: x)
         return all_reduce_add_rms_norm(partial, residual, weight, self.cfg.rms_norm_eps, all_reduce,
                                        self.comm.world, self.fused_max_tokens + self._fused_bound_error)
 
@@ -218,7 +220,7 @@ class MoEDecoder:
         w = self.layers[layer]
         attn = linear(attn_out, w.o_proj, w.o_bias)  # [T, H], partial over ranks
         reduce = not self.faults.on("dist.skip_allreduce")
-        normed, residual = self._reduce_add_norm(attn, residual, w.post_norm, reduce)
+        normed, residual = self._reduce_add_norm(attn, residual, w.post_norm, f"o_proj, layer {layer}", reduce)
         if not isinstance(w.mlp, MoEWeights):
             return dense_mlp(normed, w.mlp.gate, w.mlp.up, w.mlp.down), residual, {}
         out, ids, nonfinite = self._moe(w.mlp, normed, num_real, forced)
@@ -311,7 +313,7 @@ class MoEDecoder:
 
     def logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
         """Final hidden rows [N, H] -> logits [N, V] (each rank computes its vocabulary slice)."""
-        return self.comm.all_gather_last(lm_head(hidden, self.head_table))
+        return self.comm.all_gather_last(lm_head(hidden, self.head_table), "lm head")
 
 
 def _without_cached_prefix(meta: AttentionMetadata) -> AttentionMetadata:
