@@ -120,12 +120,12 @@ CONFIG_REFUSALS = [
     ({"num_key_value_heads": 3}, [], "field 'num_key_value_heads': num_kv_heads=3 does not divide num_heads=4"),
     ({"rms_norm_eps": 0}, [], "rms_norm_eps=0.0 is not a positive finite number"),
     ({"routed_scaling_factor": -2.5}, [], "routed_scaling_factor=-2.5 is not a positive finite number"),
-    ({"head_dim": 31}, [], "partial_rotary_factor=0.5 gives a rotary width of 15.5 channels of head_dim=31: "
+    ({"head_dim": 31}, [], "partial_rotary_factor=0.25 gives a rotary width of 7.75 channels of head_dim=31: "
                            "it must be a whole number"),
-    ({"head_dim": 30}, [], "field 'partial_rotary_factor': rotary_dim=15 (head_dim * partial_rotary_factor) must "
+    ({"head_dim": 28}, [], "field 'partial_rotary_factor': rotary_dim=7 (head_dim * partial_rotary_factor) must "
                            "be even"),
     ({"first_k_dense_replace": 7}, [], "field 'first_k_dense_replace': 7 is not a layer count within "
-                                       "num_hidden_layers=3"),
+                                       "num_hidden_layers=4"),
     ({}, ["--max-num-batched-tokens", 0], "max_num_batched_tokens=0 is not a positive integer"),
     ({}, ["--max-num-seqs", -1], "max_num_seqs=-1 is not a positive integer"),
     ({}, ["--graph", "piecewise", "--capture-sizes", "8,4"],

@@ -27,10 +27,10 @@ from fixtures.pytest_fixtures import checkpoint_dir, rewrite_config
 
 def test_glm_fields():
     cfg = read_model_config(checkpoint_dir("glm4_moe"))
-    assert (cfg.router, cfg.moe_layers, cfg.num_experts, cfg.top_k) == ("noaux_tc", (1, 2), 16, 4)
-    assert (cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, cfg.n_shared_experts) == (4, 2, 2.5, 1)
+    assert (cfg.router, cfg.moe_layers, cfg.num_experts, cfg.top_k) == ("noaux_tc", (2, 3), 16, 4)
+    assert (cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, cfg.n_shared_experts) == (4, 2, 2.5, 2)
     assert cfg.head_dim * cfg.num_heads != cfg.hidden_size
-    assert cfg.rotary_dim == cfg.head_dim // 2 and cfg.use_qk_norm and cfg.attention_bias
+    assert cfg.rotary_dim == cfg.head_dim // 4 and cfg.use_qk_norm and cfg.attention_bias
 
 
 def test_qwen_fields():
@@ -52,7 +52,7 @@ def test_glm_4x_spelling_equals_5x(copy_checkpoint):
 def test_qwen_5x_spelling_equals_4x(copy_checkpoint):
     model = copy_checkpoint("qwen3_moe")
     rewrite_config(model, rope_theta=None, num_experts=None, num_local_experts=8,
-                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     assert read_model_config(model) == read_model_config(checkpoint_dir("qwen3_moe"))
 
 
@@ -131,9 +131,9 @@ MODEL_REFUSALS = [
     ("glm", dict(rms_norm_eps=float("nan")), "rms_norm_eps=nan is not a positive finite number"),
     ("glm", dict(n_shared_experts=-1), "n_shared_experts=-1 is not a non-negative integer"),
     ("glm", dict(num_mtp_layers=-1), "num_mtp_layers=-1 is not a non-negative integer"),
-    ("glm", dict(moe_layers=(2, 1)), "moe_layers=(2, 1) must be sorted, unique layer indices below num_layers=3"),
+    ("glm", dict(moe_layers=(2, 1)), "moe_layers=(2, 1) must be sorted, unique layer indices below num_layers=4"),
     ("glm", dict(moe_layers=(1, 1)), "moe_layers=(1, 1) must be sorted"),
-    ("glm", dict(moe_layers=(1, 3)), "moe_layers=(1, 3) must be sorted"),
+    ("glm", dict(moe_layers=(1, 4)), "moe_layers=(1, 4) must be sorted"),
     ("glm", dict(moe_intermediate_size=0), "moe_intermediate_size=0 is not a positive integer"),
     ("glm", dict(routed_scaling_factor=0.0), "routed_scaling_factor=0.0 is not a positive finite number"),
     ("glm", dict(num_experts=0), "num_experts=0 is not a positive integer"),

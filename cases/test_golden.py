@@ -49,10 +49,10 @@ def test_golden_check_catches_a_wrong_logit(glm_dump, golden):
     """The golden comparison is not vacuous: one perturbed logit, one flipped expert, one token."""
     dump = {k: v.copy() for k, v in glm_dump.items()}
     dump["logits_p2"][3] += 1.0
-    dump["topk_ids_p1_layer1"][0, 0] = (dump["topk_ids_p1_layer1"][0].max() + 1) % 16
+    dump["topk_ids_p1_layer2"][0, 0] = (dump["topk_ids_p1_layer2"][0].max() + 1) % 16
     dump["greedy_p0"][5] += 1
     failures = golden_diff(dump, golden("glm4_moe")).failures()
-    assert [f.split(":")[0] for f in failures] == ["logits_p2", "logits_p2", "greedy_p0", "topk_ids_p1_layer1"]
+    assert [f.split(":")[0] for f in failures] == ["logits_p2", "logits_p2", "greedy_p0", "topk_ids_p1_layer2"]
     assert "part at step 5" in failures[2]
 
 
