@@ -220,9 +220,26 @@ TWO_LAYER_NAMES = [
 TWO_LAYER_PICTURE = {(f"probe {t}[]", layer) for t in ("q", "k", "v", "attn_out") for layer in (0, 1)}
 
 
+def keep_layers(folder: Path, layers: tuple[int, ...]) -> None:
+    """Rewrite a checkpoint's weights to hold only `layers`, renumbered 0, 1, ... in that order."""
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "model.safetensors"
+    renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(layers)}
+    kept = {}
+    for name, tensor in load_file(path).items():
+        if not name.startswith("model.layers."):
+            kept[name] = tensor
+        for old, new in renumber.items():
+            if name.startswith(old):
+                kept[new + name[len(old):]] = tensor
+    save_file(kept, path)
+
+
 def test_probe_names_follow_the_decoder_cut_on_a_two_layer_model(copy_checkpoint):
     folder = copy_checkpoint("glm4_moe")
-    rewrite_config(folder, num_hidden_layers=2)
+    keep_layers(folder, (0, 2))  # the fixture's first dense layer and its first MoE layer
+    rewrite_config(folder, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
     two = LLM(folder, EngineConfig(**ENGINE)).runner
     with staged(two, PADDED) as batch, recording() as recorder:
         loc = localise(two, two, batch, tol=EXACT)  # the step against itself: every site, nothing diverges
