@@ -7,7 +7,9 @@
 # mutmut keeps its state in SCRATCH/mutants, and a rerun in the same directory reuses it). The case
 # files after `--` are the ones run against each mutant (mutmut also narrows them per mutant to the
 # cases that reached the mutated function). Runs mutmut 3.8.1 under `nice -n 10` with MUTMUT_CHILDREN
-# workers (default 1: the machine is shared). Prints `mutmut results` at the end.
+# workers (default 1: the machine is shared); MUTMUT_ONLY, if set, is a space-separated list of
+# mutant-name patterns (fnmatch, e.g. 'engine.hf_config.x__rope__mutmut_*') to run instead of all.
+# Prints `mutmut results` at the end.
 set -euo pipefail
 module=$1 scratch=$2
 shift 2
@@ -38,7 +40,8 @@ for f in "$@"; do cp "$repo/$f" "$scratch/$f"; done
   fi
 } > "$scratch/setup.cfg"
 cd "$scratch"
-nice -n 10 mutmut run --max-children "${MUTMUT_CHILDREN:-1}"
+# shellcheck disable=SC2086
+nice -n 10 mutmut run --max-children "${MUTMUT_CHILDREN:-1}" ${MUTMUT_ONLY:-}
 mutmut results --all true > results.txt || true
 grep -c ": killed" results.txt || true
 grep -v ": killed" results.txt || true
