@@ -2,7 +2,8 @@
 
 A key absent from the file takes transformers' default for that architecture (checked against
 transformers 5.24's Glm4MoeConfig and Qwen3MoeConfig: GLM rms_norm_eps 1e-5, Qwen 1e-6;
-num_experts_per_tok 8; GLM n_shared_experts 1), so an absent key means what it means there.
+num_experts_per_tok 8; GLM n_shared_experts 1 and num_nextn_predict_layers 1), so an absent key
+means what it means there.
 
 Both spellings found on the Hub are read: transformers 4.x files (top-level `rope_theta`,
 `partial_rotary_factor`, the architecture's own expert-count key) and transformers 5.x files
@@ -161,7 +162,7 @@ def _glm_moe_fields(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
         n_group=_int(raw, "n_group", default=1), topk_group=_int(raw, "topk_group", default=1),
         routed_scaling_factor=_float(raw, "routed_scaling_factor", default=1.0),
         n_shared_experts=_int(raw, "n_shared_experts", default=1) or 0,
-        num_mtp_layers=_int(raw, "num_nextn_predict_layers", default=0),
+        num_mtp_layers=_int(raw, "num_nextn_predict_layers", default=1),
     )
 
 
