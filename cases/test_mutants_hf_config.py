@@ -8,7 +8,8 @@ topk_group 1, routed_scaling_factor 1.0, n_shared_experts 1, num_nextn_predict_l
 use_qk_norm false, rms_norm_eps 1e-5, rope_theta 10000, partial_rotary_factor 0.5; Qwen3MoeConfig:
 decoder_sparse_step 1, num_experts_per_tok 8, norm_topk_prob false, mlp_only_layers [],
 rms_norm_eps 1e-6, rope_theta 10000, no partial rotary; both: attention_bias and
-tie_word_embeddings false, head_dim hidden_size // num_attention_heads). The sparse-layer rule
+tie_word_embeddings false, head_dim hidden_size // num_attention_heads; num_key_value_heads 8 for
+GLM and 4 for Qwen (not the query head count); 128 routed experts for both). The sparse-layer rule
 is transformers' Qwen3-MoE one: layer i is sparse when it is not in mlp_only_layers and
 (i + 1) % decoder_sparse_step == 0.
 """
@@ -56,8 +57,8 @@ def test_glm_first_k_dense_replace_beyond_the_layers_is_named():
 
 
 @pytest.mark.parametrize("build", [glm, qwen], ids=["glm", "qwen"])
-def test_no_routed_experts_is_a_dense_model(build):
-    cfg = build(n_routed_experts=None, num_experts=None)
+def test_zero_routed_experts_is_a_dense_model(build):
+    cfg = build(n_routed_experts=0, num_experts=0)
     assert (cfg.moe_layers, cfg.num_experts) == ((), 0)
 
 
@@ -100,6 +101,13 @@ def test_qwen_absent_keys_take_transformers_defaults():
     cfg = qwen(rms_norm_eps=None, attention_bias=None, tie_word_embeddings=None)
     assert (cfg.rms_norm_eps, cfg.attention_bias, cfg.o_proj_bias, cfg.tie_word_embeddings) == (1e-6,) + (False,) * 3
     assert (cfg.head_dim, cfg.rotary_dim, cfg.rope_theta, cfg.use_qk_norm) == (8, 8, 10000.0, True)
+
+
+def test_absent_head_and_expert_counts_take_transformers_defaults():
+    eight_heads = dict(num_key_value_heads=None, num_attention_heads=8, head_dim=4)
+    assert (glm(**eight_heads).num_kv_heads, qwen(**eight_heads).num_kv_heads) == (8, 4)  # not the 8 query heads
+    assert glm(n_routed_experts=None).num_experts == qwen(num_experts=None).num_experts == 128
+    assert glm(n_routed_experts=None).moe_layers == (1, 2, 3)
 
 
 def test_explicit_values_are_read_not_defaulted():

@@ -101,7 +101,7 @@ def _common_fields(raw: dict[str, Any], arch: str) -> dict[str, Any]:
     attention_bias = _bool(raw, "attention_bias", default=False)
     return dict(
         vocab_size=_int(raw, "vocab_size"), hidden_size=hidden, num_layers=_int(raw, "num_hidden_layers"),
-        num_heads=heads, num_kv_heads=_int(raw, "num_key_value_heads", default=heads), head_dim=head_dim,
+        num_heads=heads, num_kv_heads=_int(raw, "num_key_value_heads", default=8 if arch == GLM4_MOE else 4), head_dim=head_dim,
         rotary_dim=int(head_dim * partial), rope_theta=theta, rms_norm_eps=_float(raw, "rms_norm_eps", default=1e-5 if arch == GLM4_MOE else 1e-6),
         max_position_embeddings=_int(raw, "max_position_embeddings"),
         intermediate_size=_int(raw, "intermediate_size"),
@@ -185,13 +185,14 @@ def _qwen_moe_fields(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
     )
 
 
-def _expert_count(raw: dict[str, Any], own_key: str) -> int | None:
-    """The routed expert count under the architecture's own key or the 5.x alias; both must agree."""
+def _expert_count(raw: dict[str, Any], own_key: str) -> int:
+    """The routed expert count under the architecture's own key or the 5.x alias; both must agree.
+    Absent from both: 128, transformers' default for both architectures (0 means a dense model)."""
     own = _int(raw, own_key, default=None)
     alias = _int(raw, "num_local_experts", default=None)
     if own is not None and alias is not None and own != alias:
         raise ConfigError(f"fields '{own_key}'={own} and 'num_local_experts'={alias} disagree")
-    return own if own is not None else alias
+    return next((n for n in (own, alias) if n is not None), 128)
 
 
 # ---------------------------------------------------------------------------------------------
