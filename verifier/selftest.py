@@ -265,8 +265,9 @@ def markdown(outcomes: list[Outcome], census: bool = False) -> str:
 
 
 def case_function(nodeid: str) -> str:
-    """'cases/test_x.py::test_y[a-b]' -> 'cases/test_x.py::test_y': one case, whatever its parameters."""
-    return nodeid.split("[", 1)[0]
+    """'cases/test_x.py::test_y[a-b]@group' -> 'cases/test_x.py::test_y': one case, whatever its
+    parameters and xdist group."""
+    return nodeid.split("[", 1)[0].split("@", 1)[0]
 
 
 CENSUS_HEADERS = ("failpoint", "detectors (failing cases)", "files", "examples")
