@@ -23,12 +23,13 @@ and a .md table next to it. Never imported by the gate's cases.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from verifier.selftest import CASES, census_rows, markdown, run_planted, select, write_json
+from verifier.selftest import CASES, Outcome, census_rows, markdown, run_planted, select, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,6 +61,17 @@ def census_files(failpoint: str, cases: Path = CASES) -> list[str]:
     return [f for f in CENSUS_FILES[area] if (cases / f).exists()] + seconds
 
 
+def merged(paths: list[Path]) -> tuple[list[Outcome], dict]:
+    """The outcomes and per-failpoint file lists of several census JSONs (runs made one failpoint
+    at a time, so a cut session keeps what finished), in the order given."""
+    outcomes, files = [], {}
+    for path in paths:
+        document = json.loads(path.read_text())
+        files |= document["settings"]["files"]
+        outcomes += [Outcome(**{k: v for k, v in entry.items() if k != "reproduce"}) for entry in document["failpoints"]]
+    return outcomes, files
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.detector_census", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="census of these failpoints")
@@ -67,10 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="planted runs at once (default 1)")
     parser.add_argument("-n", "--workers", type=int, default=2, help="xdist workers per run (default 2)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is cut (partial)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: merge these census JSONs into --out and its table")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/detector-census-<date>.json)")
     args = parser.parse_args(argv)
-    names = select(args.only, args.fast)
     out = args.out or RESULTS / f"detector-census-{time.strftime('%Y%m%d-%H%M')}.json"
+    if args.merge:
+        outcomes, files = merged(args.merge)
+        write_json(out, None, outcomes, {"profile": "ci", "census": True, "files": files})
+        out.with_suffix(".md").write_text(markdown(outcomes, census=True))
+        print(markdown(outcomes, census=True))
+        return 0
+    names = select(args.only, args.fast)
     workdir = Path(tempfile.mkdtemp(prefix="graphgate-census-"))
     print(f"census of {len(names)} failpoint(s); logs in {workdir}", flush=True)
 
