@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from verifier.selftest import case_files
+from verifier.selftest import case_files, case_function
 from verifier.selftest_events import falsifying_example
 
 CONFTEST = """
@@ -125,3 +125,9 @@ def test_census_runs_to_the_end_and_records_every_failing_case(tmp_path):
     assert renorm["example"].startswith("test_weights_sum_to_one(") and "x=10," not in renorm["example"]
     assert ("| router.skip_renorm | 2 | 2 | test_router.py::test_weights_sum_to_one, "
             "test_second.py::test_weights_again |") in table.read_text()
+
+
+def test_a_case_counts_once_whatever_its_parameters_and_xdist_group():
+    assert case_function("cases/test_g.py::test_x[a-b]@graph-a") == "cases/test_g.py::test_x"
+    assert case_function("cases/test_g.py::test_y@ranks") == "cases/test_g.py::test_y"
+    assert case_function("cases/test_g.py::test_z") == "cases/test_g.py::test_z"
