@@ -23,6 +23,8 @@ from engine.dump import dump_arrays
 from verifier.dumps import compare_dumps
 from verifier.tolerance import GOLDEN_LOGITS, GOLDEN_MAX_REL_L2
 
+pytestmark = pytest.mark.gate_area("reference")  # the report area (verifier/report.py)
+
 ARCHITECTURES = ("glm4_moe", "qwen3_moe")  # the two rotary layouts; the no-bias variant adds nothing here
 CHUNKED = {"max_num_batched_tokens": 4, "max_num_seqs": 3}  # the fixture prompts have 5 to 64 tokens
 

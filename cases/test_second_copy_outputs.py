@@ -33,6 +33,8 @@ from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 from verifier.compare import compare
 from verifier.tolerance import tolerance_for
 
+pytestmark = pytest.mark.gate_area("graph vs eager")  # the report area (verifier/report.py)
+
 # A prefill chunk after a cached prefix and a prompt start: 9 tokens padded to the capture size 16.
 STEP = Composition((Part(3, 4), Part(0, 5, rest=3)), seed=11)
 BACKENDS = ("static", "uncompiled")

@@ -20,6 +20,8 @@ from engine.distributed import Collectives
 from engine.llm import LLM, Prompt
 from fixtures.pytest_fixtures import checkpoint_dir
 
+pytestmark = pytest.mark.gate_area("ranks")  # the report area (verifier/report.py)
+
 BOUND = 8
 
 

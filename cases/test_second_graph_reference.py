@@ -20,6 +20,8 @@ from engine.dump import dump_arrays
 from verifier.dumps import compare_dumps
 from verifier.tolerance import GOLDEN_LOGITS, GOLDEN_MAX_REL_L2
 
+pytestmark = pytest.mark.gate_area("reference")  # the report area (verifier/report.py)
+
 # The four fixture prompts decode together, padded to the decode size 8: each decode replay has padded rows.
 GRAPH = {"prefill_capture_sizes": (16, 32), "decode_capture_sizes": (8,), "backend": "uncompiled"}
 

@@ -17,6 +17,8 @@ from engine.llm import LLM, Prompt
 from engine.moe.experts import expert_capacity
 from fixtures.pytest_fixtures import checkpoint_dir
 
+pytestmark = pytest.mark.gate_area("graph vs eager")  # the report area (verifier/report.py)
+
 SIZE = 32
 PROMPT = Prompt(tuple(range(3, 8)))  # 5 tokens: 27 padded rows at size 32
 

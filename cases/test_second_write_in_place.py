@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from engine.routing_replay.errors import RoutingFileError
 from engine.routing_replay.reader import load_routing
 from engine.routing_replay.store import RoutingStore
 from engine.routing_replay.table_file import RoutingTable, ids_dtype, prompt_digest
+
+pytestmark = pytest.mark.gate_area("routing replay")  # the report area (verifier/report.py)
 
 LAYERS = (1, 2)
 
