@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from verifier.selftest import case_files
+from verifier.selftest import case_files, case_function
 from verifier.selftest_events import falsifying_example
 
 CONFTEST = """
@@ -98,3 +98,36 @@ def test_every_file_the_selftest_orders_exists():
 
     named = set(GATE_ORDER) | {f for files in AREA_FIRST.values() for f in files}
     assert sorted(f for f in named if not (CASES / f).exists()) == []
+
+
+SECOND_CASES = """
+import pytest
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_weights_again(request, rows):
+    assert "router.skip_renorm" not in request.config.getoption("--failpoints")
+"""
+
+
+def test_census_runs_to_the_end_and_records_every_failing_case(tmp_path):
+    cases = stand_in_gate(tmp_path, broken=True)  # test_graph.py fails, but is not among --files
+    (cases / "test_second.py").write_text(textwrap.dedent(SECOND_CASES))
+    table = tmp_path / "census.md"
+    proc, doc = selftest(cases, "--census", "--only", "router.skip_renorm", "--files", "test_router.py",
+                         "test_second.py", "--markdown", str(table))
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # the clean run of those two files passed
+    [renorm] = doc["failpoints"]
+    assert [n.split("/")[-1] for n in renorm["detectors"]] == [
+        "test_router.py::test_weights_sum_to_one", "test_second.py::test_weights_again[1]",
+        "test_second.py::test_weights_again[2]"]
+    assert renorm["files"] == ["test_router.py", "test_second.py"]
+    # Not shrunk: hypothesis stops at the first failing draw instead of walking down to x=10.
+    assert renorm["example"].startswith("test_weights_sum_to_one(") and "x=10," not in renorm["example"]
+    assert ("| router.skip_renorm | 2 | 2 | test_router.py::test_weights_sum_to_one, "
+            "test_second.py::test_weights_again |") in table.read_text()
+
+
+def test_a_case_counts_once_whatever_its_parameters_and_xdist_group():
+    assert case_function("cases/test_g.py::test_x[a-b]@graph-a") == "cases/test_g.py::test_x"
+    assert case_function("cases/test_g.py::test_y@ranks") == "cases/test_g.py::test_y"
+    assert case_function("cases/test_g.py::test_z") == "cases/test_g.py::test_z"

@@ -8,6 +8,10 @@ included), and hypothesis' minimal example when the failing case is a property. 
 stopped at its first failure. A failpoint whose run ends green, or hits the time limit, survived:
 the command then exits 1.
 
+With `--census` each planted run goes to its end instead (no `-x`, hypothesis does not shrink)
+and records every failing case: how many independent cases see each bug class
+(bench/detector_census.py runs it per failpoint on the case files that can see it).
+
 Order matters for time to detect: each run lists the case files of the fault's area first (the
 router cases for a router fault, the 4-rank module for a parallel one), then the rest of the
 gate, fast files first, so a fault missed by its own area is still looked for everywhere.
@@ -69,6 +73,7 @@ class Outcome:
     example: str = ""
     note: str = ""
     files: list[str] = field(default_factory=list)
+    detectors: list[str] = field(default_factory=list)  # census: every failing case (node id)
 
     def reproduce(self) -> str:
         test = f" '{self.caught_by}'" if self.caught_by else " cases/"
@@ -84,23 +89,29 @@ def case_files(area: str | None, cases: Path = CASES) -> list[str]:
     return ordered + [f for f in present if f not in ordered]
 
 
-def pytest_command(failpoint: str, events: Path, workers: int, profile: str, cases: Path) -> list[str]:
-    files = [str(cases / f) for f in case_files(failpoint.split(".")[0] if failpoint else None, cases)]
+def pytest_command(failpoint: str, events: Path, workers: int, profile: str, cases: Path,
+                   files: list[str] | None = None, census: bool = False) -> list[str]:
+    """The gate run with `failpoint` planted: on `files` (case file names) or the whole gate in
+    area order; stopped at the first failure unless `census`."""
+    names = files if files is not None else case_files(failpoint.split(".")[0] if failpoint else None, cases)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "verifier.selftest_events", "--selftest-events",
            str(events), "-n", str(workers), "--hypothesis-profile", profile, "-o", "console_output_style=classic"]
     if failpoint:
-        cmd += ["--failpoints", failpoint, "-x"]
-    return cmd + files
+        cmd += ["--failpoints", failpoint] + (["--selftest-no-shrink"] if census else ["-x"])
+    return cmd + [str(cases / f) for f in names]
 
 
 class _Run:
     """One pytest process and the events file it appends to."""
 
-    def __init__(self, failpoint: str, workdir: Path, workers: int, profile: str, cases: Path):
+    def __init__(self, failpoint: str, workdir: Path, workers: int, profile: str, cases: Path,
+                 files: list[str] | None = None, census: bool = False):
         self.failpoint = failpoint
+        self.census = census
+        self.files = list(files or [])
         self.events = workdir / f"{failpoint or 'clean'}.events.jsonl"
         self.log = workdir / f"{failpoint or 'clean'}.log"
-        command = pytest_command(failpoint, self.events, workers, profile, cases)
+        command = pytest_command(failpoint, self.events, workers, profile, cases, files, census)
         self.started = time.monotonic()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -129,6 +140,8 @@ def _verdict(run: _Run, timeout_s: float) -> Outcome | None:
     failures = [e for e in events if e["event"] == "failed"]  # a collection error is no catch
     elapsed = time.monotonic() - run.started
     bug = KNOWN.get(run.failpoint, "")
+    if run.census:
+        return _census_verdict(run, failures, exit_code, elapsed, timeout_s)
     if failures:
         first = failures[0]
         return Outcome(run.failpoint, bug, True, first["nodeid"], round(elapsed, 1), first["example"])
@@ -144,14 +157,33 @@ def _verdict(run: _Run, timeout_s: float) -> Outcome | None:
     return None
 
 
+def _census_verdict(run: _Run, failures: list[dict], exit_code: int | None, elapsed: float,
+                    timeout_s: float) -> Outcome | None:
+    """A census run's outcome once it has ended or hit the time limit (partial then), else None."""
+    if exit_code is None and elapsed <= timeout_s:
+        return None
+    note = ""
+    if exit_code is None:
+        note = f"stopped at the time limit of {timeout_s:.0f} s: the cases found so far; log {run.log}"
+    elif exit_code not in (0, 1):
+        note = f"pytest exit {exit_code}; log {run.log}"
+    first = failures[0] if failures else {"nodeid": "", "example": ""}
+    return Outcome(run.failpoint, KNOWN.get(run.failpoint, ""), bool(failures), first["nodeid"], round(elapsed, 1),
+                   first["example"], note, run.files, sorted({e["nodeid"] for e in failures}))
+
+
 def run_planted(names: list[str], jobs: int, workers: int, profile: str, timeout_s: float,
-                workdir: Path, cases: Path = CASES, progress=None) -> list[Outcome]:
-    """Run the gate once per failpoint, `jobs` runs at a time, each stopped at its first failure."""
+                workdir: Path, cases: Path = CASES, progress=None, files_for=None,
+                census: bool = False) -> list[Outcome]:
+    """Run the gate once per failpoint, `jobs` runs at a time, each stopped at its first failure
+    (with `census`, run to its end). `files_for(name)`: the case files to run (None: the gate)."""
     pending, active, done = list(names), [], {}
     try:
         while pending or active:
             while pending and len(active) < jobs:
-                active.append(_Run(pending.pop(0), workdir, workers, profile, cases))
+                name = pending.pop(0)
+                files = files_for(name) if files_for else None
+                active.append(_Run(name, workdir, workers, profile, cases, files, census))
             time.sleep(0.2)
             for run in list(active):
                 outcome = _verdict(run, timeout_s)
@@ -167,9 +199,10 @@ def run_planted(names: list[str], jobs: int, workers: int, profile: str, timeout
     return [done[name] for name in names]
 
 
-def run_clean(workers: int, profile: str, workdir: Path, cases: Path = CASES) -> Outcome:
-    """The whole gate with nothing planted: it must pass."""
-    run = _Run("", workdir, workers, profile, cases)
+def run_clean(workers: int, profile: str, workdir: Path, cases: Path = CASES,
+              files: list[str] | None = None) -> Outcome:
+    """The whole gate (or these case files) with nothing planted: it must pass."""
+    run = _Run("", workdir, workers, profile, cases, files)
     run.proc.wait()
     failures = [e for e in run.events_so_far() if e["event"] != "finished"]
     elapsed = round(time.monotonic() - run.started, 1)
@@ -221,13 +254,37 @@ def render_table(outcomes: list[Outcome], console) -> None:
     console.print(table)
 
 
-def markdown(outcomes: list[Outcome]) -> str:
+def markdown(outcomes: list[Outcome], census: bool = False) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in summary_rows(outcomes)]
+    headers, rows = (CENSUS_HEADERS, census_rows(outcomes)) if census else (HEADERS, summary_rows(outcomes))
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def case_function(nodeid: str) -> str:
+    """'cases/test_x.py::test_y[a-b]@group' -> 'cases/test_x.py::test_y': one case, whatever its
+    parameters and xdist group."""
+    return nodeid.split("[", 1)[0].split("@", 1)[0]
+
+
+CENSUS_HEADERS = ("failpoint", "detectors (failing cases)", "files", "examples")
+CENSUS_EXAMPLES = 4
+
+
+def census_rows(outcomes: list[Outcome]) -> list[tuple[str, ...]]:
+    """Per failpoint: how many distinct cases failed, in how many files, and a few of them."""
+    rows = []
+    for o in outcomes:
+        functions = sorted({case_function(nodeid) for nodeid in o.detectors})
+        files = {function.split("::")[0] for function in functions}
+        shown = ", ".join(f.rsplit("/", 1)[-1] for f in functions[:CENSUS_EXAMPLES])
+        more = f" (+{len(functions) - CENSUS_EXAMPLES} more)" if len(functions) > CENSUS_EXAMPLES else ""
+        note = f" ({o.note})" if o.note else ""
+        rows.append((o.failpoint, str(len(functions)), str(len(files)), (shown + more or "NONE") + note))
+    return rows
 
 
 def timing_summary(outcomes: list[Outcome]) -> dict:
@@ -258,6 +315,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "order listed; xdist runs large groups first)")
     parser.add_argument("--profile", default="ci", help="hypothesis profile (default ci)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as a miss")
+    parser.add_argument("--census", action="store_true",
+                        help="run each planted gate to its end (no -x, no shrinking) and record every "
+                             "failing case: how many cases see each bug")
+    parser.add_argument("--files", nargs="+", metavar="FILE",
+                        help="run only these case files (names in cases/) in every planted run")
     parser.add_argument("--cases", type=Path, default=CASES, help=argparse.SUPPRESS)  # the selftest's own cases
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the table as Markdown here")
@@ -278,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     clean = None
     if not args.skip_clean:
         console.print("clean run of the whole gate (no fault planted) ...")
-        clean = run_clean(max(2, args.workers * args.jobs), args.profile, workdir, args.cases)
+        clean = run_clean(max(2, args.workers * args.jobs), args.profile, workdir, args.cases, args.files)
         console.print(f"  {clean.note} in {clean.seconds:.0f} s")
         if clean.caught:
             return 1
@@ -286,19 +348,23 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(o: Outcome) -> None:
         verdict = f"caught by {o.caught_by} in {o.seconds:.1f} s" if o.caught else f"SURVIVED ({o.note})"
+        if args.census:
+            verdict = f"{len(o.detectors)} failing case(s) in {o.seconds:.1f} s {o.note}"
         console.print(f"  {o.failpoint}: {verdict}")
 
+    files = (lambda name: args.files) if args.files else None
     outcomes = run_planted(names, args.jobs, args.workers, args.profile, args.timeout, workdir, args.cases,
-                           progress)
+                           progress, files, args.census)
     render_table(outcomes, console)
     summary = timing_summary(outcomes)
     console.print(f"{summary['caught']}/{summary['planted']} caught; median {summary['median_seconds']} s, "
                   f"slowest {summary['max_seconds']} s")
-    settings = {"jobs": args.jobs, "workers": args.workers, "profile": args.profile, "cpus": os.cpu_count()}
+    settings = {"jobs": args.jobs, "workers": args.workers, "profile": args.profile, "cpus": os.cpu_count(),
+                "census": args.census, "files": args.files}
     if args.json:
         write_json(args.json, clean, outcomes, settings)
     if args.markdown:
-        args.markdown.write_text(markdown(outcomes))
+        args.markdown.write_text(markdown(outcomes, args.census))
     # The plain closing line CI tools read: a planted bug that a case caught counts as passed.
     print(f"selftest: {summary['caught']} passed, {summary['planted'] - summary['caught']} failed")
     return 0 if all(o.caught for o in outcomes) else 1

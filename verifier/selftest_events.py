@@ -3,7 +3,9 @@
 It appends one JSON line per failed test phase to the file named by `--selftest-events`, as soon
 as the controller hears of it (with xdist, reports reach the controller as workers finish them),
 with the seconds since the session started and hypothesis' falsifying example when the failure
-has one. The selftest reads the file while the run goes on and stops the run at the first line:
+has one. With `--selftest-no-shrink` hypothesis reports the first failing example it meets without
+shrinking it: the selftest's census wants every failing case, not minimal inputs, and shrinking
+a property that fails is most of its cost. The selftest reads the file while the run goes on and stops the run at the first line:
 that is how "time to detect" is measured without waiting for the rest of the gate.
 """
 
@@ -12,15 +14,22 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 _EXAMPLE_MARK = "Falsifying example:"
 
 
 def pytest_addoption(parser):
     parser.addoption("--selftest-events", metavar="PATH", default=None,
                      help="append a JSON line per failed test to PATH (used by `python -m verifier selftest`)")
+    parser.addoption("--selftest-no-shrink", action="store_true", default=False,
+                     help="hypothesis: stop at the first failing example, unshrunk (the selftest's census)")
 
 
+@pytest.hookimpl(trylast=True)  # after hypothesis' own plugin has loaded --hypothesis-profile
 def pytest_configure(config):
+    if config.getoption("--selftest-no-shrink"):
+        load_no_shrink_profile()
     path = config.getoption("--selftest-events")
     if path and not hasattr(config, "workerinput"):  # the controller only: it sees every report
         config.pluginmanager.register(_EventWriter(path), "selftest-event-writer")
@@ -50,6 +59,17 @@ class _EventWriter:
         with open(self._path, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
             out.flush()
+
+
+def load_no_shrink_profile() -> None:
+    """Make the loaded hypothesis profile's settings, minus the shrink phase, the default: cases'
+    own `@settings` inherit every setting they do not name from it when their module is imported."""
+    from hypothesis import Phase, settings
+
+    current = settings.default
+    settings.register_profile("selftest-no-shrink", parent=current,
+                              phases=[p for p in current.phases if p is not Phase.shrink])
+    settings.load_profile("selftest-no-shrink")
 
 
 def falsifying_example(text: str) -> str:
