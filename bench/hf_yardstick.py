@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, progress=print) -> dict:
                    "config": arch, "seq_len": SEQ_LEN, "machine": machine.describe(threads),
                    "git": machine.git_state(), "load_average_start": list(__import__("os").getloadavg())}
 
-        results["gemm"] = gemm_pair()
+        results["gemm"] = gemm_table()
         progress(f"gemm: {results['gemm']}")
 
         # 1. agreement
@@ -252,27 +252,45 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
+GEMM_SHAPES = (  # [m, k] x [k, n] of this checkpoint's prefill, 8192 tokens, 64 experts top-8
+    (8192, 512, 1024),  # the dense layer's gate/up
+    (8192, 512, 640),  # qkv (4 heads + 2 x 1 kv head of 128)
+    (1024, 512, 128),  # one expert's gate or up at its balanced share (8192 * 8 / 64 rows)
+    (1024, 128, 512),  # that expert's down
+    (128, 512, 128),  # a small expert run (a 2048-token step's balanced share at 128 experts)
+)
+
+
 def gemm_pair(m: int = 8192, k: int = 512, n: int = 1024, reps: int = 5) -> dict:
     """The same float32 [m, k] x [k, n] matmul through torch and through Paddle, interleaved, median
-    seconds and GFLOP/s: how far apart the two libraries' CPU GEMMs are at this step's shapes."""
+    seconds and GFLOP/s: how far apart the two libraries' CPU GEMMs are at this shape. Neither side
+    copies its result out (both CPU kernels are synchronous)."""
     import paddle
     import torch
 
     a = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
     b = np.random.default_rng(2).standard_normal((k, n), dtype=np.float32)
     ta, tb, pa, pb = torch.from_numpy(a), torch.from_numpy(b), paddle.to_tensor(a), paddle.to_tensor(b)
-    calls = {"torch": lambda: torch.matmul(ta, tb), "paddle": lambda: paddle.matmul(pa, pb).numpy()}
+    inner = max(1, round(2e8 / (2 * m * k * n)))  # small shapes: time a batch of calls, report per call
+    calls = {"torch": lambda: [torch.matmul(ta, tb) for _ in range(inner)],
+             "paddle": lambda: [paddle.matmul(pa, pb) for _ in range(inner)]}
     times = {name: [] for name in calls}
     for name, fn in calls.items():  # warm-up
         _settled(fn)
     for _ in range(reps):
         for name, fn in calls.items():
-            times[name].append(_settled(_time, fn))
+            times[name].append(_settled(_time, fn) / inner)
     out = {"shape": [m, k, n]}
     for name, t in times.items():
         out[f"{name}_s"] = statistics.median(t)
         out[f"{name}_gflops"] = 2 * m * k * n / out[f"{name}_s"] / 1e9
+    out["torch_over_paddle"] = out["paddle_s"] / out["torch_s"]
     return out
+
+
+def gemm_table(reps: int = 5) -> list[dict]:
+    """`gemm_pair` at every shape of GEMM_SHAPES."""
+    return [gemm_pair(*shape, reps=reps) for shape in GEMM_SHAPES]
 
 
 def _first_prefill(llm, ids: np.ndarray) -> float:
@@ -321,6 +339,7 @@ def profile_step(llm, ids: np.ndarray, decode_steps: int = 0) -> dict:
     wrap(moe_decoder, "all_reduce_add_rms_norm", "residual add + norms")
     wrap(moe_decoder.router, "noaux_tc", "router")
     wrap(experts, "_bucket_pass", "  of which bucket passes")
+    wrap(experts, "_segment_loop", "  of which per-expert loop")
     wrap(experts, "_sort_by_expert", "  of which sort by expert")
     passes = []  # `first` of each bucket pass: 0, then the bucket capacity when a step overflowed
     bucket = experts._bucket_pass
@@ -375,7 +394,17 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--dense-sizes", type=lambda s: tuple(int(x) for x in s.split(",") if x), default=(512,),
                         help="prefill sizes at which the dense MoE form is also timed ('' for none)")
+    parser.add_argument("--gemm-only", action="store_true", help="only the torch-vs-Paddle GEMM rates")
     args = parser.parse_args()
+    if args.gemm_only:
+        import torch
+
+        from engine.threads import set_threads
+
+        torch.set_num_threads(THREADS)
+        set_threads(THREADS)
+        print(json.dumps(gemm_table(), indent=1))
+        return
     results = run(args)
     out = ROOT / "bench" / "results" / f"hf-yardstick-{time.strftime('%Y%m%d-%H%M', time.gmtime())}.json"
     out.write_text(json.dumps(results, indent=1))

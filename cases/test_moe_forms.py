@@ -1,9 +1,11 @@
-"""The sparse (bucketed) routed-expert form against the dense reference and an independent one.
+"""The sparse routed-expert forms against the dense reference and an independent one.
 
 The reference is a float64 NumPy loop over (row, choice) pairs, written here from the contract of
-`routed_experts` (sum over chosen experts of weight * SwiGLU expert), not from either form. Draws
+`routed_experts` (sum over chosen experts of weight * SwiGLU expert), not from any form. Draws
 include skewed routing that overflows the buckets, padded rows (id -1) and ids of another rank's
-experts (out of range), in eager mode and in a `to_static` program of the function.
+experts (out of range), in eager mode and in a `to_static` program of the function. The sparse
+form has two paths: fixed capacity (what graphs capture) and exact (eager steps, sized on the
+host, as a loop over experts or one pass padded to the longest bucket); each is checked.
 """
 
 from __future__ import annotations
@@ -62,11 +64,18 @@ def routed_batches(draw):
             [mat(hidden, inter) for _ in range(experts)])
 
 
-def run_form(form: str, x, ids, weights, gates, ups, downs) -> np.ndarray:
+def run_form(form: str, x, ids, weights, gates, ups, downs, fixed_shapes: bool = True) -> np.ndarray:
     packed = [paddle.to_tensor(a) for a in X.pack_experts(gates, ups, downs, form)]
     out = X.routed_experts(paddle.to_tensor(x), paddle.to_tensor(ids), paddle.to_tensor(weights), len(gates),
-                           *packed, form=form)
+                           *packed, form=form, fixed_shapes=fixed_shapes)
     return out.numpy()
+
+
+def run_exact(loop: bool, x, ids, weights, gates, ups, downs) -> np.ndarray:
+    """The exact sparse path with its strategy forced (the default picks by the counts)."""
+    packed = [paddle.to_tensor(a) for a in X.pack_experts(gates, ups, downs, MoEForm.SPARSE)]
+    return X.exact_routed_experts(paddle.to_tensor(x), paddle.to_tensor(ids), paddle.to_tensor(weights),
+                                  len(gates), *packed, loop=loop).numpy()
 
 
 def assert_close(name: str, actual: np.ndarray, expected: np.ndarray) -> None:
@@ -83,6 +92,62 @@ def test_sparse_and_dense_match_the_reference_and_each_other(batch):
     assert_close("sparse vs dense", sparse, dense)
     padded = (batch[1] == -1).all(axis=1)
     assert not sparse[padded].any(), "padded rows (all ids -1) must contribute exactly zero"
+
+
+def check_exact_paths(batch) -> None:
+    """Both exact strategies and the eager default: close to the float64 reference and to the dense
+    form, and exactly zero on rows with no expert in range."""
+    expected, dense = reference(*batch), run_form(MoEForm.DENSE, *batch)
+    unrouted = ((batch[1] < 0) | (batch[1] >= len(batch[3]))).all(axis=1)
+    runs = {"exact loop": run_exact(True, *batch), "exact padded": run_exact(False, *batch),
+            "eager default": run_form(MoEForm.SPARSE, *batch, fixed_shapes=False)}
+    for name, out in runs.items():
+        assert_close(f"{name} vs float64 reference", out, expected)
+        assert_close(f"{name} vs dense", out, dense)
+        assert not out[unrouted].any(), f"{name}: rows routed to no expert here must contribute exactly zero"
+
+
+@settings(max_examples=scaled_examples(2.0), deadline=None)
+@given(batch=routed_batches())
+def test_exact_sparse_paths_match_the_reference_and_dense(batch):
+    check_exact_paths(batch)
+
+
+def one_hot_batch(rows: int, experts: int, ids: np.ndarray, seed: int = 5):
+    """A batch with the given ids [rows, k] and random activations and weights."""
+    rng = np.random.default_rng(seed)
+    def mat(*shape):
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+    return (mat(rows, 16), ids.astype(np.int64), rng.random(ids.shape).astype(np.float32),
+            [mat(8, 16) for _ in range(experts)], [mat(8, 16) for _ in range(experts)],
+            [mat(16, 8) for _ in range(experts)])
+
+
+@pytest.mark.parametrize("case", ["one expert takes every row", "fewer rows than experts", "every row unrouted",
+                                  "only the last expert", "one row"])
+def test_exact_sparse_paths_at_the_edges(case):
+    experts = 16
+    ids = {"one expert takes every row": np.full((40, 1), 7),
+           "fewer rows than experts": np.array([[3, 11], [11, 0], [15, 3]]),  # 13 of 16 experts empty
+           "every row unrouted": np.array([[-1, -1], [16, 17], [-1, 20]]),  # padding or another rank's
+           "only the last expert": np.array([[15], [15], [-1]]),
+           "one row": np.array([[2, 9, 4]])}[case]
+    check_exact_paths(one_hot_batch(len(ids), experts, ids))
+
+
+def test_exact_sparse_path_refuses_to_run_inside_a_traced_program():
+    """It reads counts on the host, which a traced program cannot: it must raise, never trace a
+    plausible wrong answer from symbolic values."""
+    batch = skewed_batch(rows=16)
+    packed = [paddle.to_tensor(a) for a in X.pack_experts(*batch[3:], MoEForm.SPARSE)]
+
+    def fn(x_, ids_, w_):
+        return X.routed_experts(x_, ids_, w_, 8, *packed, form=MoEForm.SPARSE, fixed_shapes=False)
+
+    spec = [paddle.static.InputSpec(list(a.shape), str(a.dtype)) for a in batch[:3]]
+    program = paddle.jit.to_static(fn, input_spec=spec, full_graph=True)
+    with pytest.raises(Exception, match="exact_routed_experts reads expert counts on the host"):
+        program(*(paddle.to_tensor(a) for a in batch[:3]))
 
 
 def skewed_batch(rows: int = 80, experts: int = 8, top_k: int = 2, seed: int = 3):
@@ -146,6 +211,15 @@ GRAPH = GraphConfig(mode="piecewise", backend="static", prefill_capture_sizes=(1
 
 def dump(llm: LLM, prompts: list) -> dict:
     return dump_arrays(llm.generate(prompts, 4), llm.model_config.moe_layers)
+
+
+def test_engine_pieces_run_exact_eagerly_and_fixed_in_graph_views(engine_for):
+    """The eager model routes through the exact path; every view a graph backend traces
+    (`with_weights`) keeps the fixed-capacity one that a graph can capture."""
+    model = engine_for("glm4_moe", moe_form="sparse", **ENGINE).model
+    assert not model.fixed_shapes, "eager pieces must take the exact sparse path"
+    assert model.with_weights(lambda t: t, 1).fixed_shapes, "a piece view for capture must use fixed shapes"
+    assert model.with_weights(lambda t: t, None).fixed_shapes, "the whole-step view must use fixed shapes"
 
 
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)

@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-num-seqs", type=int, default=64, metavar="S",
                      help="sequences running at once (default 64)")
     run.add_argument("--moe-form", choices=_values(MoEForm), default=MoEForm.DENSE.value,
-                     help="dense: every expert on every row, masked (the reference); sparse: rows bucketed by "
-                          "expert at a fixed capacity, exact on overflow (engine/moe/experts.py) (default dense)")
+                     help="dense: every expert on every row, masked (the reference); sparse: rows grouped by "
+                          "expert, exact counts eagerly, a fixed capacity in graphs (engine/moe/experts.py) (default dense)")
     run.add_argument("--threads", type=int, metavar="N",
                      help="CPU kernel threads per process (default: this machine's CPUs, shared between ranks)")
     run.add_argument("--graph", choices=_values(GraphMode), default=GraphMode.EAGER.value,

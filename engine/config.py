@@ -52,7 +52,7 @@ class RouterKind(_Choice):
 
 class MoEForm(_Choice):
     DENSE = "dense"  # every expert on every row, masked: the reference
-    SPARSE = "sparse"  # rows bucketed by expert at a fixed capacity, batched GEMMs (engine/moe/experts.py)
+    SPARSE = "sparse"  # rows grouped by expert: exact counts eagerly, fixed capacity in graphs (engine/moe/experts.py)
 
 
 class GraphMode(_Choice):

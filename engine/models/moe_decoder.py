@@ -70,6 +70,7 @@ class MoEDecoder:
 
     step_inputs: tuple[str, ...] = ("token_ids", "positions", "num_real")
     replays = False  # True in the view `with_replayed_routing` returns
+    fixed_shapes = False  # True in the graph backends' views (`with_weights`): the sparse MoE form at fixed capacity
 
     def __init__(self, cfg: ModelConfig, tensors: dict[str, np.ndarray], faults: Failpoints = NO_FAULTS,
                  partition: Partition | None = None, comm: Collectives | None = None,
@@ -144,10 +145,12 @@ class MoEDecoder:
     def with_weights(self, convert: Callable[[paddle.Tensor], paddle.Tensor], index: int | None) -> MoEDecoder:
         """A shallow copy in which the tensors piece `index` reads (None: every piece, the whole-model
         decode step) are `convert(tensor)`. The graph backends use it to turn exactly those weights
-        into parameters of the program being traced, and no others."""
+        into parameters of the program being traced, and no others. The view runs at fixed shapes
+        (`fixed_shapes`): a sparse MoE form sized by a host read would not capture."""
         last = self.cfg.num_layers
         pieces = range(last + 1) if index is None else (index,)
         view = copy.copy(self)
+        view.fixed_shapes = True
         if 0 in pieces:
             view.embed_table = convert(self.embed_table)
         if last in pieces:
@@ -237,7 +240,7 @@ class MoEDecoder:
             ids, weights = replayed_routing(self.cfg, logits, forced, num_real)
         local = weights * self.cfg.routed_scaling_factor if self.faults.on("dist.double_scale") else weights
         out = routed_experts(x, ids - self.first_expert, local, w.num_local, w.gate, w.up, w.down,
-                             self.cfg.moe_form)  # this rank's
+                             self.cfg.moe_form, self.fixed_shapes)  # this rank's
         if w.shared is not None:
             out = out + dense_mlp(x, w.shared.gate, w.shared.up, w.shared.down)
         return out, ids, router.nonfinite_rows(logits, num_real)

@@ -12,9 +12,13 @@ the [E, C, H] buckets, and each assignment gathers its result row back. Sorting,
 (`searchsorted`) and the gathers have shapes fixed by T, so the form is capturable: no nonzero,
 masked_select or host read. Layout: [E, H, I] gate and up, [E, I, H] down (`pack_experts`).
 
-Overflow (an expert picked by more than C rows) is never dropped silently. Eagerly the function
-reads the bucket sizes on the host and runs one more pass over bucket positions C.. up to the
-longest bucket: the result is exact. Inside a traced program no host read is possible;
+That fixed-capacity path is what graph pieces run (`fixed_shapes`, set by the model's graph
+views). Eager steps take `exact_routed_experts` instead: they may read the per-expert counts on the
+host, so each expert computes exactly its rows (about the useful FLOPs), with no capacity at all.
+
+Overflow of the fixed capacity (an expert picked by more than C rows) is never dropped silently.
+Called eagerly, the capacity path reads the bucket sizes on the host and runs one more pass over
+bucket positions C.. up to the longest bucket: exact. Inside a traced program no host read is possible;
 there the overflow turns the whole output into NaN (loud, never a plausible wrong answer), and the
 runner, which checks `buckets_overflow` on the step's expert ids after every replay, re-runs the
 step eagerly and counts it as a fallback: exact again, at eager cost for that step.
@@ -31,6 +35,11 @@ import paddle.nn.functional as F
 from engine.config import MoEForm
 CAPACITY_FACTOR = 1.25  # bucket size as a multiple of the balanced share T*k/E (the cost above useful FLOPs)
 MIN_CAPACITY = 16  # small steps: a bucket holds every row, so they can never overflow
+# Exact form: loop over experts unless a pass padded to the longest bucket would be at least this
+# full (useful rows / padded rows). Measured (bench/moe_forms.py, H 512, I 128, top-8): the loop ran
+# at the padded pass's rate per useful row at 2048-8192 tokens, and won 1.4-4x where fill was <= 0.76;
+# the padded pass won only near 0.86 (by 0-13%).
+LOOP_BELOW_FILL = 0.85
 
 
 def expert_capacity(num_rows: int, top_k: int, num_experts: int) -> int:
@@ -52,13 +61,17 @@ def pack_experts(gates: list[np.ndarray], ups: list[np.ndarray], downs: list[np.
 
 def routed_experts(x: paddle.Tensor, ids: paddle.Tensor, weights: paddle.Tensor, num_experts: int,
                    gate: paddle.Tensor, up: paddle.Tensor, down: paddle.Tensor,
-                   form: str = "dense") -> paddle.Tensor:
+                   form: str = "dense", fixed_shapes: bool = True) -> paddle.Tensor:
     """x [T, H]; ids, weights [T, k] with ids in [0, num_experts) or outside it (no expert, e.g. -1
     for padding or another rank's expert) -> [T, H], the sum over the chosen experts of
-    weight * expert(x). gate/up/down in `form`'s layout (`pack_experts`). (The default is spelled
-    out: to_static's AST mode cannot resolve a module constant in a default.)"""
+    weight * expert(x). gate/up/down in `form`'s layout (`pack_experts`). The sparse form runs at
+    a fixed capacity when `fixed_shapes` (graph pieces), and exactly sized on the host otherwise
+    (eager steps only: `exact_routed_experts`). (The default is spelled out: to_static's AST mode
+    cannot resolve a module constant in a default.)"""
     if form == MoEForm.SPARSE:
-        return sparse_routed_experts(x, ids, weights, num_experts, gate, up, down)
+        if fixed_shapes:
+            return sparse_routed_experts(x, ids, weights, num_experts, gate, up, down)
+        return exact_routed_experts(x, ids, weights, num_experts, gate, up, down)
     return dense_routed_experts(x, ids, weights, num_experts, gate, up, down)
 
 
@@ -92,6 +105,49 @@ def sparse_routed_experts(x, ids, weights, num_experts, gate, up, down) -> paddl
         rows = rows + paddle.where(overflow > 0, paddle.full([1], float("nan"), rows.dtype),
                                    paddle.zeros([1], rows.dtype))
     return (rows.reshape([t, k, -1]) * weights.unsqueeze(-1)).sum(axis=1)  # [T, H]
+
+
+def exact_routed_experts(x, ids, weights, num_experts, gate, up, down, loop: bool | None = None) -> paddle.Tensor:
+    """The sparse form sized on this step's expert counts, read on the host: eager only (a traced
+    program raises RuntimeError; it has no counts to read). Same weights layout as the sparse form.
+    `loop` (None: `prefer_loop` decides): one GEMM chain per non-empty expert on its exact rows,
+    else one batched pass over buckets as long as the longest one."""
+    if not paddle.in_dynamic_mode():
+        raise RuntimeError("exact_routed_experts reads expert counts on the host: inside a traced program "
+                           "use the fixed-capacity sparse form (routed_experts(..., fixed_shapes=True))")
+    t, k = ids.shape
+    plan = _sort_by_expert(ids, num_experts)
+    bounds = plan[3].numpy()  # [E+1] bucket starts: the host read this form is allowed
+    sizes = bounds[1:] - bounds[:-1]  # [E] assignments per expert
+    if bounds[-1] == 0:  # no row picked one of these experts (padding, or only another rank's)
+        return paddle.zeros_like(x)
+    if loop if loop is not None else prefer_loop(sizes):
+        rows = _segment_loop(x, plan, bounds, gate, up, down)
+    else:
+        rows, _ = _bucket_pass(x, plan, 0, int(sizes.max()), num_experts, gate, up, down)
+    return (rows.reshape([t, k, -1]) * weights.unsqueeze(-1)).sum(axis=1)  # [T, H]
+
+
+def prefer_loop(sizes: np.ndarray) -> bool:
+    """Whether a loop over the non-empty experts beats one batched pass padded to the longest
+    bucket, for these per-expert assignment counts (see LOOP_BELOW_FILL)."""
+    return sizes.sum() < LOOP_BELOW_FILL * sizes.size * sizes.max()
+
+
+def _segment_loop(x, plan, bounds: np.ndarray, gate, up, down) -> paddle.Tensor:
+    """[A, H] expert outputs in assignment order (zero for unrouted assignments), one GEMM chain
+    per non-empty expert over its contiguous run of rows sorted by expert."""
+    order = plan[0]
+    a, routed, k = order.shape[0], int(bounds[-1]), order.shape[0] // x.shape[0]
+    xs = paddle.index_select(x, order[:routed] // k)  # [R, H] source rows, sorted by expert
+    outs = []
+    for e in np.flatnonzero(bounds[1:] > bounds[:-1]):
+        xe = xs[int(bounds[e]):int(bounds[e + 1])]  # a view: expert e's rows
+        outs.append(paddle.matmul(F.silu(paddle.matmul(xe, gate[e])) * paddle.matmul(xe, up[e]), down[e]))
+    outs.append(paddle.zeros([1, x.shape[1]], x.dtype))  # row R: "routed to no expert here"
+    sorted_slot = paddle.minimum(paddle.arange(a, dtype="int64"), paddle.full([a], routed, "int64"))
+    slot = paddle.scatter(paddle.zeros_like(sorted_slot), order, sorted_slot)  # [A] inverse of the sort
+    return paddle.index_select(paddle.concat(outs), slot)
 
 
 def overflow_count(ids: paddle.Tensor, num_experts: int) -> paddle.Tensor:
