@@ -362,19 +362,20 @@ def test_steps_above_the_largest_size_fall_back_and_match(engine_for, name, kind
 @settings(max_examples=FEW)
 @given(sizes=capture_size_lists(max_size=64, max_len=4), decode=capture_size_lists(max_size=8, max_len=3),
        data=st.data())
-def test_any_capture_size_list_pads_correctly(engine_for, name, sizes, decode, data):
+def test_any_capture_size_list_pads_correctly(engine_for, faults, name, sizes, decode, data):
     """Drawn capture-size lists, each in a fresh engine (backend `uncompiled`: padding and buffers
     without the compile cost): the step matches eager."""
     composition = data.draw(compositions(sizes, decode, max(sizes) + 2, max_cached=MAX_CACHED))
     shape_event(composition, {"prefill": sizes, "decode": decode})
     config = graph_config(backend="uncompiled", prefill=sizes, decode=decode)
-    graph = LLM(checkpoint_dir(name), EngineConfig(max_num_batched_tokens=64, max_num_seqs=8, graph=config))
+    graph = LLM(checkpoint_dir(name), EngineConfig(max_num_batched_tokens=64, max_num_seqs=8, graph=config,
+                                                   faults=faults))  # fresh, but with the run's failpoints
     check_step(graph.runner, eager_llm(engine_for, name).runner, composition, {"prefill": sizes, "decode": decode})
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_eager_capture_captures_every_size_once_up_front(name):
-    llm = LLM(checkpoint_dir(name), EngineConfig(**ENGINE, graph=GraphConfig(
+def test_eager_capture_captures_every_size_once_up_front(faults, name):
+    llm = LLM(checkpoint_dir(name), EngineConfig(**ENGINE, faults=faults, graph=GraphConfig(
         mode="piecewise", backend="uncompiled", prefill_capture_sizes=PREFILL_SIZES,
         decode_capture_sizes=DECODE_SIZES, capture="eager")))
     everything = {("prefill", s): 1 for s in PREFILL_SIZES} | {("decode", s): 1 for s in DECODE_SIZES}

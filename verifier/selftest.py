@@ -50,9 +50,9 @@ AREA_FIRST: dict[str, tuple[str, ...]] = {
     "rotary": ("test_batching.py", "test_graph.py"),
     "kv": ("test_batching.py", "test_graph.py"),
     "graph": ("test_graph_toy.py", "test_graph.py"),
-    "dist": ("test_parallel.py",),
+    "dist": ("test_parallel.py", "test_watchdog.py"),
     "r3": ("test_routing_replay_recorder.py", "test_routing_replay_store.py", "test_routing_replay_engine.py",
-           "test_routing_replay_ranks.py"),
+           "test_probes_replay.py", "test_routing_replay_ranks.py"),
 }
 
 # One failpoint per area for CI's fast run (router, padding, buffers, KV, parallel, routing replay);
