@@ -46,3 +46,13 @@ def test_amd_gets_mkl_avx2_kernels_intel_is_left_alone(monkeypatch):
 def test_a_users_mkl_choice_is_kept(monkeypatch):
     monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "2")
     assert threads.choose_gemm_path("AuthenticAMD") == "2"
+
+
+def test_large_blocks_are_kept_on_glibc_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert threads.keep_large_blocks() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert threads.keep_large_blocks() is False

@@ -11,7 +11,7 @@ on one core. The policy:
 
 The caller (the CLI's set-up, conftest) applies it once, before the first step; nothing else calls
 `set_threads`. It also picks the GEMM code path (`choose_gemm_path`), which must happen before the
-first matrix product of the process. Paddle offers no public setter: the internal one is called through
+first matrix product of the process, and keeps large freed blocks in the heap (`keep_large_blocks`). Paddle offers no public setter: the internal one is called through
 `engine/graph/paddle_compat.py`, with the other Paddle internals.
 """
 
@@ -29,6 +29,14 @@ from pathlib import Path
 MKL_CPU_TYPE_ENV = "MKL_DEBUG_CPU_TYPE"
 MKL_AVX2 = "5"
 
+# Paddle's CPU allocator hands large requests to malloc, and glibc serves every request above its
+# mmap threshold (at most 32 MiB by its own adjustment) with fresh pages that it unmaps on free, so
+# each step's large temporaries are page-faulted in again: a 64 MiB gather took 80 ms instead of
+# 10-12 ms on the 2-core AMD EPYC VM (bench/README.md). Raising both thresholds keeps freed blocks
+# for reuse; resident memory then stays at its high-water mark, which a serving process reaches anyway.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+KEEP_BLOCKS_UP_TO = 1 << 30
+
 
 def default_threads(ranks: int = 1) -> int:
     """Threads per process for an engine run of `ranks` processes on this machine."""
@@ -45,6 +53,7 @@ def set_threads(count: int | None = None, ranks: int = 1) -> int:
     from engine.graph.paddle_compat import set_kernel_threads  # deferred: deciding must not import Paddle
 
     choose_gemm_path()
+    keep_large_blocks()
     set_kernel_threads(threads)
     return threads
 
@@ -67,3 +76,18 @@ def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     except OSError:
         return None
     return None
+
+
+def keep_large_blocks() -> bool:
+    """Ask glibc's malloc to serve and keep blocks up to 1 GiB from its heap instead of mapping and
+    unmapping each (see KEEP_BLOCKS_UP_TO); True when it took effect. A no-op (False) on a C library
+    without `mallopt` or when the user set MALLOC_MMAP_THRESHOLD_ (glibc then follows the user)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_UP_TO)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BLOCKS_UP_TO))
