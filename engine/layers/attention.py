@@ -133,9 +133,12 @@ def _group_attention(layer: int, q: paddle.Tensor, cache: KVCache, group: BlockG
     kv_heads, g = keys.shape[1], group.mask.shape[0]
     queries = paddle.index_select(q, group.query_rows).reshape([g, group.rows, kv_heads, heads // kv_heads, dim])
     queries = queries.transpose([2, 3, 0, 1, 4])  # [Hkv, rep, G, rows, D]
-    keys = keys.reshape([g, group.keys, kv_heads, dim]).transpose([2, 0, 3, 1]).unsqueeze(1)  # [Hkv, 1, G, D, S]
+    # keys stay [.., S, D] and the product reads them transposed: copying them to [.., D, S] first
+    # cost more than a decode step's score product (one query row against S keys) itself
+    keys = keys.reshape([g, group.keys, kv_heads, dim]).transpose([2, 0, 1, 3]).unsqueeze(1)  # [Hkv, 1, G, S, D]
     values = values.reshape([g, group.keys, kv_heads, dim]).transpose([2, 0, 1, 3]).unsqueeze(1)  # [Hkv, 1, G, S, D]
-    probs = F.softmax(paddle.matmul(queries, keys) + group.mask, axis=-1)  # [Hkv, rep, G, rows, S]
+    scores = paddle.matmul(queries, keys, transpose_y=True)  # [Hkv, rep, G, rows, S]
+    probs = F.softmax(scores + group.mask, axis=-1)
     out = paddle.matmul(probs, values).transpose([2, 3, 0, 1, 4])  # [G, rows, Hkv, rep, D]
     return out.reshape([g * group.rows, heads * dim])
 
