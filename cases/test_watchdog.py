@@ -206,8 +206,11 @@ def test_without_the_agreement_check_the_watchdog_names_the_stuck_rank_and_colle
     done, logs = run_cli(tmp_path, planted_with(faults, "dist.rank_disagrees", "dist.skip_agreement_check"))
     errors = error_lines(done.stderr)
     assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
-    found = re.match(r"error: the 2-rank job failed: rank (\d): stuck in ((all_reduce|all_gather|capture|replay) #\d+ "
-                     r"\([^)]+\)) at step 1 for [\d.]+ s \(collective timeout 3 s\) \(exit code 124", errors[0])
+    # The stuck rank is named first, or right after a peer that gloo aborted on the mismatched
+    # collective first ("rank 0: killed by signal 6 (SIGABRT); then rank 1 (stuck in ...").
+    found = re.search(r"^error: the 2-rank job failed: (?:.*; then )?rank (\d)(?:: | \()stuck in "
+                      r"((all_reduce|all_gather|capture|replay) #\d+ \([^)]+\)) at step 1 for [\d.]+ s "
+                      r"\(collective timeout 3 s\) \(exit code 124", errors[0])
     assert found, errors[0]
     rank, collective = int(found[1]), found[2]
     assert json.loads((logs / f"exit.{rank}.json").read_text())["code"] == STUCK_EXIT
