@@ -106,8 +106,9 @@ class Timed:
 
 
 def overflowed(routing: dict, tokens: int, experts: int) -> bool:
-    """Did any layer send an expert more rows than a bucket holds (so the eager step ran the sparse
-    form's second, exact pass)? A label for the result, from the step's own routing."""
+    """Did any layer send an expert more rows than a graph's bucket holds? Eager steps take the exact
+    path and never overflow; a captured step like it would be redone eagerly (a counted fallback).
+    A label for the result, from the step's own routing."""
     capacity = expert_capacity(tokens, TOP_K, experts)
     return any(np.bincount(np.concatenate(rows).ravel(), minlength=experts).max() > capacity
                for rows in routing.values())
@@ -154,8 +155,8 @@ def plot(result: dict, path: Path) -> None:
         low, high = ys - [min(r["times_s"]) for r in mine], [max(r["times_s"]) for r in mine] - ys
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=3, label="median (min..max)")
         extra = np.array([r["overflow_pass"] for r in mine])
-        if extra.any():  # these steps also ran the sparse form's second (overflow) pass
-            ax.plot(xs[extra], ys[extra], "s", mfc="none", ms=11, color="C3", label="ran the overflow pass")
+        if extra.any():  # a graph replay of these steps would overflow its buckets and fall back
+            ax.plot(xs[extra], ys[extra], "s", mfc="none", ms=11, color="C3", label="beyond a graph's buckets")
         a, b = np.polyfit(np.log(xs), np.log(ys), 1)
         ax.plot(xs, np.exp(b) * xs ** a, "--", label=f"fit: slope {a:.2f}")
         ax.set_xscale("log", base=2)
@@ -174,7 +175,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def table(result: dict) -> str:
-    lines = ["| series | x | tokens | layers | experts | median s | min..max s | overflow pass |",
+    lines = ["| series | x | tokens | layers | experts | median s | min..max s | beyond graph buckets |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['series']} | {r['x']} | {r['tokens']} | {r['layers']} | {r['experts']} | "

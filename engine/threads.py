@@ -9,9 +9,10 @@ on one core. The policy:
   1 thread (a second would only add contention); its set-up calls `set_threads(1)`.
 * Ranks of an N-rank job share the machine: `cpus // N` each, at least 1.
 
-The caller (the CLI's set-up, conftest) applies it once, before the first step; nothing else calls
-`set_threads`. It also picks the GEMM code path (`choose_gemm_path`), which must happen before the
-first matrix product of the process, and keeps large freed blocks in the heap (`keep_large_blocks`). Paddle offers no public setter: the internal one is called through
+The callers (the CLI's set-up, conftest) apply it before the first step; nothing else calls
+`set_threads`; every rank's entry (engine/launch/rank_entry.py) runs `prepare_process`. It also picks the GEMM code path
+(`choose_gemm_path`), which must happen before the first matrix product of the process, and keeps
+large freed blocks in the heap (`keep_large_blocks`). Paddle offers no public setter: the internal one is called through
 `engine/graph/paddle_compat.py`, with the other Paddle internals.
 """
 
@@ -52,10 +53,16 @@ def set_threads(count: int | None = None, ranks: int = 1) -> int:
         raise ValueError(f"threads={count!r}: must be a positive integer")
     from engine.graph.paddle_compat import set_kernel_threads  # deferred: deciding must not import Paddle
 
-    choose_gemm_path()
-    keep_large_blocks()
+    prepare_process()
     set_kernel_threads(threads)
     return threads
+
+
+def prepare_process() -> None:
+    """The set-up that needs no Paddle import (a rank's entry runs it before its program imports
+    anything): the GEMM path and the heap policy."""
+    choose_gemm_path()
+    keep_large_blocks()
 
 
 def choose_gemm_path(vendor: str | None = None) -> str | None:

@@ -7,7 +7,9 @@ This module is the one place that reads the launcher's environment variables in 
   GRAPHGATE_JOB_PARENT  pid of the process that launched the job (set by lifecycle.py)
   GRAPHGATE_POOL_DIR    a pool's request/reply folder (set by the pool; only `serve` needs it)
 
-`main` runs the rank's program as `python` would, with a Python stack dump on SIGUSR1
+`main` first applies the process set-up that needs no Paddle import (engine/threads.py: MKL's AVX2
+kernels, large blocks kept; importing Paddle here would, among other things, configure logging
+before the program does), then runs the rank's program as `python` would, with a Python stack dump on SIGUSR1
 (faulthandler), an exit record `exit.R.json` in the log folder for the parent's blame, and an
 exit when the launching process is gone (so a killed test run or CLI leaves no ranks behind).
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from engine.launch import wire
+from engine.threads import prepare_process
 
 TOKEN_ENV = "GRAPHGATE_JOB_TOKEN"
 PARENT_ENV = "GRAPHGATE_JOB_PARENT"
@@ -60,6 +63,7 @@ def main() -> None:
     """Each rank's entry point (run as `python -c ENTRY_CODE program args`)."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     _watch_parent()
+    prepare_process()
     code, error = 0, ""
     try:
         _run_program(sys.argv[1:])
