@@ -83,6 +83,15 @@ def test_a_collective_no_peer_joins_is_named_with_its_step_and_index(tmp_path):
         (3, "all_reduce #2 (o_proj, layer 1)", 2, stuck.line)
 
 
+def test_a_state_file_that_cannot_be_written_does_not_stop_the_checks(tmp_path, capfd):
+    stuck = Stuck()
+    unwritable = tmp_path / "gone" / "state.json"  # its folder does not exist: every write fails
+    dog = Watchdog(rank=2, timeout_s=0.2, state_path=unwritable, on_stuck=stuck, poll_s=0.02)
+    wait_stuck(dog, stuck, "all_reduce", "o_proj, layer 0")
+    assert stuck.line.startswith("stuck in all_reduce #1 (o_proj, layer 0) at step 0"), stuck.line
+    assert capfd.readouterr().err.count(f"cannot write {unwritable}") == 1  # warned once, not per poll
+
+
 def test_a_capture_before_the_first_step_is_bounded_by_a_multiple_of_the_timeout():
     stuck = Stuck()
     dog = Watchdog(rank=1, timeout_s=0.1, on_stuck=stuck, poll_s=0.02)

@@ -28,8 +28,9 @@ cases/test_launch.py, test_parallel.py, test_cli_ranks.py and test_routing_repla
 `pytest -n 2` on two shared cores (run twice), the longest wait beyond slack of any call on any
 rank was 0.16 s (engine loads and gloo's first calls included: the CPU slack covers them); over the
 4-rank runs of bench/dump_matrix.sh, 0.5 s, in a capture (every rank compiling at once), so
-captures get SLOWER_KINDS' multiple of the timeout. A disagreeing rank in a 2-rank CLI job
-(cases/test_watchdog.py's) is named 5.2 s after it entered the collective; without the watchdog
+captures get SLOWER_KINDS' multiple of the timeout. A disagreeing rank in a 2-rank CLI job at
+the default timeout is named 5.2 s after it entered the collective (cases/test_watchdog.py runs
+the same job with a 3 s timeout); without the watchdog
 gloo's own timeout ended it after 30.0 s, naming neither. Each state file keeps its rank's
 longest wait, to check the margin.
 
@@ -103,6 +104,7 @@ class Watchdog:
         self.longest = (0.0, "")  # the longest wait beyond slack of a call that ended, and that call
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._state_failed = False  # a state-file write failed once (warned, not repeated)
 
     def begin_step(self) -> None:
         """Calls from here on belong to the next step (steps count from 1; 0 is before the first)."""
@@ -183,8 +185,14 @@ class Watchdog:
                  "last_step": self._last.step if self._last else None, "stuck": stuck,
                  "longest_wait_s": round(self.longest[0], 3), "longest_wait_in": self.longest[1]}
         tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.state_path)
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.state_path)
+        except OSError as err:  # the file only helps the blame: losing it must not stop the checks
+            if not self._state_failed:
+                print(f"collective watchdog: rank {self.rank} cannot write {self.state_path}: {err}",
+                      file=sys.stderr, flush=True)
+            self._state_failed = True
 
 
 class _Watched:
@@ -222,8 +230,10 @@ def for_rank(rank: int, timeout_s: float) -> Watchdog:
     log_dir = rank_entry.job_log_dir()
 
     def record_and_exit(code: int, line: str) -> None:
-        rank_entry.record_exit(code, line)
-        os._exit(code)
+        try:
+            rank_entry.record_exit(code, line)
+        finally:  # a failed record must not keep a stuck rank alive
+            os._exit(code)
 
     return Watchdog(rank, timeout_s, state_path(log_dir, rank) if log_dir else None, record_and_exit)
 
