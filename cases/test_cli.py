@@ -212,3 +212,9 @@ def test_graph_flags_and_chunking_reach_the_engine(capsys, tmp_path, faults, gol
     stats = ast.literal_eval(err.split("graphs: ", 1)[1].splitlines()[0])
     assert stats["replays"] > 0 and stats["fallbacks"] == 0, stats
     compare_dumps(read_dump(dump), reference, logits_tol=GOLDEN_LOGITS, max_rel_l2=GOLDEN_MAX_REL_L2).assert_ok()
+
+
+def test_a_bad_collective_timeout_in_the_environment_is_named(capsys, monkeypatch):
+    monkeypatch.setenv("ENGINE_COLLECTIVE_TIMEOUT", "abc")
+    code, _, err = run_cli(capsys, "--model", checkpoint_dir("glm4_moe"), "--prompts", PROMPTS)
+    assert (code, err) == (2, "error: ENGINE_COLLECTIVE_TIMEOUT='abc': not a number of seconds\n")

@@ -243,3 +243,13 @@ def test_engine_sparse_form_graph_matches_its_eager_run(engine_for, prompts, nam
     assert stats.total("replays") > 0, "the graph engine must have replayed captured pieces"
     if name == "glm4_moe":  # its default prompts overflow a 32-row bucket of 16 (seen eagerly: 7 extra rows)
         assert stats.total("fallbacks", "prefill") > 0, "overflowing prefill steps must be counted as fallbacks"
+
+
+def test_the_loop_is_chosen_below_the_fill_threshold_and_the_padded_pass_from_it():
+    """Fill = assignments / (experts x longest bucket), against LOOP_BELOW_FILL = 0.85 (hand-made counts)."""
+    from engine.moe.experts import prefer_loop
+
+    assert prefer_loop(np.array([10, 10, 10, 2]))  # 32 / 40 = 0.80: loop
+    assert not prefer_loop(np.array([10, 10, 10, 4]))  # 34 / 40 = 0.85: padded pass
+    assert not prefer_loop(np.array([7, 7, 7, 7]))  # balanced, fill 1.0: padded pass
+    assert prefer_loop(np.array([40, 0, 0, 0]))  # one expert takes all, fill 0.25: loop

@@ -108,6 +108,10 @@ def test_absent_head_and_expert_counts_take_transformers_defaults():
     assert (glm(**eight_heads).num_kv_heads, qwen(**eight_heads).num_kv_heads) == (8, 4)  # not the 8 query heads
     assert glm(n_routed_experts=None).num_experts == qwen(num_experts=None).num_experts == 128
     assert glm(n_routed_experts=None).moe_layers == (1, 2, 3)
+    with pytest.raises(ConfigError) as refused:  # GLM's default 8 cannot serve 4 query heads: said so
+        glm(num_key_value_heads=None)
+    assert str(refused.value) == ("field 'num_key_value_heads' is absent and transformers' default of 8 "
+                                  "does not divide num_attention_heads=4")
 
 
 def test_explicit_values_are_read_not_defaulted():

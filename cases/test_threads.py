@@ -36,7 +36,8 @@ def test_cpu_vendor_is_read_from_cpuinfo_and_none_when_unreadable(tmp_path):
 
 
 def test_amd_gets_mkl_avx2_kernels_intel_is_left_alone(monkeypatch):
-    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "unset-me")  # so that undoing removes what the case sets
+    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE")
     assert threads.choose_gemm_path("GenuineIntel") is None
     assert "MKL_DEBUG_CPU_TYPE" not in os.environ
     assert threads.choose_gemm_path("AuthenticAMD") == "5"

@@ -17,7 +17,7 @@ import time
 import warnings
 
 from engine.config import CaptureTiming, GraphBackend, GraphMode, MoEForm, ParallelConfig
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.launch import cli_job
 from engine.threads import set_threads
 
@@ -72,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--replay-routing", metavar="DIR",
                      help="route every token by the experts recorded in DIR (by --routing-replay-dir), "
                           "weights recomputed from the router's scores")
-    run.add_argument("--collective-timeout", type=float, metavar="S",
-                     default=os.environ.get("ENGINE_COLLECTIVE_TIMEOUT", str(ParallelConfig.collective_timeout_s)),
+    run.add_argument("--collective-timeout", type=float, metavar="S", default=None,
                      help="with --tp N > 1: a rank that waits longer than S seconds in one collective (plus "
                           "slack for the work it has just done) is named with its step and collective and "
                           "ended; 0: no bound (default: $ENGINE_COLLECTIVE_TIMEOUT, else "
@@ -108,7 +107,8 @@ def engine_config(args: argparse.Namespace):
         raise ConfigError(f"--failpoints: {err}") from None
     graph = GraphConfig(mode=args.graph, backend=args.graph_backend, prefill_capture_sizes=args.capture_sizes,
                         decode_capture_sizes=args.decode_capture_sizes, capture=args.capture)
-    parallel = ParallelConfig(tp=args.tp, ep=args.ep, collective_timeout_s=args.collective_timeout)
+    timeout = args.collective_timeout if args.collective_timeout is not None else _timeout_from_env()
+    parallel = ParallelConfig(tp=args.tp, ep=args.ep, collective_timeout_s=timeout)
     return EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                         graph=graph, parallel=parallel, faults=faults, moe_form=args.moe_form)
 
@@ -146,6 +146,18 @@ def _print_routing_files(files: list, directory: str) -> None:
     print(f"routing replay: {len(files)} files in {directory}", file=sys.stderr)
     for path in files:
         print(f"  {path}", file=sys.stderr)
+
+
+def _timeout_from_env() -> float:
+    """--collective-timeout's default: $ENGINE_COLLECTIVE_TIMEOUT when set (an error naming it when
+    it is not a number), else ParallelConfig's."""
+    text = os.environ.get("ENGINE_COLLECTIVE_TIMEOUT")
+    if text is None:
+        return ParallelConfig.collective_timeout_s
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"ENGINE_COLLECTIVE_TIMEOUT={text!r}: not a number of seconds") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ def _common_fields(raw: dict[str, Any], arch: str) -> dict[str, Any]:
     attention_bias = _bool(raw, "attention_bias", default=False)
     return dict(
         vocab_size=_int(raw, "vocab_size"), hidden_size=hidden, num_layers=_int(raw, "num_hidden_layers"),
-        num_heads=heads, num_kv_heads=_int(raw, "num_key_value_heads", default=8 if arch == GLM4_MOE else 4), head_dim=head_dim,
+        num_heads=heads, num_kv_heads=_kv_heads(raw, arch, heads), head_dim=head_dim,
         rotary_dim=int(head_dim * partial), rope_theta=theta, rms_norm_eps=_float(raw, "rms_norm_eps", default=1e-5 if arch == GLM4_MOE else 1e-6),
         max_position_embeddings=_int(raw, "max_position_embeddings"),
         intermediate_size=_int(raw, "intermediate_size"),
@@ -183,6 +183,18 @@ def _qwen_moe_fields(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
         moe_intermediate_size=_int(raw, "moe_intermediate_size"),
         norm_topk_prob=_bool(raw, "norm_topk_prob", default=False),
     )
+
+
+def _kv_heads(raw: dict[str, Any], arch: str, heads: int) -> int:
+    """num_key_value_heads, absent: transformers' default (8 GLM, 4 Qwen3-MoE), refused by name when
+    it cannot serve this file's query heads (an error about a value the file never wrote is no help)."""
+    if "num_key_value_heads" in raw:
+        return _int(raw, "num_key_value_heads")
+    default = 8 if arch == GLM4_MOE else 4
+    if heads % default:
+        raise ConfigError(f"field 'num_key_value_heads' is absent and transformers' default of {default} "
+                          f"does not divide num_attention_heads={heads}", field="num_key_value_heads")
+    return default
 
 
 def _expert_count(raw: dict[str, Any], own_key: str) -> int:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 # Paddle's CPU build links an MKL (libmklml_intel) that picks its kernels by CPU vendor: on AMD it
 # takes a generic path and multiplies float32 matrices 2-3x slower than the AVX2 path the same CPU
-# runs (8192x512 @ 512x1024 on the 2-core AMD EPYC VM: 8-14 vs 21-41 GFLOP/s, bench/README.md).
+# runs (8192x512 @ 512x1024 on the 2-core AMD EPYC VM: 70.7 vs 168.1 GFLOP/s, python -m bench.gemm_paths,
+# bench/results/gemm-paths-20261129-1357.json).
 # This MKL still honours MKL_DEBUG_CPU_TYPE=5 (use the AVX2 kernels); newer MKLs ignore it. MKL reads
 # it at its first GEMM, so it is set here, at set-up, and only on AMD (on Intel the vendor path may
 # be AVX-512, faster than AVX2) and only when the user has not chosen a value.

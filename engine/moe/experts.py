@@ -38,7 +38,9 @@ MIN_CAPACITY = 16  # small steps: a bucket holds every row, so they can never ov
 # Exact form: loop over experts unless a pass padded to the longest bucket would be at least this
 # full (useful rows / padded rows). Measured (bench/moe_forms.py, H 512, I 128, top-8): the loop ran
 # at the padded pass's rate per useful row at 2048-8192 tokens, and won 1.4-4x where fill was <= 0.76;
-# the padded pass won only near 0.86 (by 0-13%).
+# the padded pass won only near 0.86 (by 0-13%). Measured under load (load average 6-21) while the
+# rule was being chosen: bench/results/moe-forms-20261129-1243.jsonl's `auto_picks_loop` column is
+# from an earlier threshold.
 LOOP_BELOW_FILL = 0.85
 
 
