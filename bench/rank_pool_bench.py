@@ -80,7 +80,7 @@ def measure(requests: int = 10, new_tokens: list[int] | None = None) -> dict:
     prompts = default_prompts()
     started = time.monotonic()
     result: dict = {"requests": requests, "goal_per_min": GOAL_PER_MIN, "runs": {}}
-    with RankPool([SERVER], 4, env={"PYTHONPATH": str(ROOT)}, start_timeout_s=300, request_timeout_s=300) as pool:
+    with RankPool([SERVER], 4, failpoints="", env={"PYTHONPATH": str(ROOT)}, start_timeout_s=300, request_timeout_s=300) as pool:
         result["pool_start_s"] = time.monotonic() - started
         for name, layout in LAYOUTS.items():
             for mode in MODES:

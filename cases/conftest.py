@@ -6,12 +6,56 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def four_rank_pool():
+def four_rank_pool(faults):
     """One warm 4-rank engine-server job for every module of the xdist group "four_ranks"
     (test_parallel.py, test_parallel_sparse.py). `--dist loadgroup` runs the group on one worker,
     so the modules share the ranks, their loaded engines and captured graphs, and pay the start
     (10-20 s) once. Session scope: the ranks stay up, idle, until the worker ends."""
     from four_ranks import start_pool  # deferred: the launcher's imports cost every process 0.3 s
 
-    with start_pool(start_timeout_s=180, request_timeout_s=180) as ranks:
+    with start_pool(faults, start_timeout_s=180, request_timeout_s=180) as ranks:
         yield ranks
+
+
+@pytest.fixture(scope="session")
+def probe_rank_pool(faults):
+    """One warm 2-rank TP job of cases/rank_programs/probe_server.py for the xdist group
+    "probe_ranks" (test_probes.py, test_failpoint_reach.py), planting the run's --failpoints."""
+    from pathlib import Path
+
+    from verifier.rank_pool import RankPool
+
+    root = Path(__file__).resolve().parent.parent
+    with RankPool([str(root / "cases" / "rank_programs" / "probe_server.py")], 2, failpoints=faults,
+                  env={"PYTHONPATH": str(root)}, start_timeout_s=180, request_timeout_s=180) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def two_rank_routing_job(faults, tmp_path_factory):
+    """One small `python -m engine run --tp 2` job recording routing (2 prompts, 2 new tokens, the
+    run's --failpoints), with cases/write_watch.py's observer in every process, for the xdist group
+    "two_rank_cli" (test_routing_writer_rank.py, test_failpoint_reach.py). Returns its completed
+    process, log folder, routing folder and observer log folder."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    from engine_cli import ROOT, engine_env, engine_run
+    from write_watch import install
+
+    from fixtures.pytest_fixtures import checkpoint_dir
+
+    base = tmp_path_factory.mktemp("two-rank-routing")
+    job = SimpleNamespace(logs=base / "logs", routing=base / "r3", watch_logs=base / "writes")
+    install(base / "hook", job.routing, job.watch_logs)
+    prompts = base / "prompts.json"
+    prompts.write_text(json.dumps({"prompts": [{"name": "first", "input_ids": [1, 2, 3, 4, 5]},
+                                               {"name": "second", "input_ids": [9, 8, 7]}]}))
+    env = engine_env()
+    env["PYTHONPATH"] = f"{base / 'hook'}:{env['PYTHONPATH']}"
+    job.done = subprocess.run(engine_run(faults, checkpoint_dir("glm4_moe"), "--prompts", prompts, "--tp", 2,
+                                         "--max-new-tokens", 2, "--routing-replay-dir", job.routing,
+                                         "--log-dir", job.logs),
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return job

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from engine_cli import engine_run
 from safetensors.numpy import load_file, save_file
 
 from engine.__main__ import build_parser, main
@@ -99,14 +99,13 @@ def test_unknown_failpoint_is_named(capsys):
     assert code == 2 and "router.no_such_fault" in err
 
 
-def test_module_entry_point(tmp_path):
+def test_module_entry_point(tmp_path, faults):
     """The real `python -m engine` process: exit codes and no traceback on a user error."""
-    ok = subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir("glm4_moe")),
-                         "--prompts", str(PROMPTS), "--max-new-tokens", "2"], capture_output=True, text=True)
+    ok = subprocess.run(engine_run(faults, checkpoint_dir("glm4_moe"), "--prompts", PROMPTS, "--max-new-tokens", 2),
+                        capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert len(ok.stdout.splitlines()) == 4
-    bad = subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(tmp_path),
-                          "--prompts", str(PROMPTS)], capture_output=True, text=True)
+    bad = subprocess.run(engine_run(faults, tmp_path, "--prompts", PROMPTS), capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "config.json" in bad.stderr
 
 
@@ -167,12 +166,11 @@ def test_dump_path_is_one_clear_line(capsys, tmp_path):
     assert code == 2 and err.splitlines()[-1] == f"error: dump path {tmp_path / 'out.txt'} must end in .npz"
 
 
-def test_drifted_grouping_through_the_real_process(copy_checkpoint):
+def test_drifted_grouping_through_the_real_process(copy_checkpoint, faults):
     """The grouping the config once accepted and the router then refused mid-run, with a traceback."""
     model = copy_checkpoint("glm4_moe")
     rewrite_config(model, n_group=16, topk_group=4)
-    bad = subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(model), "--prompts", str(PROMPTS)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(engine_run(faults, model, "--prompts", PROMPTS), capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {model / 'config.json'}: n_group=16 splits the 16 routed experts into groups of 1; "

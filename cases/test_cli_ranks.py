@@ -12,11 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from engine_cli import engine_run
 
 from engine.__main__ import main
 from engine.dump import dump_arrays, read_dump
@@ -32,17 +33,17 @@ BOUND_S = 240.0
 MAX_NEW_TOKENS = 4
 
 
-def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir("glm4_moe")), *map(str, args)]
+def cli(faults, *args) -> list[str]:
+    return engine_run(faults, checkpoint_dir("glm4_moe"), *args)
 
 
 def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def test_two_rank_cli_run_dumps_every_rank_and_matches_one_rank(tmp_path, engine_for, prompts):
+def test_two_rank_cli_run_dumps_every_rank_and_matches_one_rank(tmp_path, engine_for, prompts, faults):
     dump = tmp_path / "tp2.npz"
-    done = subprocess.run(cli("--prompts", PROMPTS, "--max-new-tokens", MAX_NEW_TOKENS, "--tp", 2, "--ep", 2,
+    done = subprocess.run(cli(faults, "--prompts", PROMPTS, "--max-new-tokens", MAX_NEW_TOKENS, "--tp", 2, "--ep", 2,
                               "--dump", dump, "--dump-all-ranks", "--log-dir", tmp_path / "logs"),
                           capture_output=True, text=True, timeout=BOUND_S, cwd=ROOT, env=cli_env())
     assert done.returncode == 0, done.stderr
@@ -59,12 +60,12 @@ def test_two_rank_cli_run_dumps_every_rank_and_matches_one_rank(tmp_path, engine
     assert [tokens for _, tokens in printed] == [" ".join(map(str, written[f"greedy_p{i}"])) for i in range(4)]
 
 
-def test_a_rank_killed_mid_run_is_the_rank_the_cli_names(tmp_path):
+def test_a_rank_killed_mid_run_is_the_rank_the_cli_names(tmp_path, faults):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([[1, 2, 3, 4, 5]]))
     logs = tmp_path / "logs"
     # Long enough (a few hundred decode steps) that the run is still going when the kill lands.
-    cli_proc = subprocess.Popen(cli("--prompts", prompts, "--max-new-tokens", 400, "--tp", 2, "--log-dir", logs, "-v"),
+    cli_proc = subprocess.Popen(cli(faults, "--prompts", prompts, "--max-new-tokens", 400, "--tp", 2, "--log-dir", logs, "-v"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
     try:
         victim = wait_for_step(cli_proc, rank=1, log=logs / "workerlog.1", step=3)

@@ -100,8 +100,8 @@ def test_two_concurrent_four_rank_jobs_all_reduce_on_their_own_ports(tmp_path):
         assert job_pids(result.token) == []
 
 
-def test_pool_answers_several_requests_and_closes_cleanly(tmp_path):
-    with RankPool([POOL_SERVER], 4, start_timeout_s=BOUND_S, log_dir=tmp_path) as pool:
+def test_pool_answers_several_requests_and_closes_cleanly(tmp_path, faults):
+    with RankPool([POOL_SERVER], 4, failpoints=faults, start_timeout_s=BOUND_S, log_dir=tmp_path) as pool:
         for seed in range(3):
             x = np.random.default_rng(seed).standard_normal(5 + seed).astype(np.float32)
             replies = pool.request({"x": x})
@@ -118,8 +118,8 @@ def test_pool_answers_several_requests_and_closes_cleanly(tmp_path):
     assert job_pids(pool.token) == []
 
 
-def test_pool_names_the_rank_whose_handler_raised_and_stops(tmp_path):
-    pool = RankPool([POOL_SERVER], 4, start_timeout_s=BOUND_S, error_grace_s=1.0, log_dir=tmp_path)
+def test_pool_names_the_rank_whose_handler_raised_and_stops(tmp_path, faults):
+    pool = RankPool([POOL_SERVER], 4, failpoints=faults, start_timeout_s=BOUND_S, error_grace_s=1.0, log_dir=tmp_path)
     try:
         x = np.ones(4, np.float32)
         with pytest.raises(RankJobError) as caught:

@@ -68,7 +68,7 @@ def request(name: str, layout: str, mode: str, prompts, failpoints: str, **extra
 
 
 def dumps_by_rank(pool: RankPool, payload: dict) -> list[dict]:
-    return [{k: v for k, v in reply.items() if k not in ("rank", "stats")} for reply in pool.request(payload)]
+    return [{k: v for k, v in reply.items() if k not in ("rank", "stats", "failpoints")} for reply in pool.request(payload)]
 
 
 def rank_disagreements(dumps: list[dict]) -> list[str]:
@@ -172,8 +172,8 @@ def test_rank_that_disagrees_is_an_error_not_a_hang(pool, prompts, planted):
     run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts[:1], ""))  # the pool is still usable
 
 
-def test_dead_rank_is_named_within_the_time_bound(prompts):
-    pool = start_pool(start_timeout_s=180, request_timeout_s=60)
+def test_dead_rank_is_named_within_the_time_bound(prompts, faults):
+    pool = start_pool(faults, start_timeout_s=180, request_timeout_s=60)
     started = time.monotonic()
     with pytest.raises(RankJobError) as failure:
         pool.request(request("glm4_moe", "tp4", "eager", prompts, "", exit=2))

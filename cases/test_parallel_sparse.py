@@ -58,7 +58,7 @@ def sparse_on_ranks(pool, name: str, layout: str, mode: str, prompts, planted: s
     """One sparse-form run on the 4 ranks -> (rank 0's dump, every rank's CaptureStats totals); all
     ranks must have produced the same dump bitwise."""
     replies = pool.request(request(name, layout, mode, prompts, planted, moe_form=SPARSE))
-    dumps = [{k: v for k, v in reply.items() if k not in ("rank", "stats")} for reply in replies]
+    dumps = [{k: v for k, v in reply.items() if k not in ("rank", "stats", "failpoints")} for reply in replies]
     disagreements = rank_disagreements(dumps)
     assert not disagreements, "\n".join(disagreements[:5])
     return dumps[0], [reply["stats"] for reply in replies]

@@ -39,7 +39,6 @@ from verifier.probes import (
     probe_padded_eager,
     probing,
 )
-from verifier.rank_pool import RankPool
 from verifier.recording import recording
 from verifier.tolerance import EXACT, tolerance_for
 
@@ -249,19 +248,16 @@ def test_probe_names_follow_the_decoder_cut_on_a_two_layer_model(copy_checkpoint
 
 
 # ---------------------------------------------------------------------------- N ranks vs 1
-# A 2-rank TP job (cases/rank_programs/probe_server.py) probes the eager step; its ranks' tensors,
-# merged (head shards joined), are compared with one rank's. `dist.skip_allreduce` drops the
-# all-reduce after layer 0's attention output projection, which piece 1 runs (it finishes layer
-# 0): the first divergence is piece 1, whose residual is the sum the all-reduce should have made.
-
-SERVER = str(Path(__file__).resolve().parent / "rank_programs" / "probe_server.py")
+# A 2-rank TP job (cases/rank_programs/probe_server.py, cases/conftest.py's `probe_rank_pool`,
+# planting the run's --failpoints) probes the eager step; its ranks' tensors, merged (head shards
+# joined), are compared with one rank's. `dist.skip_allreduce` drops the all-reduce after layer
+# 0's attention output projection, which piece 1 runs (it finishes layer 0): the first divergence
+# is piece 1, whose residual is the sum the all-reduce should have made.
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    with RankPool([SERVER], 2, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-                  start_timeout_s=180, request_timeout_s=180) as pool:
-        yield pool
+def two_ranks(probe_rank_pool):
+    return probe_rank_pool
 
 
 def ranks_located(pool, reference: ModelRunner, name: str, composition: Composition, failpoints: str = ""):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from engine_cli import ROOT, engine_env, engine_run
 from strategies import prompt_sets, scaled_examples
 
 from engine.config import EngineConfig, GraphConfig
@@ -231,17 +231,15 @@ def test_failed_workload_leaves_no_file(faults, prompts, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m engine run` on the fixture prompts of NAME, with `args` added."""
-    root = Path(__file__).resolve().parent.parent
-    return subprocess.run([sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir(NAME)), "--prompts",
-                           str(PROMPTS), "--max-num-batched-tokens", "32", *args],
-                          capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""},
-                          timeout=300)
+def cli(faults, *args: str) -> subprocess.CompletedProcess:
+    """`python -m engine run` on the fixture prompts of NAME, with the run's failpoints and `args`."""
+    return subprocess.run(engine_run(faults, checkpoint_dir(NAME), "--prompts", PROMPTS, "--max-num-batched-tokens",
+                                     32, *args),
+                          capture_output=True, text=True, cwd=ROOT, env=engine_env(), timeout=300)
 
 
-def test_cli_records_and_lists_the_files(tmp_path):
-    run = cli("--max-new-tokens", "2", "--graph", "piecewise", "--capture-sizes", "16,32",
+def test_cli_records_and_lists_the_files(tmp_path, faults):
+    run = cli(faults, "--max-new-tokens", "2", "--graph", "piecewise", "--capture-sizes", "16,32",
               "--routing-replay-dir", str(tmp_path / "r3"))
     assert run.returncode == 0, run.stderr
     listed = [line.strip() for line in run.stderr.splitlines() if line.strip().endswith(".safetensors")]
@@ -252,15 +250,15 @@ def test_cli_records_and_lists_the_files(tmp_path):
 # ------------------------------------------------------------------------- replay
 
 
-def test_cli_replays_a_recording_and_refuses_one_too_short_by_name(tmp_path):
+def test_cli_replays_a_recording_and_refuses_one_too_short_by_name(tmp_path, faults):
     """Replaying a run's own recording gives its tokens; one token more than recorded is a user
     error (exit 2, one line naming the file), not a traceback."""
-    recorded = cli("--max-new-tokens", "2", "--routing-replay-dir", str(tmp_path))
+    recorded = cli(faults, "--max-new-tokens", "2", "--routing-replay-dir", str(tmp_path))
     assert recorded.returncode == 0, recorded.stderr
-    replayed = cli("--max-new-tokens", "2", "--replay-routing", str(tmp_path))
+    replayed = cli(faults, "--max-new-tokens", "2", "--replay-routing", str(tmp_path))
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout == recorded.stdout
-    longer = cli("--max-new-tokens", "3", "--replay-routing", str(tmp_path))
+    longer = cli(faults, "--max-new-tokens", "3", "--replay-routing", str(tmp_path))
     assert longer.returncode == 2 and "Traceback" not in longer.stderr
     assert re.search(r"^error: routing file .*\.safetensors: .*recorded tokens", longer.stderr, re.M), longer.stderr
 

@@ -8,26 +8,25 @@ Runs the CLI as a real 4-rank job, on the worker of the other 4-rank cases (neve
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from engine_cli import ROOT, engine_env, engine_run
 from test_routing_replay_engine import MAX_NEW, NAME, check_goldens, check_tables
 
+from engine.failpoints import Failpoints
 from engine.routing_replay.reader import load_routing
 from fixtures.pytest_fixtures import PROMPTS, checkpoint_dir
 
 pytestmark = pytest.mark.xdist_group("four_ranks")
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def run_job(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir(NAME)), "--prompts", str(PROMPTS),
-               "--max-new-tokens", str(MAX_NEW), "--log-dir", str(tmp_path / "logs"), *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={"PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)})
+def run_job(faults: Failpoints, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """The CLI as a real job with `faults` (the run's failpoints, plus any the case plants) on every rank."""
+    command = engine_run(faults, checkpoint_dir(NAME), "--prompts", PROMPTS, "--max-new-tokens", MAX_NEW,
+                         "--log-dir", tmp_path / "logs", *args)
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=engine_env())
 
 
 # Inside the capture guard, as in the seed's 4-card run: TP4 piecewise with lazy capture (the first
@@ -41,8 +40,7 @@ LAYOUTS = {"tp4_piecewise_lazy": ["--tp", "4", "--graph", "piecewise", *GRAPHS],
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_four_ranks_write_one_complete_file_per_request(faults, prompts, golden, tmp_path, layout):
     folder = tmp_path / "r3"
-    planted = ["--failpoints", ",".join(sorted(faults.active))] if faults.active else []  # the run's, on every rank
-    job = run_job([*layout, "--routing-replay-dir", str(folder), *planted], tmp_path)
+    job = run_job(faults, [*layout, "--routing-replay-dir", str(folder)], tmp_path)
     assert job.returncode == 0, job.stderr
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{p.name}.safetensors" for p in prompts)
     tables = {p.name: load_routing(folder / f"{p.name}.safetensors") for p in prompts}
@@ -53,10 +51,12 @@ def test_four_ranks_write_one_complete_file_per_request(faults, prompts, golden,
     assert check_goldens(tables, prompts, outputs, golden(NAME), cfg.moe_layers) == []
 
 
-def test_ranks_that_record_different_ids_are_an_error(tmp_path):
-    """Planted: rank 1 records other ids. The per-step check names the disagreement; no file is left."""
+def test_ranks_that_record_different_ids_are_an_error(tmp_path, faults):
+    """Planted: rank 1 records other ids (and the run's failpoints reach every rank too). The
+    per-step check names the disagreement; no file is left."""
     folder = tmp_path / "r3"
-    job = run_job(["--tp", "4", "--routing-replay-dir", str(folder), "--failpoints", "r3.rank_skews_ids"], tmp_path)
+    job = run_job(faults.with_(Failpoints.parse("r3.rank_skews_ids")), ["--tp", "4", "--routing-replay-dir", str(folder)],
+                  tmp_path)
     assert job.returncode != 0
     assert "ranks disagree on the step's routed expert ids" in job.stderr
     assert not folder.exists() or list(folder.iterdir()) == []

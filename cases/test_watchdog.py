@@ -19,10 +19,12 @@ from pathlib import Path
 
 import paddle
 import pytest
+from engine_cli import engine_run
 
 from engine.__main__ import build_parser, engine_config
 from engine.config import ConfigError, ParallelConfig
 from engine.distributed import Collectives
+from engine.failpoints import Failpoints
 from engine.launch import blame
 from engine.launch.watchdog import SLACK_PER_CPU_S, STUCK_EXIT, UNWATCHED, Call, Watchdog, describe, read_state
 from fixtures.pytest_fixtures import checkpoint_dir
@@ -189,8 +191,8 @@ def run_cli(tmp_path: Path, failpoints: list[str]) -> tuple[subprocess.Completed
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([list(range(1, 9))]))
     logs = tmp_path / "logs"
-    command = [sys.executable, "-m", "engine", "run", "--model", str(checkpoint_dir("glm4_moe")),
-               "--prompts", str(prompts), "--log-dir", str(logs), *RANK_JOB, "--failpoints", ",".join(failpoints)]
+    command = engine_run(Failpoints(frozenset(failpoints)), checkpoint_dir("glm4_moe"), "--prompts", prompts,
+                         "--log-dir", logs, *RANK_JOB)
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=BOUND_S,
                           env={"PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)})
     return done, logs

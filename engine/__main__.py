@@ -123,6 +123,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     prompts = read_prompts(args.prompts)
     start = time.perf_counter()
     llm = LLM(args.model, engine, routing_replay_dir=args.routing_replay_dir, replay_routing_dir=args.replay_routing)
+    print(llm.engine.faults.announcement(), file=sys.stderr)  # what reached this process (cases check it)
     outputs = llm.generate(prompts, args.max_new_tokens, record_prompt_logits=bool(args.dump))
     elapsed = time.perf_counter() - start
     for result in outputs:
@@ -186,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     try:
-        engine_config(args)  # refuse a bad configuration before starting any rank
+        engine = engine_config(args)  # refuse a bad configuration before starting any rank
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return cli_job.relaunch(argv, args.tp, args.log_dir)
+    return cli_job.relaunch(argv, args.tp, args.log_dir, engine.faults)
 
 
 def _run_as_rank(args: argparse.Namespace) -> int:

@@ -52,6 +52,10 @@ KNOWN: dict[str, str] = {
 }
 
 
+# The start of the announcement line; followed by `Failpoints.names`, or "none".
+ANNOUNCEMENT = "failpoints: "
+
+
 @dataclass(frozen=True)
 class Failpoints:
     """The set of faults switched on for one engine (empty by default)."""
@@ -68,6 +72,21 @@ class Failpoints:
         """Build from a comma-separated list such as "router.skip_renorm,a.b"."""
         names = [n.strip() for n in (text or "").split(",") if n.strip()]
         return cls(frozenset(names))
+
+    @property
+    def names(self) -> str:
+        """The planted names, sorted and comma-separated ("" when none): what `parse` reads back."""
+        return ",".join(sorted(self.active))
+
+    def announcement(self) -> str:
+        """The line every process that runs engine code prints (to its log) and the value it puts
+        in its reply or summary, so that a case can see which faults reached it. The gate's
+        meta-case (cases/test_failpoint_reach.py) reads it back."""
+        return f"{ANNOUNCEMENT}{self.names or 'none'}"
+
+    def with_(self, other: "Failpoints") -> "Failpoints":
+        """These faults and `other`'s: a request to a warm server adds its own to the run's."""
+        return Failpoints(self.active | other.active)
 
     def on(self, name: str) -> bool:
         if name not in KNOWN:

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from engine.failpoints import Failpoints
 from engine.launch import wire
 from engine.launch.blame import RankJobError, rank_names
 from engine.launch.job import check_positive, fresh_dir
 from engine.launch.lifecycle import Launch
-from engine.launch.rank_entry import POOL_DIR_ENV
+from engine.launch.rank_entry import POOL_DIR_ENV, POOL_FAILPOINTS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,12 @@ class RankPool:
     a collective the failed ranks never joined), a rank dies, or the request times out, the ranks
     are stopped, RankJobError names the ranks, and every later request raises.
 
+    `failpoints` (required, so that no pool forgets the run's: "" for none) reach every rank as
+    `engine.launch.rank_entry.pool_failpoints()`; each rank announces them in its log.
+
     `start_s`: seconds from the launch until every rank was serving."""
 
-    def __init__(self, argv: Sequence[str], nproc: int, *, start_timeout_s: float = 120.0,
+    def __init__(self, argv: Sequence[str], nproc: int, *, failpoints: Failpoints | str, start_timeout_s: float = 120.0,
                  request_timeout_s: float = 60.0, error_grace_s: float = 3.0,
                  log_dir: Path | None = None, env: Mapping[str, str] | None = None):
         for name, value in [("start_timeout_s", start_timeout_s),
@@ -53,7 +57,10 @@ class RankPool:
         log_dir = fresh_dir(log_dir)
         self.pool_dir = log_dir / "pool"
         self.pool_dir.mkdir()
-        self._job = Launch(argv, nproc, log_dir, {**(env or {}), POOL_DIR_ENV: str(self.pool_dir)})
+        planted = failpoints if isinstance(failpoints, Failpoints) else Failpoints.parse(failpoints)
+        self.failpoints = planted
+        self._job = Launch(argv, nproc, log_dir, {**(env or {}), POOL_DIR_ENV: str(self.pool_dir),
+                                                  POOL_FAILPOINTS_ENV: planted.names})
         self._requests = itertools.count()
         self._closed_because: str | None = None
         try:

@@ -3,8 +3,10 @@
 Request: {"checkpoint": name, "tp": N, "ep": N, "mode": graph mode, "capture_sizes": [...],
 "decode_capture_sizes": [...], "max_num_batched_tokens": T, "prompts": [[ids], ...],
 "max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T, "moe_form": "dense" | "sparse"}; or
-{"hang": rank} / {"exit": rank} to plant a hung or dead rank. Reply: the run's dump arrays (engine/dump.py keys) plus "rank". Engines are cached per
-configuration, so a module's examples reuse loaded weights and captured graphs.
+{"hang": rank} / {"exit": rank} to plant a hung or dead rank. Reply: the run's dump arrays
+(engine/dump.py keys) plus "rank", "stats" and "failpoints" (the names planted in the engine that
+ran: the pool's, i.e. the gate run's, plus the request's). Engines are cached per configuration,
+so a module's examples reuse loaded weights and captured graphs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from engine.failpoints import Failpoints
 from engine.llm import LLM, Prompt
 from fixtures.pytest_fixtures import checkpoint_dir
 from engine.launch import serve
+from engine.launch.rank_entry import pool_failpoints
 
 ENGINES: dict[tuple, LLM] = {}
 
@@ -31,7 +34,7 @@ def engine_for(request: dict) -> LLM:
     config = EngineConfig(max_num_batched_tokens=request.get("max_num_batched_tokens", 8192), graph=graph,
                           parallel=ParallelConfig(tp=request["tp"], ep=request.get("ep", 1),
                                                   fused_allreduce_max_tokens=request.get("fused_max_tokens", 2048)),
-                          faults=Failpoints.parse(request.get("failpoints", "")),
+                          faults=pool_failpoints().with_(Failpoints.parse(request.get("failpoints", ""))),
                           moe_form=request.get("moe_form", "dense"))
     key = (request["checkpoint"], config)
     if key not in ENGINES:
@@ -54,7 +57,8 @@ def handle(request: dict) -> dict:
     prompts = [Prompt(tuple(ids), f"p{i}") for i, ids in enumerate(request["prompts"])]
     outputs = llm.generate(prompts, request.get("max_new_tokens", 4))
     stats = llm.runner.stats.summary()
-    return {**dump_arrays(outputs, llm.model_config.moe_layers), "rank": dist.get_rank(), "stats": stats}
+    return {**dump_arrays(outputs, llm.model_config.moe_layers), "rank": dist.get_rank(), "stats": stats,
+            "failpoints": llm.engine.faults.names}
 
 
 if __name__ == "__main__":

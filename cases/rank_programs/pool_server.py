@@ -1,7 +1,8 @@
 """RankPool server for cases/test_launch.py.
 
 Request: {"x": float32 array, "raise_on": None | "all" | rank}. Reply: {"sum": all_reduce of
-x * (rank + 1), "rank": rank}. A planted error is raised before the all_reduce, so with
+x * (rank + 1), "rank": rank, "failpoints": the pool's (this program runs no engine code, but
+announces them like every pool program)}. A planted error is raised before the all_reduce, so with
 "raise_on": rank the other ranks wait in the collective and never reply.
 """
 
@@ -11,6 +12,7 @@ import paddle
 import paddle.distributed as dist
 
 from engine.launch import serve
+from engine.launch.rank_entry import pool_failpoints
 
 
 def handle(request: dict) -> dict:
@@ -19,7 +21,7 @@ def handle(request: dict) -> dict:
         raise ValueError(f"planted failure on rank {rank}")
     value = paddle.to_tensor(request["x"]) * (rank + 1)
     dist.all_reduce(value)
-    return {"sum": value.numpy(), "rank": rank}
+    return {"sum": value.numpy(), "rank": rank, "failpoints": pool_failpoints().names}
 
 
 if __name__ == "__main__":

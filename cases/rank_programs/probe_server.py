@@ -3,8 +3,9 @@ cases/test_probes.py: N ranks vs 1).
 
 Request: {"checkpoint": name, "tp": N, "ep": N, "failpoints": "a,b", "parts": [[cached, new, rest,
 decode], ...], "seed": S}: the step of that `Composition` (cases/batches.py), run eagerly on the
-engine engine_server.py builds for such a request. Reply: this rank's probed step as flat arrays
-(verifier/probes.py `to_arrays`) plus "rank".
+engine engine_server.py builds for such a request (the pool's failpoints plus the request's).
+Reply: this rank's probed step as flat arrays (verifier/probes.py `to_arrays`) plus "rank" and
+"failpoints" (the names planted in that engine).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def handle(request: dict) -> dict:
     composition = Composition(tuple(Part(c, n, r, bool(d)) for c, n, r, d in request["parts"]), request["seed"])
     with staged(runner, composition) as batch:
         probed = probe_forward(runner, batch)
-    return {**to_arrays(probed), "rank": dist.get_rank()}
+    return {**to_arrays(probed), "rank": dist.get_rank(), "failpoints": runner.engine.faults.names}
 
 
 if __name__ == "__main__":

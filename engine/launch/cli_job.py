@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from engine.failpoints import Failpoints
 from engine.launch.blame import RankJobError
 from engine.launch.job import fresh_dir, run_ranks
 from engine.launch.rank_entry import inside_launched_job, this_rank
@@ -22,15 +23,17 @@ from engine.launch.rank_entry import inside_launched_job, this_rank
 __all__ = ["inside_launched_job", "relaunch", "write_report"]
 
 
-def relaunch(argv: list[str], nproc: int, log_dir: str | None) -> int:
+def relaunch(argv: list[str], nproc: int, log_dir: str | None, faults: Failpoints) -> int:
     """Run `argv` (the CLI's own arguments) as an nproc-rank job; returns the CLI's exit code.
-    `log_dir` (the CLI's --log-dir) must be missing or empty; None: a new temporary folder."""
+    `log_dir` (the CLI's --log-dir) must be missing or empty; None: a new temporary folder.
+    `faults` (parsed from argv) are announced here; each rank announces its own in its log."""
     try:
         logs = fresh_dir(Path(log_dir) if log_dir else None)
     except ValueError as err:
         print(f"error: --log-dir: {err}", file=sys.stderr)
         return 2
     print(f"starting {nproc} ranks (logs in {logs})", file=sys.stderr)
+    print(faults.announcement(), file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="engine-reports-") as reports:
         try:
             run_ranks(["-m", "engine", *argv, "--report-dir", reports], nproc, timeout_s=None, log_dir=logs)

@@ -6,6 +6,7 @@ This module is the one place that reads the launcher's environment variables in 
   GRAPHGATE_JOB_TOKEN   marks every process of one job, for the clean-up scan (set by lifecycle.py)
   GRAPHGATE_JOB_PARENT  pid of the process that launched the job (set by lifecycle.py)
   GRAPHGATE_POOL_DIR    a pool's request/reply folder (set by the pool; only `serve` needs it)
+  GRAPHGATE_POOL_FAILPOINTS  the failpoints a pool's ranks plant (set by the pool; `pool_failpoints`)
 
 `main` first applies the process set-up that needs no Paddle import (engine/threads.py: MKL's AVX2
 kernels, large blocks kept; importing Paddle here would, among other things, configure logging
@@ -29,12 +30,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from engine.failpoints import Failpoints
 from engine.launch import wire
 from engine.threads import prepare_process
 
 TOKEN_ENV = "GRAPHGATE_JOB_TOKEN"
 PARENT_ENV = "GRAPHGATE_JOB_PARENT"
 POOL_DIR_ENV = "GRAPHGATE_POOL_DIR"
+POOL_FAILPOINTS_ENV = "GRAPHGATE_POOL_FAILPOINTS"
 RANK_ENV = "PADDLE_TRAINER_ID"
 _LOG_DIR_ENV = "PADDLE_LOG_DIR"
 _PARENT_GONE_EXIT = 70  # EX_SOFTWARE: a rank whose launcher vanished
@@ -82,15 +85,23 @@ def serve(handler: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
 
     `handler(payload)` returns a dict of numpy arrays and JSON values (reply keys must not start
     with "__"). An exception in `handler` is sent back as this rank's error and serving goes on.
-    Only for programs started by a pool (it reads the pool folder from the environment)."""
+    Only for programs started by a pool (it reads the pool folder from the environment). Before
+    the first request it prints the pool's failpoints (`pool_failpoints`) to this rank's log."""
     pool_dir = Path(os.environ[POOL_DIR_ENV])
     rank = int(os.environ[RANK_ENV])
+    print(pool_failpoints().announcement(), file=sys.stderr, flush=True)
     wire.write_atomic(wire.ready_path(pool_dir, rank), b"")
     for number in itertools.count():
         payload = wire.decode(wire.wait_for(wire.request_path(pool_dir, number)))
         if payload.get(wire.SHUTDOWN_KEY):
             return
         wire.write_atomic(wire.reply_path(pool_dir, number, rank), _answer(handler, payload))
+
+
+def pool_failpoints() -> Failpoints:
+    """The failpoints the pool that started this rank plants in every engine it builds (the gate
+    run's `--failpoints`); a request may add its own. Only in programs started by a pool."""
+    return Failpoints.parse(os.environ[POOL_FAILPOINTS_ENV])
 
 
 def _answer(handler: Callable, payload: dict[str, Any]) -> bytes:
