@@ -34,7 +34,7 @@ def probe_rank_pool(faults):
 @pytest.fixture(scope="session")
 def two_rank_routing_job(faults, tmp_path_factory):
     """One small `python -m engine run --tp 2` job recording routing (2 prompts, 2 new tokens, the
-    run's --failpoints), with cases/write_watch.py's observer in every process, for the xdist group
+    run's --failpoints; piecewise graphs, so that graph-only faults such as dist.rank_disagrees bite), with cases/write_watch.py's observer in every process, for the xdist group
     "two_rank_cli" (test_routing_writer_rank.py, test_failpoint_reach.py). Returns its completed
     process, log folder, routing folder and observer log folder."""
     import json
@@ -55,7 +55,8 @@ def two_rank_routing_job(faults, tmp_path_factory):
     env = engine_env()
     env["PYTHONPATH"] = f"{base / 'hook'}:{env['PYTHONPATH']}"
     job.done = subprocess.run(engine_run(faults, checkpoint_dir("glm4_moe"), "--prompts", prompts, "--tp", 2,
-                                         "--max-new-tokens", 2, "--routing-replay-dir", job.routing,
+                                         "--max-new-tokens", 2, "--graph", "piecewise", "--capture-sizes", 8,
+                                         "--decode-capture-sizes", 2, "--routing-replay-dir", job.routing,
                                          "--log-dir", job.logs),
                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     return job

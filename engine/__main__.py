@@ -123,7 +123,6 @@ def run(args: argparse.Namespace, out=None) -> int:
     prompts = read_prompts(args.prompts)
     start = time.perf_counter()
     llm = LLM(args.model, engine, routing_replay_dir=args.routing_replay_dir, replay_routing_dir=args.replay_routing)
-    print(llm.engine.faults.announcement(), file=sys.stderr)  # what reached this process (cases check it)
     outputs = llm.generate(prompts, args.max_new_tokens, record_prompt_logits=bool(args.dump))
     elapsed = time.perf_counter() - start
     for result in outputs:
@@ -136,6 +135,7 @@ def run(args: argparse.Namespace, out=None) -> int:
         if args.dump_all_ranks:
             write_dump(args.dump.removesuffix(".npz") + f".rank{rank}.npz", arrays)
     print(f"{len(outputs)} prompts, {args.max_new_tokens} new tokens each, {elapsed:.2f} s", file=sys.stderr)
+    print(llm.engine.faults.announcement(), file=sys.stderr)  # what reached this engine (cases check it)
     if engine.graph.mode is not GraphMode.EAGER:
         print(f"graphs: {llm.runner.stats.summary()}", file=sys.stderr)
     if llm.routing is not None and rank == 0:
