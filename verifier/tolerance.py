@@ -164,6 +164,11 @@ class NearTie:
             bound = self.atol + self.rtol * np.maximum(np.abs(first), np.abs(second))
         return (first == second) | (finite & (gap <= bound))
 
+    def beats(self, first, second) -> np.ndarray:
+        """bool per pair: `first` decisively beats `second` (greater, and not near-tied with it)."""
+        first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+        return (first > second) & ~self.tied(first, second)
+
     def split(self, values, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(surely_in, surely_out), bool [T, N]: for a top-k choice over `values` [T, N] (float64,
         -inf for candidates that cannot be chosen), which candidates every correct choice must
