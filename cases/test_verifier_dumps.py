@@ -147,3 +147,57 @@ def test_the_near_tie_bound_is_pinned_from_both_sides(regime, decision):
         assert diff.passed == excused, (factor, diff)
         assert diff.near_tie_rows == ((0,) if excused else ())
         assert NEAR_TIE.tied(top, top - gap) == excused
+
+
+# ---------------------------------------------------------------------------- the compare CLI
+
+
+def _cli_dump(**changes) -> dict[str, np.ndarray]:
+    """A one-prompt dump in engine/dump.py's format (every kind of key); `changes` replace or add."""
+    rng = np.random.default_rng(5)
+    arrays = {"names": np.asarray(["a"]), "input_ids_p0": rng.integers(0, 32, 4),
+              "logits_p0": rng.standard_normal((4, 32)).astype(np.float32), "greedy_p0": rng.integers(0, 32, 3),
+              "greedy_logits_p0": rng.standard_normal((3, 32)).astype(np.float32),
+              KEY: np.array([[0, 1]] * 4), "decode_topk_ids_p0_layer1": np.array([[2, 3]] * 2)}
+    return arrays | changes
+
+
+def _cli(tmp_path, actual: dict, expected: dict, capsys) -> tuple[int, str, str]:
+    from verifier.__main__ import main
+
+    np.savez(tmp_path / "a.npz", **actual)
+    np.savez(tmp_path / "b.npz", **expected)
+    code = main(["compare", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+EXTRA_KEYS = ["input_ids_p1", "logits_p1", "greedy_p1", "greedy_logits_p1", "topk_ids_p0_layer2",
+              "decode_topk_ids_p0_layer2", "topk_ids_p1_layer1"]
+
+
+@pytest.mark.parametrize("side", ["A", "B"])
+@pytest.mark.parametrize("extra", EXTRA_KEYS)
+def test_compare_cli_names_keys_either_dump_lacks(tmp_path, capsys, side, extra):
+    """Class guarded: the compare CLI's key check, in both directions and for every kind of dump
+    key. A dump holding a key the other lacks (the run under test writing a prompt or a layer the
+    reference has not, or the reference one the run lacks) is "different keys": exit 2, one
+    `error:` line naming the key (README, the verifier CLI), never a pass on the shared keys."""
+    like = {"logits": "logits_p0", "greedy_logits": "greedy_logits_p0", "greedy": "greedy_p0",
+            "input_ids": "input_ids_p0", "decode_topk": "decode_topk_ids_p0_layer1", "topk": KEY}
+    value = next(_cli_dump()[key] for prefix, key in like.items() if extra.startswith(prefix))
+    actual, expected = (_cli_dump(**{extra: value}), _cli_dump()) if side == "A" else (_cli_dump(), _cli_dump(**{extra: value}))
+    code, out, err = _cli(tmp_path, actual, expected, capsys)
+    assert (code, out) == (2, "") and err.count("\n") == 1 and err.startswith("error: ")
+    assert "different keys" in err and extra in err
+
+
+@pytest.mark.parametrize("row", [[-1, 1], [0, 0], [0, 8]], ids=["minus-one", "repeat", "out-of-range"])
+def test_compare_cli_fails_a_malformed_row_by_name(tmp_path, capsys, row):
+    """A malformed routing row is exit 1 with the key, the row and its ids in the report, not a
+    traceback, even when the reference marks every position of the row near-tied (all 8 tie)."""
+    ids = _cli_dump()[KEY].copy()
+    ids[2] = row
+    margins = np.zeros((4, 8))
+    code, out, err = _cli(tmp_path, _cli_dump(**{KEY: ids}), _cli_dump(topk_margin_p0_layer1=margins), capsys)
+    assert code == 1 and err == "" and KEY in out and f"row 2 ids {row}" in out
