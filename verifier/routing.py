@@ -98,13 +98,12 @@ def _experts(groups, size: int) -> list[int]:
 
 def _intruder(values: np.ndarray, chosen: tuple[int, ...], pool: list[int], rule: NearTie) -> str | None:
     """The first expert of `pool` left out that decisively beats a chosen one, described, or None."""
-    for y in pool:
-        if y in chosen:
-            continue
-        for x in chosen:
-            if rule.beats(values[y], values[x]):
-                return f"expert {y} ({values[y]:.9g}) left out decisively beats chosen expert {x} ({values[x]:.9g})"
-    return None
+    left_out = [y for y in pool if y not in chosen]
+    hits = np.argwhere(rule.beats(values[left_out][:, None], values[list(chosen)][None, :]))  # [n, 2]
+    if not len(hits):
+        return None
+    y, x = left_out[hits[0][0]], chosen[hits[0][1]]
+    return f"expert {y} ({values[y]:.9g}) left out decisively beats chosen expert {x} ({values[x]:.9g})"
 
 
 def _group_scores(values: np.ndarray, n_group: int) -> np.ndarray:
