@@ -3,10 +3,12 @@
 Three kinds of output, three rules:
   logits         numerical: element-wise within a Tolerance, and/or relative L2 under a bound
   greedy tokens  exact; the report names the first step where they part
-  routed experts exact per token, except the positions the reference marks as near-tied
-                 under `verifier.tolerance.NEAR_TIE`: a row whose sets differ only there is
-                 reported separately (never hidden, never failed, since float32 rounding may
-                 legitimately flip it); a wrong expert anywhere else fails the row.
+  routed experts every row of both dumps holds k distinct ids in [0, E) (a -1, a repeat or an id
+                 out of range fails the row by name; dumps mark no row as padding); a row whose
+                 set differs from the reference's is a near-tie when some resolution of the
+                 near-ties under `verifier.tolerance.NEAR_TIE` chooses it (verifier/routing.py:
+                 group cut first, then the k-th expert): reported separately, never hidden, never
+                 failed; any other differing row fails.
 
 Near-ties are judged on the deciding values the reference carries beside each routing key:
 `{phase}topk_margin_p{i}_layer{L}` [T, E] float64 (router logits for softmax_topk, sigmoid scores
