@@ -3,8 +3,9 @@ format documented in engine/dump.py), compared key by key with the rules of veri
 
 A is the run under test, B the reference: routing near-tie margins (`topk_margin_*` keys) are read
 from B. Logits use --tolerance: a dtype row of verifier/tolerance.py (default float32), `exact`,
-or an explicit pair `RTOL,ATOL`. Token ids and routed experts are always exact (routing rows of B
-within the near-tie margin are reported apart, not failed).
+or an explicit pair `RTOL,ATOL`. Token ids and routed experts are always exact: a routing row must
+hold k distinct ids in range (else it fails, named by key, row and ids), and a row that differs
+from B's is reported apart, not failed, only when B's deciding values admit it under a near-tie.
 
 Exit codes: 0 the dumps agree, 1 they differ (the report names each key, its worst element and its
 index), 2 a file is unreadable, not a dump, or the two dumps do not hold the same keys.

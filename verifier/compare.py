@@ -125,7 +125,8 @@ def compare(
 ) -> Comparison:
     """Compare `actual` with `expected` element-wise; never raises on a numerical difference.
 
-    tol None takes tolerance_for(expected's dtype). Raises ValueError when the shapes differ (a
+    tol None takes tolerance_for(expected's dtype); integer and bool data always compare exactly,
+    whatever `tol` (Comparison.tol is then EXACT). Raises ValueError when the shapes differ (a
     caller's plumbing bug, not a numerical one), when a dtype has no row in DEFAULT_TOLERANCES
     (complex, float128, object), when one side is integer/bool and the other floating point, or
     when topk < 1. max_ulp is None for integer/bool data and when the two dtypes differ;
@@ -137,10 +138,12 @@ def compare(
     a, a_dtype = _to_numpy(actual)
     e, e_dtype = _to_numpy(expected)
     _check_compatible(a, e, a_dtype, e_dtype, name)
-    tol = tolerance_for(e_dtype) if tol is None else tol
+    # Discrete values (ids, tokens, masks) are equal or wrong: a float tolerance would let id
+    # 100001 pass for 100000 (rtol 1e-5), so integer and bool data always compare exactly.
+    tol = EXACT if not _is_float(e_dtype) else tolerance_for(e_dtype) if tol is None else tol
     af, ef = a.astype(np.float64).ravel(), e.astype(np.float64).ravel()
     same = _same(a.ravel(), e.ravel(), equal_nan)
-    abs_err = _abs_errors(af, ef, same)
+    abs_err = _abs_errors(af, ef, same) if _is_float(e_dtype) else _int_abs_errors(a.ravel(), e.ravel(), same)
     rel_err = _rel_errors(abs_err, ef)
     close = _close(af, ef, abs_err, same, tol)
     max_abs_err, max_abs_index = _worst(abs_err, e.shape)
@@ -247,6 +250,15 @@ def _abs_errors(af: np.ndarray, ef: np.ndarray, same: np.ndarray) -> np.ndarray:
     """|a - e|, 0 where `same` (so equal infinities give 0, not NaN)."""
     with np.errstate(invalid="ignore", over="ignore"):
         return np.where(same, 0.0, np.abs(af - ef))
+
+
+def _int_abs_errors(a: np.ndarray, e: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """|a - e| for integer/bool data, differenced exactly (as Python ints: no int64 overflow, no
+    float64 rounding that would make 2**53 + 1 and 2**53 zero apart), then as float64 (>= 1)."""
+    err = np.zeros(a.shape, np.float64)
+    differ = np.flatnonzero(~same)
+    err[differ] = [float(abs(int(x) - int(y))) for x, y in zip(a[differ].tolist(), e[differ].tolist())]
+    return err
 
 
 def _rel_errors(abs_err: np.ndarray, ef: np.ndarray) -> np.ndarray:

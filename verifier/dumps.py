@@ -3,10 +3,12 @@
 Three kinds of output, three rules:
   logits         numerical: element-wise within a Tolerance, and/or relative L2 under a bound
   greedy tokens  exact; the report names the first step where they part
-  routed experts exact per token, except the positions the reference marks as near-tied
-                 under `verifier.tolerance.NEAR_TIE`: a row whose sets differ only there is
-                 reported separately (never hidden, never failed, since float32 rounding may
-                 legitimately flip it); a wrong expert anywhere else fails the row.
+  routed experts every row of both dumps holds k distinct ids in [0, E) (a -1, a repeat or an id
+                 out of range fails the row by name; dumps mark no row as padding); a row whose
+                 set differs from the reference's is a near-tie when some resolution of the
+                 near-ties under `verifier.tolerance.NEAR_TIE` chooses it (verifier/routing.py:
+                 group cut first, then the k-th expert): reported separately, never hidden, never
+                 failed; any other differing row fails.
 
 Near-ties are judged on the deciding values the reference carries beside each routing key:
 `{phase}topk_margin_p{i}_layer{L}` [T, E] float64 (router logits for softmax_topk, sigmoid scores
@@ -24,7 +26,8 @@ import numpy as np
 
 from verifier.compare import Comparison, compare
 from verifier.recording import dump_level
-from verifier.tolerance import EXACT, NEAR_TIE, NearTie, Tolerance, routing_bounds
+from verifier.routing import RowFailure, malformed, routing_failures
+from verifier.tolerance import EXACT, NEAR_TIE, NearTie, Tolerance
 
 ROUTING_KEY = re.compile(r"^(decode_)?topk_ids_p(\d+)_layer(\d+)$")
 GROUPING_KEY = "topk_margin_grouping"
@@ -34,12 +37,19 @@ GROUPING_KEY = "topk_margin_grouping"
 class RoutingDiff:
     key: str
     rows: int
-    mismatched_rows: tuple[int, ...]  # rows with a wrong expert outside the near-tied positions
-    near_tie_rows: tuple[int, ...]  # rows whose sets differ only at near-tied positions
+    mismatched_rows: tuple[int, ...]  # malformed rows and rows no resolution of the near-ties admits
+    near_tie_rows: tuple[int, ...]  # rows that differ from the reference, admissible under a near-tie
+    problems: tuple[str, ...] = ()  # one line per mismatched row: row, ids, why
 
     @property
     def passed(self) -> bool:
         return not self.mismatched_rows
+
+    def message(self) -> str:
+        """One line: the failed rows, then the first few named with their ids and the reason."""
+        named = "; ".join(self.problems[:3]) + (" ..." if len(self.problems) > 3 else "")
+        return (f"expert sets differ at rows {list(self.mismatched_rows[:10])} "
+                f"({len(self.mismatched_rows)} of {self.rows})" + (f": {named}" if named else ""))
 
 
 @dataclass
@@ -58,11 +68,7 @@ class DumpDiff:
     def failures(self) -> list[str]:
         out = [f"{c.name}: {c.message()}" for c in self.comparisons if not c.passed]
         out += self.rel_l2_failures + self.token_failures
-        out += [
-            f"{r.key}: expert sets differ at rows {list(r.mismatched_rows[:10])} ({len(r.mismatched_rows)} of {r.rows})"
-            for r in self.routing
-            if not r.passed
-        ]
+        out += [f"{r.key}: {r.message()}" for r in self.routing if not r.passed]
         return out
 
     def passed_exactly(self) -> bool:
@@ -163,30 +169,44 @@ def routing_diff(
     grouping: np.ndarray | None = None,
     near_tie: NearTie = NEAR_TIE,
 ) -> RoutingDiff:
-    """Rows whose expert sets differ, split into failures and near-ties. `scores` [T, E] are the
-    reference's deciding values (None: every difference fails); `grouping` is [n_group,
-    topk_group] (None: no groups). A differing row is a near-tie only if `actual` holds every
-    expert the values decide without a near-tie and none they reject."""
-    if actual.shape != want.shape:
-        return RoutingDiff(key, len(want), tuple(range(len(want))), ())
-    differ = np.flatnonzero((np.sort(actual, -1) != np.sort(want, -1)).any(-1))
-    if scores is None or not differ.size:
-        return RoutingDiff(key, len(want), tuple(int(r) for r in differ), ())
-    scores = _checked_scores(key, scores, want)
+    """Routing rows of `actual` against the reference `want` [T, k] (every row real: dumps mark
+    none as padding). A row of either side that is not k distinct ids in [0, E) fails, named. A
+    well-formed row whose expert set differs from the reference's is a near-tie when it is
+    admissible under `near_tie` on the reference's deciding values `scores` [T, E] (grouping:
+    [n_group, topk_group], None for no groups; verifier/routing.py), and fails otherwise; without
+    `scores` every difference fails."""
+    if actual.shape != want.shape or actual.ndim != 2:
+        return RoutingDiff(key, len(want), tuple(range(len(want))), (),
+                           (f"shape {actual.shape} vs the reference's {want.shape}",))
+    if scores is not None:
+        scores = _checked_scores(key, scores, want)
     n_group, topk_group = (1, 1) if grouping is None else (int(grouping[0]), int(grouping[1]))
-    must, must_not = routing_bounds(scores[differ], want.shape[1], n_group, topk_group, near_tie)
-    wrong = {int(differ[r]) for r, _, _ in routing_violations(actual[differ], must, must_not)}
-    return RoutingDiff(key, len(want), tuple(sorted(wrong)), tuple(int(r) for r in differ if int(r) not in wrong))
+    experts = None if scores is None else scores.shape[1]
+    bad = {f.row: f"{f} (reference)" for f in _malformed_rows(want, experts)}
+    bad |= {f.row: str(f) for f in _malformed_rows(actual, experts)}
+    differ = [r for r in np.flatnonzero((np.sort(actual, -1) != np.sort(want, -1)).any(-1)) if r not in bad]
+    if scores is None:
+        bad |= {int(r): f"row {r} ids {actual[r].tolist()}: reference {want[r].tolist()}, no deciding values" for r in differ}
+    else:
+        rows = np.asarray(differ, np.int64)
+        for failure in routing_failures(actual[rows], scores[rows], n_group, topk_group, near_tie):
+            row = int(rows[failure.row])
+            bad[row] = f"row {row} ids {list(failure.ids)}: {failure.reason} (reference {want[row].tolist()})"
+    near = tuple(int(r) for r in differ if int(r) not in bad)
+    return RoutingDiff(key, len(want), tuple(sorted(bad)), near, tuple(bad[r] for r in sorted(bad)))
 
 
-def routing_violations(ids: np.ndarray, must: np.ndarray, must_not: np.ndarray) -> list[tuple[int, list, list]]:
-    """(row, experts missing, experts wrongly chosen) for each row of `ids` [T, k] (in range) that
-    lacks an expert of `must` [T, E] or holds one of `must_not` [T, E]."""
-    chosen = np.zeros(must.shape, bool)
-    np.put_along_axis(chosen, ids, True, axis=-1)
-    missing, wrong = must & ~chosen, must_not & chosen
-    return [(int(r), np.flatnonzero(missing[r]).tolist(), np.flatnonzero(wrong[r]).tolist())
-            for r in np.flatnonzero((missing | wrong).any(axis=-1))]
+def _malformed_rows(ids: np.ndarray, experts: int | None) -> list[RowFailure]:
+    """Rows that are not k distinct ids in [0, experts) (experts None: only >= 0 and distinct)."""
+    return [RowFailure(r, tuple(int(i) for i in ids[r]), reason) for r in range(len(ids))
+            if (reason := malformed(tuple(int(i) for i in ids[r]), experts)) is not None]
+
+
+def routing_violations(ids: np.ndarray, scores: np.ndarray, n_group: int = 1, topk_group: int = 1,
+                       near_tie: NearTie = NEAR_TIE) -> list[RowFailure]:
+    """Every row of `ids` [T, k] (all real rows) that is malformed or not admissible on the
+    deciding values `scores` [T, E] (verifier/routing.py); empty when every row is a correct routing."""
+    return routing_failures(ids, scores, n_group, topk_group, near_tie)
 
 
 def _checked_scores(key: str, scores: np.ndarray, want: np.ndarray) -> np.ndarray:

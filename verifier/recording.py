@@ -132,8 +132,7 @@ def _note_dump(recorder: Recorder, diff, expected: dict, max_rel_l2: float | Non
     for key in sorted(k for k in expected if k.startswith(("greedy_p", "input_ids_p"))):
         recorder.add("tokens", key not in token_failed, _rule(key, "exact", token_failed.get(key)))
     for routing in diff.routing:
-        text = None if routing.passed else (f"expert sets differ at rows {list(routing.mismatched_rows[:10])} "
-                                            f"({len(routing.mismatched_rows)} of {routing.rows})")
+        text = None if routing.passed else routing.message()  # names each failed row's ids and why
         recorder.add("routing", routing.passed, _rule(routing.key, "exact outside near-ties", text))
         if routing.near_tie_rows:
             recorder.near_ties[routing.key] = routing.near_tie_rows

@@ -164,6 +164,11 @@ class NearTie:
             bound = self.atol + self.rtol * np.maximum(np.abs(first), np.abs(second))
         return (first == second) | (finite & (gap <= bound))
 
+    def beats(self, first, second) -> np.ndarray:
+        """bool per pair: `first` decisively beats `second` (greater, and not near-tied with it)."""
+        first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+        return (first > second) & ~self.tied(first, second)
+
     def split(self, values, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(surely_in, surely_out), bool [T, N]: for a top-k choice over `values` [T, N] (float64,
         -inf for candidates that cannot be chosen), which candidates every correct choice must
@@ -190,16 +195,19 @@ NEAR_TIE = NearTie(rtol=2 * DEFAULT_TOLERANCES["float32"].rtol, atol=2 * DEFAULT
 
 def routing_bounds(scores, top_k: int, n_group: int = 1, topk_group: int = 1,
                    rule: NearTie | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(must, must_not), bool [T, E]: the experts every correct routing of these deciding values
-    chooses, and those none chooses, under `rule` (NEAR_TIE by default).
+    """(must, must_not), bool [T, E]: a summary, for reports and statistics, of the experts every
+    correct routing of these deciding values chooses, and of those none chooses, under `rule`
+    (NEAR_TIE by default). The verdict on a row is `verifier.routing.routing_failures`, which
+    judges it against every admissible routing; this summary is sound (cases/
+    test_verifier_oracle_routing.py) but loose: an expert it leaves contested may still be wrong
+    in a given row (the second-best expert of a group tied at the cut).
 
     `scores` [T, E] are the deciding values (logits for softmax_topk, biased scores for
     noaux_tc). With groups (noaux_tc), a group scores the sum of its top-2, the best `topk_group`
     groups are kept and top_k experts chosen inside them; a contested group makes its experts
     contested. An expert is surely chosen when its group surely is and it beats the (k+1)-th of
     the widest pool (every group not surely out); surely not when its group is surely out or it
-    trails the k-th of the narrowest pool (the surely kept groups). Only positions that are
-    neither may differ between two correct routings.
+    trails the k-th of the narrowest pool (the surely kept groups).
     """
     rule = NEAR_TIE if rule is None else rule
     scores = np.asarray(scores, np.float64)
