@@ -193,6 +193,22 @@ def test_near_ties_are_shown_apart_and_colour_only_when_asked():
     assert "\x1b[" in render(report, color=True)
 
 
+def test_a_failed_check_and_the_teardown_error_after_it_are_both_shown():
+    report = GateReport()
+    report.add(Case("t.py::test_both", outcome="failed", failed_in="call", message="AssertionError: logits differ",
+                    teardown="RuntimeError: rank 1 did not stop"))
+    report.add(Case("t.py::test_after", outcome="failed", failed_in="teardown", message="RuntimeError: leaked file",
+                    teardown="RuntimeError: leaked file",
+                    comparisons={"counts": {"numeric": {"ran": 3, "failed": 1}}, "failures": [], "layers": [],
+                                 "near_ties": []}))
+    plain = render(report)
+    assert "AssertionError: logits differ" in plain and "RuntimeError: rank 1 did not stop" in plain
+    assert "teardown error" in plain and "FAILED in teardown" in plain
+    assert plain.count("RuntimeError: leaked file") == 1  # a teardown that filed the case is its failure, once
+    # a comparison that failed inside the passing check (an expected failure) is no failed comparison
+    assert report.cases["t.py::test_after"].ran_failed() == (3, 0) and report.verdict() == "divergence"
+
+
 @pytest.mark.parametrize(("stem", "area"), [("test_graph", "graph vs eager"), ("test_parallel", "ranks"),
                                             ("test_routing_replay_store", "routing replay"), ("test_new", "other")])
 def test_case_files_map_to_report_areas(stem, area):

@@ -176,10 +176,13 @@ class Case:
     comparisons: dict = field(default_factory=empty_comparisons)
 
     def ran_failed(self) -> tuple[int, int]:
-        """(comparisons made, comparisons failed); failures count only when the check itself failed."""
+        """(comparisons made, comparisons failed); failures count only when the check itself failed
+        (not a passing check followed by a teardown error; failed_in None: a Case built directly
+        as failed, such as the compare CLI's)."""
         counts = self.comparisons["counts"].values()
         ran = sum(c["ran"] for c in counts)
-        return ran, sum(c["failed"] for c in counts) if self.failed_in == "call" else 0
+        check_failed = self.outcome == "failed" and self.failed_in in ("call", None)
+        return ran, sum(c["failed"] for c in counts) if check_failed else 0
 
     def near_tie_rows(self) -> int:
         return sum(len(t["rows"]) for t in self.comparisons["near_ties"])
