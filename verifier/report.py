@@ -34,8 +34,8 @@ error was misfiled as "could not run"):
   a failed call (an assertion, a strict xpass) "failed" (a divergence), whatever set-up or
                                                teardown did; a teardown error is kept beside it
   a set-up error, a collection error           "error" (could not run: the check was never reached)
-  a teardown error after a check that passed,  "failed" (failed_in "teardown": the case reached its
-    xfailed or xpassed                         check and did not end cleanly); after a skip: "error"
+  a teardown error after a check that passed   "failed" (failed_in "teardown": the case reached its
+                                               check and did not end cleanly); after a skip: "error"
   a skip (set-up or call)                      "skipped"
   an expected failure / an unexpected pass     "xfailed" / "xpassed" (pytest's xfail marker, not strict;
                                                as in pytest, the marker also covers a set-up or teardown
