@@ -142,13 +142,13 @@ class _Run:
         self.proc.wait()
 
 
-def catches(events: list[dict], clean_passed: frozenset[str]) -> list[dict]:
+def catches(events: list[dict], clean_passed: frozenset[str] | None) -> list[dict]:
     """The events that are catches: a failed call phase of a case that passed on clean code."""
     return [e for e in events if e["event"] == "failed" and e.get("when") == "call"
-            and bare_nodeid(e["nodeid"]) in clean_passed]
+            and (clean_passed is None or bare_nodeid(e["nodeid"]) in clean_passed)]
 
 
-def not_catches(events: list[dict], clean_passed: frozenset[str]) -> str:
+def not_catches(events: list[dict], clean_passed: frozenset[str] | None) -> str:
     """The failures of a run that are no catch, named by kind ('' when there are none)."""
     kinds = {"setup": "set-up error", "teardown": "teardown error"}
     named = []
@@ -157,13 +157,13 @@ def not_catches(events: list[dict], clean_passed: frozenset[str]) -> str:
             named.append(f"collection error in {e['nodeid']}")
         elif e["event"] == "failed" and e.get("when") != "call":
             named.append(f"{kinds.get(e.get('when'), e.get('when'))} in {e['nodeid']}")
-        elif e["event"] == "failed" and bare_nodeid(e["nodeid"]) not in clean_passed:
+        elif e["event"] == "failed" and clean_passed is not None and bare_nodeid(e["nodeid"]) not in clean_passed:
             named.append(f"{e['nodeid']} failed, but had not passed on clean code")
     shown = "; ".join(dict.fromkeys(named[:5]))
     return f"not catches: {shown}" + (f" (+{len(named) - 5} more)" if len(named) > 5 else "") if named else ""
 
 
-def _verdict(run: _Run, timeout_s: float, clean_passed: frozenset[str]) -> Outcome | None:
+def _verdict(run: _Run, timeout_s: float, clean_passed: frozenset[str] | None) -> Outcome | None:
     """The outcome of a planted run once it is known, else None (still running)."""
     exit_code = run.proc.poll()  # before reading: a failure written just before exit is then seen
     events = run.events_so_far()
@@ -193,7 +193,7 @@ def _join(*parts: str) -> str:
 
 
 def _census_verdict(run: _Run, events: list[dict], caught: list[dict], exit_code: int | None, elapsed: float,
-                    timeout_s: float, clean_passed: frozenset[str]) -> Outcome | None:
+                    timeout_s: float, clean_passed: frozenset[str] | None) -> Outcome | None:
     """A census run's outcome once it has ended or hit the time limit (partial then), else None."""
     if exit_code is None and elapsed <= timeout_s:
         return None
@@ -209,12 +209,13 @@ def _census_verdict(run: _Run, events: list[dict], caught: list[dict], exit_code
 
 
 def run_planted(names: list[str], jobs: int, workers: int, profile: str, timeout_s: float,
-                workdir: Path, clean_passed: frozenset[str], cases: Path = CASES, progress=None, files_for=None,
-                census: bool = False) -> list[Outcome]:
+                workdir: Path, cases: Path = CASES, progress=None, files_for=None,
+                census: bool = False, clean_passed: frozenset[str] | None = None) -> list[Outcome]:
     """Run the gate once per failpoint, `jobs` runs at a time, each stopped at its first catch
     (with `census`, run to its end). `clean_passed`: the (bare) node ids of the cases that passed
-    on clean code, the only ones whose failures are catches. `files_for(name)`: the case files to
-    run (None: the gate)."""
+    on clean code, the only ones whose failures are catches (None: the caller vouches that every
+    case it runs passes clean; set-up and teardown errors are still no catch). `files_for(name)`:
+    the case files to run (None: the gate)."""
     pending, active, done = list(names), [], {}
     try:
         while pending or active:
@@ -418,8 +419,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"  {o.failpoint}: {verdict}")
 
     files = (lambda name: args.files) if args.files else None
-    outcomes = run_planted(names, args.jobs, args.workers, args.profile, args.timeout, workdir, clean_passed,
-                           args.cases, progress, files, args.census)
+    outcomes = run_planted(names, args.jobs, args.workers, args.profile, args.timeout, workdir, args.cases,
+                           progress, files, args.census, clean_passed=clean_passed)
     render_table(outcomes, console)
     summary = timing_summary(outcomes)
     console.print(f"{summary['caught']}/{summary['planted']} caught; median {summary['median_seconds']} s, "
