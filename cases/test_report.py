@@ -90,7 +90,7 @@ def test_four_workers_merge_into_one_report_losing_and_duplicating_nothing(merge
         assert ran == want_ran, case["nodeid"]
         assert case["outcome"] == ("failed" if k == FAILING else "passed")
         assert case["worker"] and case["worker"].startswith("gw"), "the case did not come through xdist"
-    assert data["totals"] == {"passed": CASES - 1, "failed": 1, "error": 0, "skipped": 0}
+    assert data["totals"] == {"passed": CASES - 1, "failed": 1, "error": 0, "skipped": 0, "xfailed": 0, "xpassed": 0}
     assert data["areas"][0]["comparisons"] == sum(range(CASES)) + len(EXPECTED_FAILURES) + 1
     assert data["areas"][0]["failed_comparisons"] == 1  # expected failures in passing cases do not count
 
@@ -138,7 +138,7 @@ def test_report_json_validates_against_its_schema(merged):
 def test_read_json_names_the_file_of_another_schema(tmp_path):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"schema": "something.else", "version": 1}))
-    with pytest.raises(ValueError, match="other.json: not a graphgate.report v1"):
+    with pytest.raises(ValueError, match="other.json: not a graphgate.report v2"):
         read_json(path)
 
 
@@ -191,6 +191,22 @@ def test_near_ties_are_shown_apart_and_colour_only_when_asked():
     assert "Error per layer" not in render(report)  # no picture when every layer agrees
     assert plain.isascii() and "\x1b[" not in plain
     assert "\x1b[" in render(report, color=True)
+
+
+def test_a_failed_check_and_the_teardown_error_after_it_are_both_shown():
+    report = GateReport()
+    report.add(Case("t.py::test_both", outcome="failed", failed_in="call", message="AssertionError: logits differ",
+                    teardown="RuntimeError: rank 1 did not stop"))
+    report.add(Case("t.py::test_after", outcome="failed", failed_in="teardown", message="RuntimeError: leaked file",
+                    teardown="RuntimeError: leaked file",
+                    comparisons={"counts": {"numeric": {"ran": 3, "failed": 1}}, "failures": [], "layers": [],
+                                 "near_ties": []}))
+    plain = render(report)
+    assert "AssertionError: logits differ" in plain and "RuntimeError: rank 1 did not stop" in plain
+    assert "teardown error" in plain and "FAILED in teardown" in plain
+    assert plain.count("RuntimeError: leaked file") == 1  # a teardown that filed the case is its failure, once
+    # a comparison that failed inside the passing check (an expected failure) is no failed comparison
+    assert report.cases["t.py::test_after"].ran_failed() == (3, 0) and report.verdict() == "divergence"
 
 
 @pytest.mark.parametrize(("stem", "area"), [("test_graph", "graph vs eager"), ("test_parallel", "ranks"),

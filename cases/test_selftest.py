@@ -3,7 +3,14 @@
 The stand-in gate has one case per behaviour: one that fails only when `router.skip_renorm` is
 planted (with a hypothesis property, so a minimal example exists), one that never fails. The
 selftest must name the catching case, report a fault nothing catches as survived (exit 1), and
-refuse to go on when the clean run already fails.
+refuse to go on when the clean run already fails. Only the failed check (call phase) of a case
+that passed on clean code is a catch: a set-up error is named, never counted, and with
+`--skip-clean` the clean run's gate report says which cases passed.
+
+Hypothesis' example is read from the exception's notes where the case ran. The cases below feed
+the hook both wordings seen so far (6.155: "Falsifying example: ...", 6.170: "Failing test case:
+..."; both as notes), groups of failures, and a report sent through pytest's serialisation as
+xdist sends it; the stand-in runs read it from whatever hypothesis is installed.
 """
 
 from __future__ import annotations
@@ -13,9 +20,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from verifier import selftest_events
 from verifier.selftest import case_files, case_function
-from verifier.selftest_events import falsifying_example
+from verifier.selftest_events import EXAMPLE
 
 CONFTEST = """
 from hypothesis import settings
@@ -61,7 +72,8 @@ def test_selftest_names_the_case_that_catches_and_flags_a_survivor(tmp_path):
     assert renorm["caught"] and renorm["caught_by"].endswith("test_router.py::test_weights_sum_to_one")
     assert renorm["example"].startswith("test_weights_sum_to_one(") and "x=10" in renorm["example"]  # shrunk
     assert renorm["reproduce"] == f"python -m pytest '{renorm['caught_by']}' --failpoints router.skip_renorm"
-    assert not found["graph.round_down"]["caught"] and "passed" in found["graph.round_down"]["note"]
+    assert not found["graph.round_down"]["caught"]
+    assert found["graph.round_down"]["note"].startswith("no check failed with the fault planted; log ")
     assert doc["clean_run"]["note"] == "clean gate passed"
     assert doc["summary"]["caught"] == 1 and doc["summary"]["planted"] == 2
     assert proc.stdout.splitlines()[-1] == "selftest: 1 passed, 1 failed"
@@ -85,12 +97,57 @@ def test_a_faults_own_area_runs_first(tmp_path):
     assert case_files(None, cases) == ["test_router.py", "test_graph.py"]  # GATE_ORDER: router first
 
 
-def test_falsifying_example_is_read_from_the_failure_text():
-    text = "E   AssertionError\nFalsifying example: test_x(\n    n=3,\n)\nmore"
-    assert falsifying_example(text) == "test_x( n=3, )"
-    assert falsifying_example("AssertionError: plain failure") == ""
-    runner = "Falsifying example: test_y(\n    runner=<engine.X object at 0x7f00>,\n    n=2,\n)"
-    assert falsifying_example(runner) == "test_y( n=2, )"
+def noted(error: BaseException, *notes: str) -> BaseException:
+    for text in notes:
+        error.add_note(text)
+    return error
+
+
+def example_through_the_hook(error: BaseException | None, name: str = "test_x") -> str | None:
+    """Drive selftest_events' makereport wrapper as pytest would, on a constructed failure."""
+    item = SimpleNamespace(originalname=name, name=f"{name}[param]")
+    call = SimpleNamespace(excinfo=None if error is None else SimpleNamespace(value=error))
+    hook = selftest_events.pytest_runtest_makereport(item, call)
+    next(hook)
+    with pytest.raises(StopIteration) as done:
+        hook.send(SimpleNamespace(failed=error is not None))
+    return getattr(done.value.value, EXAMPLE, None)
+
+
+REPRODUCE = "You can reproduce this example by temporarily adding @reproduce_failure('6.1', b'AA') as a decorator"
+
+
+@pytest.mark.parametrize("heading", ["Falsifying example", "Failing test case",  # 6.155, 6.170
+                                     "Some future wording"])  # recognised by the call of the test
+def test_the_example_is_read_from_the_notes_whatever_their_heading(heading):
+    error = noted(AssertionError("assert 10 < 10"), f"{heading}: test_x(\n    n=3,\n    m='a, b',\n)", REPRODUCE)
+    assert example_through_the_hook(error) == "test_x(n=3, m='a, b')"
+
+
+def test_the_example_leaves_out_addresses_comments_and_other_notes():
+    error = noted(ValueError("boom"), "Failing test case: test_y(\n    # The test always failed when commented parts"
+                  " were varied together.\n    runner=<engine.X object at 0x7f00>,\n    n=2,  # or any other"
+                  " generated value\n)", "Explanation:\n    These lines were always and only run by failing examples:")
+    assert example_through_the_hook(error, "test_y") == "test_y(n=2)"
+    assert example_through_the_hook(noted(ValueError("x"), "Explanation: test_y(n=1) ran")) is None
+    assert example_through_the_hook(noted(ValueError("x"), "a note: other_test(n=1)")) is None
+    assert example_through_the_hook(ValueError("plain failure")) is None
+    assert example_through_the_hook(None) is None  # a passed phase carries nothing
+
+
+def test_each_failure_of_a_group_gives_its_example():
+    group = ExceptionGroup("Hypothesis found 2 distinct failures.", [
+        noted(AssertionError("a"), "Falsifying example: test_x(\n    n=1,\n)"),
+        ExceptionGroup("inner", [noted(KeyError("b"), "Failing test case: test_x(\n    n=7,\n)")])])
+    assert example_through_the_hook(group) == "test_x(n=1)\ntest_x(n=7)"
+
+
+def test_the_example_travels_on_the_report_through_xdists_serialisation(pytestconfig):
+    report = pytest.TestReport("t.py::test_x", ("t.py", 0, "test_x"), {}, "failed", "AssertionError", "call")
+    setattr(report, EXAMPLE, "test_x(n=3)")
+    data = pytestconfig.hook.pytest_report_to_serializable(config=pytestconfig, report=report)
+    shipped = pytestconfig.hook.pytest_report_from_serializable(config=pytestconfig, data=json.loads(json.dumps(data)))
+    assert getattr(shipped, EXAMPLE) == "test_x(n=3)"
 
 
 def test_every_file_the_selftest_orders_exists():
@@ -131,3 +188,74 @@ def test_a_case_counts_once_whatever_its_parameters_and_xdist_group():
     assert case_function("cases/test_g.py::test_x[a-b]@graph-a") == "cases/test_g.py::test_x"
     assert case_function("cases/test_g.py::test_y@ranks") == "cases/test_g.py::test_y"
     assert case_function("cases/test_g.py::test_z") == "cases/test_g.py::test_z"
+
+
+PHASE_CASES = """
+import pytest
+
+@pytest.fixture
+def engine(request):
+    planted = request.config.getoption("--failpoints")
+    if "graph.round_down" in planted:
+        raise RuntimeError("the engine did not build")
+    yield
+    if "kv.slot_off_by_one" in planted:
+        raise RuntimeError("teardown broke")
+
+def test_uses_engine(engine, request):
+    assert "kv.slot_off_by_one" not in request.config.getoption("--failpoints")
+"""
+
+
+def test_a_set_up_error_is_named_and_no_catch_while_a_failed_check_is_one_whatever_teardown_did(tmp_path):
+    cases = stand_in_gate(tmp_path)
+    (cases / "test_phases.py").write_text(textwrap.dedent(PHASE_CASES))
+    proc, doc = selftest(cases, "--only", "graph.round_down", "kv.slot_off_by_one", "--files", "test_phases.py")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    found = {entry["failpoint"]: entry for entry in doc["failpoints"]}
+    setup = found["graph.round_down"]
+    assert not setup["caught"] and "not catches: set-up error in cases/test_phases.py::test_uses_engine" in setup["note"]
+    checked = found["kv.slot_off_by_one"]
+    assert checked["caught"] and checked["caught_by"].endswith("test_phases.py::test_uses_engine"), checked
+    assert "teardown error in " in checked["note"]  # shown beside the catch, not lost
+
+
+SKIPPED_CLEAN = """
+import pytest
+
+def test_graph(request):
+    if not request.config.getoption("--failpoints"):
+        pytest.skip("only runs with a fault planted")
+    assert False, "fails whatever is planted"
+"""
+
+
+def clean_report(cases: Path) -> Path:
+    """The gate report of a clean pytest run of the stand-in, as CI writes it before the selftest."""
+    report = cases.parent / "clean-report.json"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "verifier.plugin", "--report-json", str(report),
+                           "cases"], cwd=cases.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return report
+
+
+def test_skip_clean_counts_no_case_that_had_not_passed_clean(tmp_path):
+    cases = stand_in_gate(tmp_path)
+    (cases / "test_graph.py").write_text(textwrap.dedent(SKIPPED_CLEAN))  # skipped clean, fails planted
+    proc, doc = selftest(cases, "--skip-clean", "--clean-report", str(clean_report(cases)), "--only", "graph.round_down")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    [entry] = doc["failpoints"]
+    assert not entry["caught"] and "test_graph.py::test_graph failed, but had not passed on clean code" in entry["note"]
+
+
+def test_skip_clean_without_the_clean_report_or_with_a_failed_one_is_refused(tmp_path):
+    proc, _ = selftest(stand_in_gate(tmp_path), "--skip-clean", "--only", "router.skip_renorm")
+    assert proc.returncode == 2 and "error: selftest: --skip-clean needs --clean-report PATH" in proc.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    cases = stand_in_gate(broken, broken=True)
+    report = broken / "clean-report.json"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "verifier.plugin", "--report-json", str(report), "cases"],
+                   cwd=broken, capture_output=True, timeout=300)
+    proc, _ = selftest(cases, "--skip-clean", "--clean-report", str(report), "--only", "router.skip_renorm")
+    assert proc.returncode == 2 and "the clean run's verdict is 'divergence', not 'pass'" in proc.stderr

@@ -7,26 +7,28 @@ report as `user_properties`, which xdist ships to the controller and pytest's JU
 into `<property>` elements. Only the controller (no `workerinput`) builds the `GateReport`,
 prints the summary at the end of the terminal output and writes `--report-json` /
 `--report-html`. Cases are keyed by nodeid, so a report merged from N workers holds each case once.
+Each phase report (set-up, call, teardown) is turned into a `Phase` (`phase_of`) and filed into its
+case by `verifier.report.fold`, whose docstring table says what outcome each combination gets; a
+collection error is a case of its own, filed "error".
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from pathlib import Path
 
 import pytest
 
 from verifier import progress
+from verifier.hypothesis_example import example_of, function_name_of
 from verifier.recording import Recorder, recording
 from verifier.render import render, write_html
-from verifier.report import Case, GateReport, area_of_nodeid
+from verifier.report import Case, GateReport, Phase, area_of_nodeid, bare_nodeid, fold
 
 RECORD = "graphgate.record"  # user_properties name of the JSON record (also a JUnit property)
 _RECORDER = pytest.StashKey[Recorder]()
 MESSAGE_CHARS = 4000
-XDIST_GROUP = re.compile(r"@[^\[\]:@]+$")  # `--dist loadgroup` appends "@group" to a nodeid; pytest rejects it
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -71,7 +73,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     # Before the report exists: what is put on item.user_properties is copied into it.
     if call.when == "call" and _RECORDER in item.stash:
         record = {"area": _area(item), "comparisons": item.stash[_RECORDER].to_dict(),
-                  "example": _example(call.excinfo), "message": _message(call.excinfo)}
+                  "example": example_of(call.excinfo and call.excinfo.value, function_name_of(item)),
+                  "message": _message(call.excinfo)}
         counts = record["comparisons"]["counts"].values()
         item.user_properties += [
             ("graphgate.area", record["area"]),
@@ -92,6 +95,13 @@ class Controller:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         _merge(self.report, report, self.config)
 
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:  # a file that could not be imported: its cases never reached a check
+            case = Case(report.nodeid, area=area_of_nodeid(report.nodeid), outcome="error",
+                        failed_in="collection", message=_crash(report))
+            case.reproduce = _reproduce(report.nodeid, self.config)
+            self.report.add(case)
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if self.report.cases:
             terminalreporter.write_sep("=", "graphgate report")
@@ -106,48 +116,29 @@ class Controller:
 
 def _merge(report: GateReport, test_report: pytest.TestReport, config: pytest.Config) -> None:
     """Fold one phase's report into the case of its nodeid (setup / call / teardown)."""
-    nodeid = XDIST_GROUP.sub("", test_report.nodeid)
+    nodeid = bare_nodeid(test_report.nodeid)
     case = report.cases.get(nodeid) or Case(nodeid, area=area_of_nodeid(nodeid))
-    case.duration += test_report.duration
-    case.worker = _worker(test_report)
-    if test_report.when == "call":
-        _take_call(case, test_report, config)
-    elif test_report.failed:  # setup or teardown: the case could not run, or not clean up
-        case.outcome = "error"
-        case.message = case.message or _crash(test_report)
+    fold(case, phase_of(test_report))
+    if case.outcome in ("failed", "error"):
         case.reproduce = _reproduce(nodeid, config)
-    elif test_report.skipped:
-        case.outcome = "skipped"
     report.add(case)
 
 
-def _take_call(case: Case, test_report: pytest.TestReport, config: pytest.Config) -> None:
-    record = dict(test_report.user_properties).get(RECORD)
-    if record is not None:
-        data = json.loads(record)
-        case.area, case.comparisons, case.example = data["area"], data["comparisons"], data["example"]
-        case.message = data["message"] or ""
-    case.outcome = "skipped" if test_report.skipped else "failed" if test_report.failed else "passed"
-    if test_report.failed:
-        case.message = case.message or _crash(test_report)
-        case.reproduce = _reproduce(case.nodeid, config)
+def phase_of(test_report: pytest.TestReport) -> Phase:
+    """The facts of one phase report that filing needs (as the controller gets it from xdist)."""
+    record = dict(test_report.user_properties).get(RECORD) if test_report.when == "call" else None
+    xfail = hasattr(test_report, "wasxfail")
+    # an error that pytest's xfail marker turned into an expected failure still has its message
+    swallowed = xfail and test_report.skipped and test_report.when != "call"
+    return Phase(when=test_report.when, outcome=test_report.outcome,
+                 message=_crash(test_report) if test_report.failed or swallowed else "",
+                 xfail=xfail, duration=test_report.duration,
+                 worker=_worker(test_report), record=json.loads(record) if record is not None else None)
 
 
 def _area(item: pytest.Item) -> str:
     mark = item.get_closest_marker("gate_area")
     return mark.args[0] if mark else area_of_nodeid(item.nodeid)
-
-
-def _example(excinfo) -> str | None:
-    """Hypothesis's "Falsifying example" note on the exception (or on one inside a group)."""
-    if excinfo is None:
-        return None
-    pending, notes = [excinfo.value], []
-    while pending:
-        error = pending.pop()
-        notes += [n for n in getattr(error, "__notes__", ()) if n.startswith("Falsifying")]
-        pending += list(getattr(error, "exceptions", ()))
-    return "\n".join(dict.fromkeys(notes)) or None
 
 
 def _message(excinfo) -> str:
@@ -157,7 +148,7 @@ def _message(excinfo) -> str:
     return f"{excinfo.type.__name__}: {excinfo.value}"[:MESSAGE_CHARS]
 
 
-def _crash(test_report: pytest.TestReport) -> str:
+def _crash(test_report) -> str:
     crash = getattr(test_report.longrepr, "reprcrash", None)
     return crash.message if crash is not None else str(test_report.longrepr)[-MESSAGE_CHARS:]
 

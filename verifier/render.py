@@ -72,6 +72,9 @@ def _headline(report: GateReport) -> Text:
     text.append(verdict.upper(), style=VERDICT_STYLE[verdict])
     text.append(f"  ({totals['passed']} passed, {totals['failed']} failed, {totals['error']} errors, "
                 f"{totals['skipped']} skipped")
+    for kind in ("xfailed", "xpassed"):  # pytest's xfail marker: shown when a run has any
+        if totals[kind]:
+            text.append(f", {totals[kind]} {kind}")
     text.append(f"; failpoints: {report.failpoints})" if report.failpoints else ")")
     return text
 
@@ -94,7 +97,8 @@ def _case_panel(case: Case, frame, plain: bool) -> Panel:
         parts.append(_failure_table(failures, frame, minimised=case.example is not None))
     if any(entry["max_abs_err"] for entry in case.comparisons["layers"]):  # an all-zero picture says nothing
         parts.append(_layer_picture(case.comparisons["layers"], frame, plain))
-    title = Text(case.outcome.upper())  # the test id goes inside, where a long one can wrap
+    # the test id goes inside, where a long one can wrap; the title says which phase filed the case
+    title = Text(case.outcome.upper() + (f" in {case.failed_in}" if case.failed_in not in (None, "call") else ""))
     return Panel(Group(*parts), title=title, title_align="left", box=frame,
                  border_style="red" if case.outcome == "failed" else "yellow")
 
@@ -107,6 +111,8 @@ def _fields(case: Case) -> Table:
     grid.add_row("area", case.area)
     if case.message:
         grid.add_row("failure", _head(case.message))
+    if case.teardown and case.teardown != case.message:  # a teardown error after a failed check: both shown
+        grid.add_row("teardown error", _head(case.teardown))
     if case.example:
         grid.add_row("minimised input", case.example)
     ran = sum(c["ran"] for c in case.comparisons["counts"].values())

@@ -1,19 +1,22 @@
 """The gate's report as data: one entry per case, merged on the pytest controller, saved as JSON.
 
-JSON schema "graphgate.report", version 1 (`SCHEMA` below is the normative JSON Schema; bump
+JSON schema "graphgate.report", version 2 (`SCHEMA` below is the normative JSON Schema; bump
 `VERSION` on any change a reader could notice):
 
-  schema, version          "graphgate.report", 1
+  schema, version          "graphgate.report", 2
   created                  ISO 8601 UTC time the report was written
   command                  the pytest arguments of the run
   failpoints               the planted failpoints ("" when none)
   verdict                  "pass" | "divergence" | "could not run"
-  totals                   {passed, failed, error, skipped}: cases by outcome
+  totals                   {passed, failed, error, skipped, xfailed, xpassed}: cases by outcome
   areas[]                  per area: cases, comparisons, failed_comparisons, failed_cases, near_ties
   cases[]                  per case (sorted by nodeid, one entry per nodeid):
-    nodeid, area, outcome ("passed" | "failed" | "error" | "skipped"), duration (s),
-    message (head of the failure, "" when it passed), example (hypothesis's minimised input or
-    null), reproduce (one shell command, or null when it passed), worker (xdist id or null),
+    nodeid, area, outcome (one of OUTCOMES, filed by `fold` below), failed_in (the phase whose
+    failure filed the case: "collection" | "setup" | "call" | "teardown", null when none failed),
+    teardown (head of a teardown error, "" when teardown was clean: shown whatever the outcome),
+    duration (s, every phase), message (head of the first failure, "" when none),
+    example (hypothesis's minimised input or null), reproduce (one shell command, or null unless
+    failed / error), worker (xdist id or null),
     comparisons: {counts: {kind: {ran, failed}}, failures[], layers[], near_ties[]}
       failures[]: name, passed, message, tolerance, tolerance_source, and for numeric
                   comparisons dtype, shape, mismatches, total, max_abs_err / max_abs_index,
@@ -23,19 +26,36 @@ JSON schema "graphgate.report", version 1 (`SCHEMA` below is the normative JSON 
       near_ties[]: {key, rows}: routing rows within the near-tie margin, never failures
 
 A failed comparison inside a passed case is a check that was meant to fail (a planted-fault case
-asserting its check fires); it counts in `failed_comparisons` only when its case failed.
+asserting its check fires); it counts in `failed_comparisons` only when its case's check (the call
+phase) failed.
+
+How a case's phases are filed (`fold`; version 2, after a call failure followed by a teardown
+error was misfiled as "could not run"):
+  a failed call (an assertion, a strict xpass) "failed" (a divergence), whatever set-up or
+                                               teardown did; a teardown error is kept beside it
+  a set-up error, a collection error           "error" (could not run: the check was never reached)
+  a teardown error after a check that passed   "failed" (failed_in "teardown": the case reached its
+                                               check and did not end cleanly); after a skip: "error"
+  a skip (set-up or call)                      "skipped"
+  an expected failure / an unexpected pass     "xfailed" / "xpassed" (pytest's xfail marker, not strict;
+                                               as in pytest, the marker also covers a set-up or teardown
+                                               error: "xfailed", the teardown error still shown)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 SCHEMA_NAME = "graphgate.report"
-VERSION = 1
-OUTCOMES = ("passed", "failed", "error", "skipped")
+VERSION = 2
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+PHASES = ("collection", "setup", "call", "teardown")
+CHECK_REACHED = ("passed", "xfailed", "xpassed")  # outcomes of a case whose check ran to its verdict
+XDIST_GROUP = re.compile(r"@[^\[\]:@]+$")  # `--dist loadgroup` appends "@group" to a nodeid; pytest rejects it
 # Areas in display order; a case outside them is "other".
 AREAS = ("graph vs eager", "ranks", "routing", "routing replay", "reference", "capture lint", "config", "verifier",
          "other")
@@ -59,6 +79,11 @@ def area_of_file(stem: str) -> str:
     if stem in AREA_OF_FILE:
         return AREA_OF_FILE[stem]
     return next((area for prefix, area in AREA_OF_PREFIX.items() if stem.startswith(prefix)), "other")
+
+
+def bare_nodeid(nodeid: str) -> str:
+    """A nodeid as pytest accepts it on a command line: without the "@group" xdist's loadgroup adds."""
+    return XDIST_GROUP.sub("", nodeid)
 
 
 def area_of_nodeid(nodeid: str) -> str:
@@ -98,9 +123,11 @@ _COMPARISONS = {
 }
 _CASE = {
     "type": "object",
-    "required": ["nodeid", "area", "outcome", "duration", "message", "example", "reproduce", "worker", "comparisons"],
+    "required": ["nodeid", "area", "outcome", "failed_in", "teardown", "duration", "message", "example",
+                 "reproduce", "worker", "comparisons"],
     "properties": {
         "nodeid": {"type": "string"}, "area": {"enum": list(AREAS)}, "outcome": {"enum": list(OUTCOMES)},
+        "failed_in": {"enum": [*PHASES, None]}, "teardown": {"type": "string"},
         "duration": {"type": "number", "minimum": 0}, "message": {"type": "string"},
         "example": {"type": ["string", "null"]}, "reproduce": {"type": ["string", "null"]},
         "worker": {"type": ["string", "null"]}, "comparisons": _COMPARISONS,
@@ -139,6 +166,8 @@ class Case:
     nodeid: str
     area: str = "other"
     outcome: str = "passed"
+    failed_in: str | None = None
+    teardown: str = ""
     duration: float = 0.0
     message: str = ""
     example: str | None = None
@@ -147,13 +176,67 @@ class Case:
     comparisons: dict = field(default_factory=empty_comparisons)
 
     def ran_failed(self) -> tuple[int, int]:
-        """(comparisons made, comparisons failed); failures count only when the case failed."""
+        """(comparisons made, comparisons failed); failures count only when the check itself failed
+        (not a passing check followed by a teardown error; failed_in None: a Case built directly
+        as failed, such as the compare CLI's)."""
         counts = self.comparisons["counts"].values()
         ran = sum(c["ran"] for c in counts)
-        return ran, sum(c["failed"] for c in counts) if self.outcome == "failed" else 0
+        check_failed = self.outcome == "failed" and self.failed_in in ("call", None)
+        return ran, sum(c["failed"] for c in counts) if check_failed else 0
 
     def near_tie_rows(self) -> int:
         return sum(len(t["rows"]) for t in self.comparisons["near_ties"])
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a case as the controller hears of it: pytest's setup, call or teardown report."""
+
+    when: str  # "setup" | "call" | "teardown"
+    outcome: str  # pytest's: "passed" | "failed" | "skipped"
+    message: str = ""  # head of the failure, when it failed
+    xfail: bool = False  # pytest's xfail marker decided this outcome (the report's `wasxfail`)
+    duration: float = 0.0
+    worker: str | None = None
+    record: dict | None = None  # the call's record: area, comparisons, example, message
+
+
+def fold(case: Case, phase: Phase) -> None:
+    """File one phase into its case (phases of a case arrive in order: setup, call, teardown).
+
+    The table in the module docstring is the contract; `cases/test_report_oracle.py` restates it
+    independently and checks this function against it."""
+    case.duration += phase.duration
+    case.worker = phase.worker or case.worker
+    if phase.when == "call":
+        _fold_call(case, phase)
+    elif phase.outcome == "failed" and phase.when == "setup":
+        _file_failure(case, "error", "setup", phase.message)
+    elif phase.outcome == "failed":  # teardown: kept beside whatever the case was filed as
+        case.teardown = phase.message
+        if case.failed_in is None:  # the check passed (or was skipped): the teardown files the case
+            _file_failure(case, "failed" if case.outcome in CHECK_REACHED else "error", "teardown", phase.message)
+    elif phase.when == "teardown" and phase.xfail:  # an xfail marker covers teardown errors too: shown, not filed
+        case.teardown = phase.message
+    elif phase.outcome == "skipped" and phase.when == "setup":
+        case.outcome = "xfailed" if phase.xfail else "skipped"
+
+
+def _fold_call(case: Case, phase: Phase) -> None:
+    if phase.record is not None:
+        case.area, case.comparisons, case.example = (phase.record["area"], phase.record["comparisons"],
+                                                     phase.record["example"])
+    if phase.outcome == "failed":
+        _file_failure(case, "failed", "call", (phase.record or {}).get("message") or phase.message)
+    elif phase.outcome == "skipped":
+        case.outcome = "xfailed" if phase.xfail else "skipped"
+    else:
+        case.outcome = "xpassed" if phase.xfail else "passed"
+
+
+def _file_failure(case: Case, outcome: str, when: str, message: str) -> None:
+    case.outcome, case.failed_in = outcome, when
+    case.message = case.message or message
 
 
 @dataclass

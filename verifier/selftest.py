@@ -3,10 +3,17 @@
 A gate is worth the bugs it catches. The engine declares its planted bugs in
 `engine/failpoints.py`; this command first runs the gate clean (it must pass: no false alarm),
 then runs it once per failpoint with that fault planted (`pytest cases/ --failpoints NAME`) and
-records which case failed first, the seconds from starting pytest to that failure (start-up
-included), and hypothesis' minimal example when the failing case is a property. Each run is
-stopped at its first failure. A failpoint whose run ends green, or hits the time limit, survived:
-the command then exits 1.
+records which case caught it first, the seconds from starting pytest to that catch (start-up
+included), and hypothesis' minimal example when the catching case is a property. Each run is
+stopped at its first catch. A failpoint whose run ends without a catch, or hits the time limit,
+survived: the command then exits 1.
+
+A catch is the failed check (call phase) of a case that passed on clean code. A set-up error (a
+fixture that could not build its engine), a teardown error, a collection error, or the failure of
+a case that did not pass clean is no catch: the case never showed that its check sees the fault.
+Such failures are named in the failpoint's note. Which cases passed clean comes from the clean
+run, or with `--skip-clean` from that run's gate report (`--clean-report PATH`, the
+`--report-json` of the clean gate run just made).
 
 With `--census` each planted run goes to its end instead (no `-x`, hypothesis does not shrink)
 and records every failing case: how many independent cases see each bug class
@@ -32,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.failpoints import KNOWN
+from verifier.report import bare_nodeid, read_json
 
 CASES = Path(__file__).resolve().parent.parent / "cases"
 
@@ -92,12 +100,13 @@ def case_files(area: str | None, cases: Path = CASES) -> list[str]:
 def pytest_command(failpoint: str, events: Path, workers: int, profile: str, cases: Path,
                    files: list[str] | None = None, census: bool = False) -> list[str]:
     """The gate run with `failpoint` planted: on `files` (case file names) or the whole gate in
-    area order; stopped at the first failure unless `census`."""
+    area order. No `-x`: a set-up error is no catch and must not end the run; the selftest stops
+    the run itself at the first catch (unless `census`)."""
     names = files if files is not None else case_files(failpoint.split(".")[0] if failpoint else None, cases)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "verifier.selftest_events", "--selftest-events",
            str(events), "-n", str(workers), "--hypothesis-profile", profile, "-o", "console_output_style=classic"]
     if failpoint:
-        cmd += ["--failpoints", failpoint] + (["--selftest-no-shrink"] if census else ["-x"])
+        cmd += ["--failpoints", failpoint] + (["--selftest-no-shrink"] if census else [])
     return cmd + [str(cases / f) for f in names]
 
 
@@ -133,32 +142,58 @@ class _Run:
         self.proc.wait()
 
 
-def _verdict(run: _Run, timeout_s: float) -> Outcome | None:
+def catches(events: list[dict], clean_passed: frozenset[str] | None) -> list[dict]:
+    """The events that are catches: a failed call phase of a case that passed on clean code."""
+    return [e for e in events if e["event"] == "failed" and e.get("when") == "call"
+            and (clean_passed is None or bare_nodeid(e["nodeid"]) in clean_passed)]
+
+
+def not_catches(events: list[dict], clean_passed: frozenset[str] | None) -> str:
+    """The failures of a run that are no catch, named by kind ('' when there are none)."""
+    kinds = {"setup": "set-up error", "teardown": "teardown error"}
+    named = []
+    for e in events:
+        if e["event"] == "collect_error":
+            named.append(f"collection error in {e['nodeid']}")
+        elif e["event"] == "failed" and e.get("when") != "call":
+            named.append(f"{kinds.get(e.get('when'), e.get('when'))} in {e['nodeid']}")
+        elif e["event"] == "failed" and clean_passed is not None and bare_nodeid(e["nodeid"]) not in clean_passed:
+            named.append(f"{e['nodeid']} failed, but had not passed on clean code")
+    shown = "; ".join(dict.fromkeys(named[:5]))
+    return f"not catches: {shown}" + (f" (+{len(named) - 5} more)" if len(named) > 5 else "") if named else ""
+
+
+def _verdict(run: _Run, timeout_s: float, clean_passed: frozenset[str] | None) -> Outcome | None:
     """The outcome of a planted run once it is known, else None (still running)."""
     exit_code = run.proc.poll()  # before reading: a failure written just before exit is then seen
     events = run.events_so_far()
-    failures = [e for e in events if e["event"] == "failed"]  # a collection error is no catch
+    caught = catches(events, clean_passed)
     elapsed = time.monotonic() - run.started
     bug = KNOWN.get(run.failpoint, "")
     if run.census:
-        return _census_verdict(run, failures, exit_code, elapsed, timeout_s)
-    if failures:
-        first = failures[0]
-        return Outcome(run.failpoint, bug, True, first["nodeid"], round(elapsed, 1), first["example"])
+        return _census_verdict(run, events, caught, exit_code, elapsed, timeout_s, clean_passed)
+    others = not_catches(events, clean_passed)
+    if caught:
+        first = caught[0]
+        return Outcome(run.failpoint, bug, True, first["nodeid"], round(elapsed, 1), first["example"], others)
     if exit_code is not None and exit_code not in (0, 1):
         return Outcome(run.failpoint, bug, False, seconds=round(elapsed, 1),
-                       note=f"the gate could not run (pytest exit {exit_code}); log {run.log}")
+                       note=_join(f"the gate could not run (pytest exit {exit_code})", others, f"log {run.log}"))
     if exit_code is not None or any(e["event"] == "finished" for e in events):
         return Outcome(run.failpoint, bug, False, seconds=round(elapsed, 1),
-                       note=f"gate passed with the fault planted; log {run.log}")
+                       note=_join("no check failed with the fault planted", others, f"log {run.log}"))
     if elapsed > timeout_s:
         return Outcome(run.failpoint, bug, False, seconds=round(elapsed, 1),
-                       note=f"no case failed within {timeout_s:.0f} s; log {run.log}")
+                       note=_join(f"no check failed within {timeout_s:.0f} s", others, f"log {run.log}"))
     return None
 
 
-def _census_verdict(run: _Run, failures: list[dict], exit_code: int | None, elapsed: float,
-                    timeout_s: float) -> Outcome | None:
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def _census_verdict(run: _Run, events: list[dict], caught: list[dict], exit_code: int | None, elapsed: float,
+                    timeout_s: float, clean_passed: frozenset[str] | None) -> Outcome | None:
     """A census run's outcome once it has ended or hit the time limit (partial then), else None."""
     if exit_code is None and elapsed <= timeout_s:
         return None
@@ -167,16 +202,20 @@ def _census_verdict(run: _Run, failures: list[dict], exit_code: int | None, elap
         note = f"stopped at the time limit of {timeout_s:.0f} s: the cases found so far; log {run.log}"
     elif exit_code not in (0, 1):
         note = f"pytest exit {exit_code}; log {run.log}"
-    first = failures[0] if failures else {"nodeid": "", "example": ""}
-    return Outcome(run.failpoint, KNOWN.get(run.failpoint, ""), bool(failures), first["nodeid"], round(elapsed, 1),
-                   first["example"], note, run.files, sorted({e["nodeid"] for e in failures}))
+    first = caught[0] if caught else {"nodeid": "", "example": ""}
+    return Outcome(run.failpoint, KNOWN.get(run.failpoint, ""), bool(caught), first["nodeid"], round(elapsed, 1),
+                   first["example"], _join(note, not_catches(events, clean_passed)), run.files,
+                   sorted({e["nodeid"] for e in caught}))
 
 
 def run_planted(names: list[str], jobs: int, workers: int, profile: str, timeout_s: float,
                 workdir: Path, cases: Path = CASES, progress=None, files_for=None,
-                census: bool = False) -> list[Outcome]:
-    """Run the gate once per failpoint, `jobs` runs at a time, each stopped at its first failure
-    (with `census`, run to its end). `files_for(name)`: the case files to run (None: the gate)."""
+                census: bool = False, clean_passed: frozenset[str] | None = None) -> list[Outcome]:
+    """Run the gate once per failpoint, `jobs` runs at a time, each stopped at its first catch
+    (with `census`, run to its end). `clean_passed`: the (bare) node ids of the cases that passed
+    on clean code, the only ones whose failures are catches (None: the caller vouches that every
+    case it runs passes clean; set-up and teardown errors are still no catch). `files_for(name)`:
+    the case files to run (None: the gate)."""
     pending, active, done = list(names), [], {}
     try:
         while pending or active:
@@ -186,7 +225,7 @@ def run_planted(names: list[str], jobs: int, workers: int, profile: str, timeout
                 active.append(_Run(name, workdir, workers, profile, cases, files, census))
             time.sleep(0.2)
             for run in list(active):
-                outcome = _verdict(run, timeout_s)
+                outcome = _verdict(run, timeout_s, clean_passed)
                 if outcome is not None:
                     run.stop()
                     active.remove(run)
@@ -200,16 +239,37 @@ def run_planted(names: list[str], jobs: int, workers: int, profile: str, timeout
 
 
 def run_clean(workers: int, profile: str, workdir: Path, cases: Path = CASES,
-              files: list[str] | None = None) -> Outcome:
-    """The whole gate (or these case files) with nothing planted: it must pass."""
+              files: list[str] | None = None) -> tuple[Outcome, frozenset[str]]:
+    """The whole gate (or these case files) with nothing planted: it must pass. Returns its outcome
+    and the (bare) node ids of the cases whose check passed."""
     run = _Run("", workdir, workers, profile, cases, files)
     run.proc.wait()
-    failures = [e for e in run.events_so_far() if e["event"] != "finished"]
+    events = run.events_so_far()
+    failures = [e for e in events if e["event"] in ("failed", "collect_error")]
+    passed = frozenset(bare_nodeid(e["nodeid"]) for e in events if e["event"] == "passed")
     elapsed = round(time.monotonic() - run.started, 1)
     if run.proc.returncode == 0 and not failures:
-        return Outcome("", "", False, seconds=elapsed, note="clean gate passed")
+        return Outcome("", "", False, seconds=elapsed, note="clean gate passed"), passed
     first = failures[0]["nodeid"] if failures else f"pytest exit {run.proc.returncode}"
-    return Outcome("", "", True, caught_by=first, seconds=elapsed, note=f"FALSE ALARM: the clean gate failed; log {run.log}")
+    return Outcome("", "", True, caught_by=first, seconds=elapsed,
+                   note=f"FALSE ALARM: the clean gate failed; log {run.log}"), passed
+
+
+def clean_passed_from_report(path: Path) -> frozenset[str]:
+    """The cases that passed in a clean gate run, from its JSON report (`--report-json`).
+
+    Raises UsageError naming the file when it cannot be read, is another schema, or records a
+    failpoint or a failure (then it is no clean run)."""
+    try:
+        report = read_json(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--clean-report {path}: cannot read a gate report ({err})") from None
+    if report.failpoints:
+        raise UsageError(f"--clean-report {path}: the run planted failpoints {report.failpoints!r}; "
+                         "give the report of a clean run")
+    if report.verdict() != "pass":
+        raise UsageError(f"--clean-report {path}: the clean run's verdict is {report.verdict()!r}, not 'pass'")
+    return frozenset(nodeid for nodeid, case in report.cases.items() if case.outcome == "passed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +368,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true",
                         help=f"one failpoint per area ({', '.join(FAST_SUBSET)}), for CI")
     parser.add_argument("--skip-clean", action="store_true",
-                        help="skip the clean run (when the clean gate has just passed in the same job)")
+                        help="skip the clean run (when the clean gate has just passed in the same job); "
+                             "needs --clean-report")
+    parser.add_argument("--clean-report", type=Path, metavar="PATH",
+                        help="with --skip-clean: the clean gate run's JSON report (pytest --report-json PATH), "
+                             "which says which cases passed on clean code")
     parser.add_argument("--jobs", type=int, default=2, help="planted runs at once (default 2)")
     parser.add_argument("-n", "--workers", type=int, default=0,
                         help="xdist workers per planted run (default 0: in-process, so cases run in the "
@@ -333,14 +397,16 @@ def run(args: argparse.Namespace) -> int:
         names = select(args.only, args.fast)
         if args.jobs < 1 or args.workers < 0:
             raise UsageError("--jobs must be at least 1 and --workers at least 0")
+        clean_passed = _clean_passed_given(args)
     except UsageError as err:
         print(f"error: selftest: {err}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="graphgate-selftest-"))
     clean = None
-    if not args.skip_clean:
+    if clean_passed is None:
         console.print("clean run of the whole gate (no fault planted) ...")
-        clean = run_clean(max(2, args.workers * args.jobs), args.profile, workdir, args.cases, args.files)
+        clean, clean_passed = run_clean(max(2, args.workers * args.jobs), args.profile, workdir, args.cases,
+                                        args.files)
         console.print(f"  {clean.note} in {clean.seconds:.0f} s")
         if clean.caught:
             return 1
@@ -354,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
 
     files = (lambda name: args.files) if args.files else None
     outcomes = run_planted(names, args.jobs, args.workers, args.profile, args.timeout, workdir, args.cases,
-                           progress, files, args.census)
+                           progress, files, args.census, clean_passed=clean_passed)
     render_table(outcomes, console)
     summary = timing_summary(outcomes)
     console.print(f"{summary['caught']}/{summary['planted']} caught; median {summary['median_seconds']} s, "
@@ -368,6 +434,18 @@ def run(args: argparse.Namespace) -> int:
     # The plain closing line CI tools read: a planted bug that a case caught counts as passed.
     print(f"selftest: {summary['caught']} passed, {summary['planted'] - summary['caught']} failed")
     return 0 if all(o.caught for o in outcomes) else 1
+
+
+def _clean_passed_given(args: argparse.Namespace) -> frozenset[str] | None:
+    """The clean-passed cases from `--clean-report` with `--skip-clean`; None: make a clean run."""
+    if args.clean_report and not args.skip_clean:
+        raise UsageError("--clean-report goes with --skip-clean (without it the selftest makes its own clean run)")
+    if not args.skip_clean:
+        return None
+    if args.clean_report is None:
+        raise UsageError("--skip-clean needs --clean-report PATH, the JSON report of the clean gate run "
+                         "(`python -m pytest cases/ --report-json PATH`): only cases that passed there can catch a fault")
+    return clean_passed_from_report(args.clean_report)
 
 
 def main(argv: list[str] | None = None) -> int:

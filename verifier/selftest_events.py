@@ -1,9 +1,12 @@
 """A pytest plugin the selftest loads into each gate run it starts (`-p verifier.selftest_events`).
 
-It appends one JSON line per failed test phase to the file named by `--selftest-events`, as soon
-as the controller hears of it (with xdist, reports reach the controller as workers finish them),
-with the seconds since the session started and hypothesis' falsifying example when the failure
-has one. With `--selftest-no-shrink` hypothesis reports the first failing example it meets without
+It appends one JSON line per failed test phase (and one per passed check, the call phase) to
+the file named by `--selftest-events`, as soon as the controller hears of it (with xdist, reports
+reach the controller as workers finish them), with the phase, the seconds since the session
+started and hypothesis' falsifying example when the failure has one. The example is read where
+the case ran, from the exception's notes (verifier/hypothesis_example.py), and travels to the
+controller as the report attribute `EXAMPLE` (pytest's report serialisation, which xdist uses,
+keeps a report's plain attributes). With `--selftest-no-shrink` hypothesis reports the first failing example it meets without
 shrinking it: the selftest's census wants every failing case, not minimal inputs, and shrinking
 a property that fails is most of its cost. The selftest reads the file while the run goes on and stops the run at the first line:
 that is how "time to detect" is measured without waiting for the rest of the gate.
@@ -16,7 +19,9 @@ import time
 
 import pytest
 
-_EXAMPLE_MARK = "Falsifying example:"
+from verifier.hypothesis_example import example_of, function_name_of
+
+EXAMPLE = "graphgate_example"  # the report attribute that carries the example to the controller
 
 
 def pytest_addoption(parser):
@@ -35,6 +40,17 @@ def pytest_configure(config):
         config.pluginmanager.register(_EventWriter(path), "selftest-event-writer")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On the process that ran the case: put hypothesis' example of a failure on its report."""
+    report = yield
+    if report.failed and call.excinfo is not None:
+        example = example_of(call.excinfo.value, function_name_of(item))
+        if example:
+            setattr(report, EXAMPLE, example)
+    return report
+
+
 class _EventWriter:
     def __init__(self, path: str):
         self._path = path
@@ -44,7 +60,11 @@ class _EventWriter:
         if report.failed:
             self._write({"event": "failed", "nodeid": report.nodeid, "when": report.when,
                          "seconds": round(time.monotonic() - self._start, 2),
-                         "example": falsifying_example(report.longreprtext)})
+                         "example": getattr(report, EXAMPLE, "")})
+        elif report.when == "call" and report.passed and not hasattr(report, "wasxfail"):
+            # the clean run's passed checks: only their call-phase failures count as catches later
+            self._write({"event": "passed", "nodeid": report.nodeid, "when": "call",
+                         "seconds": round(time.monotonic() - self._start, 2)})
 
     def pytest_collectreport(self, report):
         if report.failed:
@@ -70,21 +90,3 @@ def load_no_shrink_profile() -> None:
     settings.register_profile("selftest-no-shrink", parent=current,
                               phases=[p for p in current.phases if p is not Phase.shrink])
     settings.load_profile("selftest-no-shrink")
-
-
-def falsifying_example(text: str) -> str:
-    """Hypothesis' minimal example from a failure's text ('' when the failure has none): the call
-    it prints after 'Falsifying example:', up to the closing parenthesis line, without arguments
-    that only print as an object's address."""
-    start = text.find(_EXAMPLE_MARK)
-    if start < 0:
-        return ""
-    lines = []
-    for line in text[start + len(_EXAMPLE_MARK):].splitlines():
-        line = line.strip()
-        line = line[1:].strip() if line[:2] in ("E", "E ") or line.startswith("E\t") else line  # pytest's marker
-        if line and " object at 0x" not in line:  # a fixture shown by its address says nothing
-            lines.append(line)
-        if line == ")" or (lines and line.endswith(")") and len(lines) == 1):
-            break
-    return " ".join(lines)[:500]
