@@ -23,6 +23,8 @@ from verifier.cli_lock import start_pins
 from verifier.lockfile import Move, moves, parse_pins, read_pins
 from verifier.report import Case, GateReport
 
+pytestmark = pytest.mark.gate_area("verifier")
+
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 LOCKED_EXTRAS = ("schema",)  # the README's second install command
@@ -152,7 +154,8 @@ def test_lock_upgrade_drops_a_pin_and_pin_replaces_one(tmp_path):
 def test_drift_runs_the_verifiers_own_case_files():
     names = [p.name for p in cli_drift.drift_cases()]
     assert {"test_verifier_cli.py", "test_selftest.py", "test_report.py"} <= set(names)
-    assert all(n.startswith(("test_verifier_", "test_selftest", "test_report")) for n in names), names
+    assert "test_reproduce.py" in names
+    assert all(n.startswith(("test_verifier_", "test_selftest", "test_report", "test_reproduce")) for n in names), names
     assert len(names) == len(set(names))
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.gate_area("verifier")
+
 ROOT = Path(__file__).resolve().parent.parent
 PLANTED_MESSAGE = "planted: 41 is not 42"
 GROUPED = 6  # cases in the xdist_group; as many free cases beside them, so plain `load` would split them

@@ -7,9 +7,9 @@ one that failed. Drift then reads as "hypothesis moved and example extraction br
 anyone moves the lock; the pre-merge gate keeps running on the lock.
 
 The verifier's own cases are chosen by file name (DRIFT_CASES): cases/test_verifier_*.py (the
-compare CLI, dumps, the routing oracles), test_selftest*.py and test_report*.py (report, merge,
-oracles). They exercise the verifier's use of pytest, xdist, hypothesis, numpy and jsonschema
-without the engine's slow multi-rank cases.
+compare CLI, dumps, the routing oracles), test_selftest*.py, test_report*.py (report, merge,
+oracles) and test_reproduce*.py (reproduce lines, xdist grouping). They exercise the verifier's use
+of pytest, xdist, hypothesis, numpy and jsonschema without the engine's slow multi-rank cases.
 
 Exit codes: 0 the cases pass on the newest versions (moved packages are listed all the same);
 1 a case failed on them; 2 could not run (venv or pip failed, pytest stopped, no report).
@@ -27,7 +27,7 @@ from verifier import venv
 from verifier.lockfile import LOCK, ROOT, Move, moves, read_pins
 from verifier.report import GateReport, read_json
 
-DRIFT_CASES = ("test_verifier_*.py", "test_selftest*.py", "test_report*.py")
+DRIFT_CASES = ("test_verifier_*.py", "test_selftest*.py", "test_report*.py", "test_reproduce*.py")
 EXTRAS = "schema"
 PYTEST_TIMEOUT_S = 1800
 
