@@ -20,7 +20,7 @@ from packaging.utils import canonicalize_name
 from verifier import cli_drift, cli_gate
 from verifier.__main__ import build_parser, main
 from verifier.cli_lock import start_pins
-from verifier.lockfile import Move, moves, parse_pins, read_pins
+from verifier.lockfile import Move, moves, parse_pins, read_pins, render
 from verifier.report import Case, GateReport
 
 pytestmark = pytest.mark.gate_area("verifier")
@@ -135,6 +135,13 @@ def test_lock_lines_must_be_exact_pins():
         {"typing-extensions": "4.16.0", "opt-einsum": "3.3.0"}
     with pytest.raises(ValueError, match=r"lock.txt:2: 'numpy>=2' is not an exact"):
         parse_pins("rich==15.0.0\nnumpy>=2\n", "lock.txt")
+
+
+def test_a_written_lock_reads_back_as_the_same_pins():
+    pins = {"rich": "15.0.0", "paddlepaddle": "3.3.1", "typing-extensions": "4.16.0"}
+    text = render(pins, ["made by hand", ""])
+    assert parse_pins(text, "x") == pins
+    assert text.splitlines()[:2] == ["# made by hand", "#"] and text.splitlines()[2] == "paddlepaddle==3.3.1"
 
 
 def test_moves_name_each_changed_package_once():
