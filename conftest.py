@@ -20,7 +20,18 @@ settings.load_profile("ci")
 pytest_plugins = ["fixtures.pytest_fixtures", "verifier.plugin"]  # plugin: the gate report
 
 
-def pytest_addoption(parser):
+def pytest_addoption(parser, pluginmanager):
+    if pluginmanager.get_plugin("xdist") is None:
+        # pyproject's addopts carry `--dist loadgroup` (it must reach xdist's workers, which re-read
+        # the ini file but not the controller's options); without xdist (`-p no:xdist`, or not
+        # installed) the option would be unknown and a single case could not run as printed.
+        parser.addoption("--dist", default="no", metavar="MODE",
+                         help="xdist's scheduling mode; accepted and ignored while xdist is not loaded")
     parser.addoption("--failpoints", default="", metavar="NAMES",
                      help="plant these engine failpoints (comma-separated) in every engine the cases "
                           "build; the gate must then fail (see engine/failpoints.py)")
+
+
+def pytest_configure(config):
+    if config.pluginmanager.get_plugin("xdist") is None:  # xdist registers its own marker
+        config.addinivalue_line("markers", "xdist_group(name): run on one xdist worker (no effect without xdist)")

@@ -5,6 +5,8 @@ Verbs (each has --help):
   compare  two engine dumps (engine/dump.py format) key by key; exit 0 agree, 1 differ, 2 unreadable
   selftest plant each failpoint, prove a case fails, and how fast; exit 1 when a bug survives
   lint-capture  check each captured piece's program for what breaks CUDA graph capture; exit 1 on findings
+  lock     regenerate constraints.txt (the exact versions the README installs) in a throwaway venv
+  drift    the verifier's own cases on the newest versions the ranges allow; exit 1 when they fail
 
 A verb is a module with `add_arguments(parser)` and `run(args) -> int`, listed in VERBS. Every user error is one `error:` line
 on stderr and exit code 2.
@@ -23,6 +25,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "compare": ("verifier.cli_compare", "compare two engine dumps (.npz) key by key"),
     "selftest": ("verifier.selftest", "plant every failpoint and prove the gate catches it, and how fast"),
     "lint-capture": ("verifier.capture_lint", "check every captured piece for what breaks CUDA graph capture"),
+    "lock": ("verifier.cli_lock", "regenerate constraints.txt in a throwaway venv (pip resolves)"),
+    "drift": ("verifier.cli_drift", "run the verifier's own cases on the newest allowed versions, vs the lock"),
 }
 USAGE_ERROR = 2
 

@@ -80,6 +80,8 @@ def check_setup(args: argparse.Namespace) -> str | None:
     for path in args.cases or ():
         if not Path(path).exists():
             return f"--cases {path}: no such file or folder"
+    if args.cases is None and not (ROOT / "cases").is_dir():
+        return f"no cases folder at {ROOT / 'cases'}: install from a checkout (pip install -e .) or pass --cases"
     if args.pytest_args and args.pytest_args[0] != "--":
         return f"unexpected argument {args.pytest_args[0]!r} (pytest arguments go after `--`)"
     return _check_failpoints(args.failpoints)
@@ -102,8 +104,6 @@ def pytest_command(args: argparse.Namespace, json_path: str) -> list[str]:
         command += ["-n", str(args.workers)]
     if args.failpoints:
         command += ["--failpoints", args.failpoints]
-    if args.cases is None and not (ROOT / "cases").is_dir():
-        return f"no cases/ folder beside {ROOT / 'verifier'}: install from a checkout (pip install -e .)"
     for model in args.model:
         command += ["--model", str(Path(model).resolve())]
     if args.junitxml:
