@@ -59,7 +59,7 @@ class ProcessSetup:
     """What the process set-up left in force, for the run summary."""
 
     threads: int | None  # the kernel thread count the engine set; None: left to the user's setting
-    threads_source: str  # why: "engine default", "set_threads(...)", "OMP_NUM_THREADS=4 (user)"
+    threads_source: str  # why: "engine default: ...", "set_threads(1)", "OMP_NUM_THREADS=4 (user's, left as set)"
     gemm_path: str | None  # MKL_DEBUG_CPU_TYPE in force (None: MKL's own choice by CPU vendor)
     large_blocks_kept: bool
     vendor: str | None = None  # /proc/cpuinfo's vendor_id
