@@ -58,7 +58,10 @@ PREFILL_SIZES = (16, 32)
 DECODE_SIZES = (4,)
 MAX_TOKENS = 40
 MAX_CACHED = 160  # cached prefix per sequence: enough for block boundaries, cheap to compute
-ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}  # generate: chunked prefill and mixed steps
+# The dense MoE form, the reference: graph and eager run the same kernels on the same rows, so
+# the bitwise contracts below hold (the sparse form's graphs run a fixed capacity: test_moe_forms.py).
+ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8,
+          "moe_form": "dense"}  # generate: chunked prefill and mixed steps
 SIZES = {"prefill": PREFILL_SIZES, "decode": DECODE_SIZES}
 MODES = ("piecewise", "full_and_piecewise")
 # Each checkpoint's cases share one session-cached graph engine; under `--dist loadgroup` they stay
@@ -369,7 +372,7 @@ def test_any_capture_size_list_pads_correctly(engine_for, faults, name, sizes, d
     shape_event(composition, {"prefill": sizes, "decode": decode})
     config = graph_config(backend="uncompiled", prefill=sizes, decode=decode)
     graph = LLM(checkpoint_dir(name), EngineConfig(max_num_batched_tokens=64, max_num_seqs=8, graph=config,
-                                                   faults=faults))  # fresh, but with the run's failpoints
+                                                   faults=faults, moe_form="dense"))  # fresh, but with the run's failpoints
     check_step(graph.runner, eager_llm(engine_for, name).runner, composition, {"prefill": sizes, "decode": decode})
 
 

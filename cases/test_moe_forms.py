@@ -225,7 +225,7 @@ def test_engine_pieces_run_exact_eagerly_and_fixed_in_graph_views(engine_for):
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)
 def test_engine_sparse_form_matches_dense_form(engine_for, prompts, name):
     """Eager, whole workloads: tokens and expert ids exact, logits within the float32 tolerance."""
-    sparse, dense = engine_for(name, moe_form="sparse", **ENGINE), engine_for(name, **ENGINE)
+    sparse, dense = engine_for(name, moe_form="sparse", **ENGINE), engine_for(name, moe_form="dense", **ENGINE)
     assert sparse.model.layers[-1].mlp.gate.ndim == 3, "the sparse engine must hold the [E, H, I] layout"
     failures = compare_dumps(dump(sparse, prompts), dump(dense, prompts), logits_tol=F32).failures()
     assert not failures, failures

@@ -42,7 +42,10 @@ from verifier.probes import (
 from verifier.recording import recording
 from verifier.tolerance import EXACT, tolerance_for
 
-ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}
+# The dense MoE form, the reference: graph and eager run the same kernels on the same rows, so
+# the bitwise contracts below hold (the sparse form's graphs run a fixed capacity: test_moe_forms.py).
+ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8,
+          "moe_form": "dense"}
 FLOAT32 = tolerance_for("float32")
 pytestmark = pytest.mark.gate_area("verifier")  # the probes are the verifier's own machinery
 PADDED = Composition((Part(3, 4), Part(9, 1, decode=True), Part(0, 5, rest=3)), seed=11)  # 10 tokens -> 16

@@ -42,7 +42,10 @@ from verifier.tolerance import tolerance_for
 # One xdist worker holds the graph engines, so each capture size compiles once (about 3 s each).
 pytestmark = pytest.mark.xdist_group("routing_replay")
 
-ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8}  # chunked prefill and mixed steps
+# The dense MoE form, the reference: graph and eager run the same kernels on the same rows, so
+# the bitwise contracts below hold (the sparse form's graphs run a fixed capacity: test_moe_forms.py).
+ENGINE = {"max_num_batched_tokens": 32, "max_num_seqs": 8,
+          "moe_form": "dense"}  # chunked prefill and mixed steps
 # Prefill steps of 17-32 tokens replay 32, of <= 16 replay 16; decode steps of <= 4 sequences replay
 # 4 and of 5-8 fall back to eager (above the largest decode size).
 SIZES = {"prefill_capture_sizes": (16, 32), "decode_capture_sizes": (4,)}

@@ -42,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token budget of one step; smaller values force chunked prefill (default 8192)")
     run.add_argument("--max-num-seqs", type=int, default=64, metavar="S",
                      help="sequences running at once (default 64)")
-    run.add_argument("--moe-form", choices=_values(MoEForm), default=MoEForm.DENSE.value,
-                     help="dense: every expert on every row, masked (the reference); sparse: rows grouped by "
-                          "expert, exact counts eagerly, a fixed capacity in graphs (engine/moe/experts.py) (default dense)")
+    run.add_argument("--moe-form", choices=_values(MoEForm), default=MoEForm.SPARSE.value,
+                     help="sparse: rows grouped by expert, exact counts eagerly, a fixed capacity in graphs "
+                          "(engine/moe/experts.py), the fast path; dense: every expert on every row, masked, "
+                          "the reference (default sparse)")
     run.add_argument("--threads", type=int, metavar="N",
-                     help="CPU kernel threads per process (default: this machine's CPUs, shared between ranks)")
+                     help="CPU kernel threads per process (default: $OMP_NUM_THREADS or $MKL_NUM_THREADS when "
+                          "set, else this machine's CPUs, shared between ranks)")
     run.add_argument("--graph", choices=_values(GraphMode), default=GraphMode.EAGER.value,
                      help="eager: no graphs; piecewise: replay the pieces between attention ops, captured per "
                           "padded token count; full_and_piecewise: pure-decode steps replay one whole-model "
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace, out=None) -> int:
         if args.dump_all_ranks:
             write_dump(args.dump.removesuffix(".npz") + f".rank{rank}.npz", arrays)
     print(f"{len(outputs)} prompts, {args.max_new_tokens} new tokens each, {elapsed:.2f} s", file=sys.stderr)
+    print(f"moe form {engine.moe_form}; process set-up: {llm.setup.describe()}", file=sys.stderr)
     print(llm.engine.faults.announcement(), file=sys.stderr)  # what reached this engine (cases check it)
     if engine.graph.mode is not GraphMode.EAGER:
         print(f"graphs: {llm.runner.stats.summary()}", file=sys.stderr)
@@ -171,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.capture == CaptureTiming.EAGER.value and not args.verbose:  # long work shows progress
         logging.getLogger("engine.graph.runner").setLevel(logging.INFO)
-    try:
-        set_threads(args.threads, ranks=args.tp)
+    try:  # without --threads, the engine's set-up (LLM, engine/threads.py) decides, after the user's env
+        if args.threads is not None:
+            set_threads(args.threads, ranks=args.tp)
     except ValueError as err:
         print(f"error: --threads: {err}", file=sys.stderr)
         return 2

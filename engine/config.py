@@ -181,7 +181,9 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     n_shared_experts: int = 0
     num_mtp_layers: int = 0  # GLM's multi-token-prediction layers: stored after the decoder, not run
-    moe_form: MoEForm = MoEForm.DENSE  # the engine's choice, not from config.json (EngineConfig.moe_form)
+    # The engine's choice, not from config.json: an engine copies EngineConfig.moe_form (default sparse)
+    # here; a model description built on its own keeps the dense reference.
+    moe_form: MoEForm = MoEForm.DENSE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "router", RouterKind.parse("router", self.router))
@@ -310,7 +312,10 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     faults: Failpoints = field(default=NO_FAULTS)
     capture_sizes: CaptureSizeLists = field(init=False, repr=False, compare=False)
-    moe_form: MoEForm = MoEForm.DENSE  # routed-expert form, copied into ModelConfig.moe_form by the engine
+    # Routed-expert form, copied into ModelConfig.moe_form by the engine. Sparse is the fast exact path
+    # (exact eagerly, fixed capacity in graphs with overflowing replays redone eagerly); dense, the
+    # reference, is chosen by name.
+    moe_form: MoEForm = MoEForm.SPARSE
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):

@@ -24,6 +24,7 @@ from engine.routing_replay.replay import RoutingReplayer
 from engine.routing_replay.session import RoutingSession, attach_routing
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Batch, Request, Scheduler
+from engine.threads import ProcessSetup, prepare_engine
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ class LLM:
     def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None,
                  routing_replay_dir: str | Path | None = None, replay_routing_dir: str | Path | None = None):
         """With `routing_replay_dir`, every finished request's routed experts are written there; with
-        `replay_routing_dir`, every request routes by the experts recorded there (engine/routing_replay/)."""
+        `replay_routing_dir`, every request routes by the experts recorded there (engine/routing_replay/).
+        The first engine of a process applies the process set-up (engine/threads.py: kernel threads,
+        MKL's GEMM path, heap policy), never over a value the user set; `setup` says what is in force."""
         self.engine = engine or EngineConfig()
+        self.setup: ProcessSetup = prepare_engine(self.engine.parallel.tp)  # before the first GEMM of the process
         self.model_config = cfg = replace(read_model_config(model_dir), moe_form=self.engine.moe_form)
         partition, comm = init_parallel(self.engine.parallel)
         weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))

@@ -130,7 +130,7 @@ class ModelRunner:
         for seg in batch.segments:
             end = seg.start + seg.num_tokens
             slots = slots_for(seg.seq.block_table, 0, end, self.cache.block_size)
-            spans.append(SequenceSpan(row, seg.num_tokens, seg.start, paddle.to_tensor(slots, dtype="int64")))
+            spans.append(SequenceSpan(row, seg.num_tokens, seg.start, np.asarray(slots, dtype=np.int64)))
             row += seg.num_tokens
         return tuple(spans)
 

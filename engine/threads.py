@@ -1,24 +1,31 @@
-"""How many threads the engine's CPU kernels use: decided here, applied once at process set-up.
+"""How many threads the engine's CPU kernels use, and the rest of the process set-up.
 
 Importing Paddle sets OMP_NUM_THREADS=1 when it is unset, so without a decision every GEMM runs
 on one core. The policy:
 
-* `python -m engine run` owns the machine: one thread per CPU this process may run on
+* An engine owns the machine: one thread per CPU this process may run on
   (`os.sched_getaffinity`), unless the user asks for a number.
 * The gate runs 4 xdist workers on 2 cores, already more processes than cores: each worker keeps
   1 thread (a second would only add contention); its set-up calls `set_threads(1)`.
 * Ranks of an N-rank job share the machine: `cpus // N` each, at least 1.
 
-The callers (the CLI's set-up, conftest) apply it before the first step; nothing else calls
-`set_threads`; every rank's entry (engine/launch/rank_entry.py) runs `prepare_process`. It also picks the GEMM code path
+`prepare_engine(ranks)` applies it: `LLM(...)` calls it when it builds an engine, so a library user
+gets the set-up without knowing of it. It acts once per process (later calls return the first
+result) and never over a value the user set: an earlier explicit `set_threads` call (the CLI's
+`--threads`, conftest), OMP_NUM_THREADS or MKL_NUM_THREADS in the environment the process started
+with, MKL_DEBUG_CPU_TYPE, MALLOC_MMAP_THRESHOLD_. It also picks the GEMM code path
 (`choose_gemm_path`), which must happen before the first matrix product of the process, and keeps
-large freed blocks in the heap (`keep_large_blocks`). Paddle offers no public setter: the internal one is called through
-`engine/graph/paddle_compat.py`, with the other Paddle internals.
+large freed blocks in the heap (`keep_large_blocks`). Every rank's entry
+(engine/launch/rank_entry.py) runs `prepare_process` before importing Paddle. Paddle offers no
+public thread setter: the internal one is called through `engine/graph/paddle_compat.py`, with the
+other Paddle internals.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 # Paddle's CPU build links an MKL (libmklml_intel) that picks its kernels by CPU vendor: on AMD it
@@ -39,6 +46,39 @@ MKL_AVX2 = "5"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 KEEP_BLOCKS_UP_TO = 1 << 30
 
+# Variables through which a user chooses the kernel thread count himself. Paddle's import writes
+# OMP_NUM_THREADS=1 into os.environ when it is unset, so os.environ cannot tell a user's value from
+# Paddle's: the environment the process started with can (/proc/self/environ, else the snapshot
+# taken when this module is imported, which is the user's own when Paddle is not imported yet).
+USER_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_ENV_AT_IMPORT = None if "paddle" in sys.modules else {k: os.environ[k] for k in USER_THREAD_VARS if k in os.environ}
+
+
+@dataclass(frozen=True)
+class ProcessSetup:
+    """What the process set-up left in force, for the run summary."""
+
+    threads: int | None  # the kernel thread count the engine set; None: left to the user's setting
+    threads_source: str  # why: "engine default: ...", "set_threads(1)", "OMP_NUM_THREADS=4 (user's, left as set)"
+    gemm_path: str | None  # MKL_DEBUG_CPU_TYPE in force (None: MKL's own choice by CPU vendor)
+    large_blocks_kept: bool
+    vendor: str | None = None  # /proc/cpuinfo's vendor_id
+
+    def describe(self) -> str:
+        """One line, e.g. "threads 2 (engine default: this machine's CPUs), GEMM path
+        MKL_DEBUG_CPU_TYPE=5 (AVX2), heap keeps large blocks"."""
+        threads = f"threads {self.threads} ({self.threads_source})" if self.threads else f"threads: {self.threads_source}"
+        if self.gemm_path is None:
+            gemm = f"GEMM path: MKL's own for this CPU ({self.vendor or 'vendor unknown'})"
+        else:
+            gemm = f"GEMM path MKL_DEBUG_CPU_TYPE={self.gemm_path}" + (" (AVX2)" if self.gemm_path == MKL_AVX2 else "")
+        heap = "heap keeps large blocks" if self.large_blocks_kept else "heap: malloc's defaults"
+        return f"{threads}, {gemm}, {heap}"
+
+
+_explicit: tuple[int, str] | None = None  # (count, how) of the last set_threads call
+_prepared: ProcessSetup | None = None
+
 
 def default_threads(ranks: int = 1) -> int:
     """Threads per process for an engine run of `ranks` processes on this machine."""
@@ -54,16 +94,59 @@ def set_threads(count: int | None = None, ranks: int = 1) -> int:
         raise ValueError(f"threads={count!r}: must be a positive integer")
     from engine.graph.paddle_compat import set_kernel_threads  # deferred: deciding must not import Paddle
 
+    global _explicit
     prepare_process()
     set_kernel_threads(threads)
+    _explicit = (threads, f"set_threads({count!r}" + (f", ranks={ranks})" if ranks != 1 else ")"))
     return threads
 
 
-def prepare_process() -> None:
+def prepare_engine(ranks: int = 1) -> ProcessSetup:
+    """The process set-up for an engine of `ranks` processes, applied once per process (idempotent:
+    later calls return the first call's result without acting). The thread count is set to
+    `default_threads(ranks)` only when the user chose none (see the module docstring)."""
+    global _prepared
+    if _prepared is not None:
+        return _prepared
+    heap = prepare_process()
+    user = user_thread_setting()
+    if _explicit is not None:
+        count, source = _explicit
+    elif user is not None:
+        count, source = None, f"{user} (user's, left as set)"
+    else:
+        count, source = set_threads(None, ranks), "engine default: " + (
+            "this machine's CPUs" if ranks == 1 else f"this machine's CPUs / {ranks} ranks")
+    _prepared = ProcessSetup(count, source, os.environ.get(MKL_CPU_TYPE_ENV), heap, cpu_vendor())
+    return _prepared
+
+
+def user_thread_setting() -> str | None:
+    """"NAME=value" of the first thread-count variable the user set before Paddle's import, or None."""
+    env = startup_environment()
+    for name in USER_THREAD_VARS:
+        if name in env:
+            return f"{name}={env[name]}"
+    return None
+
+
+def startup_environment(path: Path = Path("/proc/self/environ")) -> dict[str, str]:
+    """The thread-count variables of the environment this process started with; where that cannot
+    be read, the ones in os.environ when this module was imported before Paddle (else none known)."""
+    try:
+        entries = path.read_bytes().split(b"\0")
+    except OSError:
+        return dict(_ENV_AT_IMPORT or {})
+    pairs = (e.decode(errors="replace").partition("=") for e in entries if e)
+    found = {k: v for k, _, v in pairs if k in USER_THREAD_VARS}
+    return {**found, **(_ENV_AT_IMPORT or {})}
+
+
+def prepare_process() -> bool:
     """The set-up that needs no Paddle import (a rank's entry runs it before its program imports
-    anything): the GEMM path and the heap policy."""
+    anything): the GEMM path and the heap policy; returns whether the heap policy took effect."""
     choose_gemm_path()
-    keep_large_blocks()
+    return keep_large_blocks()
 
 
 def choose_gemm_path(vendor: str | None = None) -> str | None:

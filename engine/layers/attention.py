@@ -35,7 +35,9 @@ class SequenceSpan:
     row_start: int
     num_tokens: int
     context_len: int  # tokens of this sequence already in the cache before this step
-    slots: paddle.Tensor  # [context_len + num_tokens] int64, the cache slots of positions 0..end
+    # [context_len + num_tokens] int64, the cache slots of positions 0..end. Read on the host only (to
+    # build the plan), so the runner hands a NumPy array: a tensor per sequence cost a copy in and out.
+    slots: np.ndarray | paddle.Tensor
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def _group(members: list[tuple[SequenceSpan, int, int]], rows: int, keys: int) -
     key_pos = np.arange(keys)
     for g, (span, first, seen) in enumerate(members):
         query_rows[g] = span.row_start + first + np.arange(rows)
-        slots[g, :seen] = span.slots.numpy()[:seen]
+        slots[g, :seen] = np.asarray(span.slots)[:seen]
         query_pos = span.context_len + first + np.arange(rows)  # [rows]
         mask[g][key_pos[None, :] <= query_pos[:, None]] = 0.0
     return BlockGroup(paddle.to_tensor(query_rows.reshape(-1)), paddle.to_tensor(slots.reshape(-1)),
