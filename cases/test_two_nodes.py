@@ -26,6 +26,8 @@ import netns
 from engine_cli import engine_env, engine_run
 
 from engine.dump import read_dump
+from engine.launch import blame
+from engine.launch.nodes import Nodes, from_flags
 from fixtures.pytest_fixtures import checkpoint_dir
 from test_cli_ranks import alive, processes_below, rank_process
 
@@ -122,8 +124,8 @@ def test_a_rank_killed_on_the_second_node_is_named_there(tmp_path, faults):
         results = finish(procs)
         ended_s = time.monotonic() - killed
     (code_a, _, err_a), (code_b, _, err_b) = results
-    assert code_b == 1 and error_lines(err_b)[0].startswith(
-        "error: the 4-rank job failed: rank 3: killed by signal 9 (SIGKILL)"), err_b
+    # "killed by signal 9" when the launcher's report came first, else "died without a Python exit".
+    assert code_b == 1 and error_lines(err_b)[0].startswith("error: the 4-rank job failed: rank 3: "), err_b
     # The first node sees only its own ranks fail on the broken link: one of them is named.
     assert code_a == 1 and re.match(r"error: the 4-rank job failed: rank [01]: ", error_lines(err_a)[0]), err_a
     assert ended_s < KILL_BOUND_S, f"the nodes ended {ended_s:.1f} s after the kill"
@@ -139,11 +141,18 @@ def test_the_watchdog_names_a_stuck_collective_on_both_nodes(tmp_path, faults):
     results = two_node_run(tmp_path, planted, args)
     stuck = re.compile(r"rank (\d)(?:: | \()stuck in ((all_reduce|all_gather|capture|replay) #\d+ \([^)]+\)) "
                        r"at step 1 for [\d.]+ s \(collective timeout 3 s\)")
+    lines = []
     for node, (code, _, err) in enumerate(results):
         errors = error_lines(err)
         assert code == 1 and len(errors) == 1, f"node {node}: {err[-3000:]}"
-        found = stuck.search(errors[0])
-        assert found and int(found[1]) in (2 * node, 2 * node + 1), f"node {node}: {errors[0]}"
+        lines.append(errors[0])
+    # The first node holds the disagreeing rank 1: one of its ranks is named by the watchdog's line.
+    found = stuck.search(lines[0])
+    assert found and int(found[1]) in (0, 1), lines
+    # The second node's ranks wait on the same step across the link: its error says where they were.
+    where = re.search(r"; collectives: (.*) \(logs: ", lines[1])
+    assert where and re.search(r"ranks? [23](, 3)? in (all_reduce|all_gather|capture|replay) #\d+ \([^)]+\) at step 1",
+                               where[1]), lines
 
 
 def wait_for_step(proc: subprocess.Popen, rank: int, log: Path, step: int) -> int:
@@ -157,3 +166,37 @@ def wait_for_step(proc: subprocess.Popen, rank: int, log: Path, step: int) -> in
             return pid
         time.sleep(0.05)
     raise AssertionError(f"rank {rank} did not reach step {step} within {BOUND_S:g} s")
+
+
+# ----------------------------------------------------------------------------- no processes
+
+
+def test_nodes_from_the_flags_find_this_host_and_refuse_what_cannot_work():
+    assert from_flags(1, None) == Nodes()
+    assert from_flags(2, "127.0.0.1,10.255.255.254") == Nodes(("127.0.0.1", "10.255.255.254"), 0)
+    assert from_flags(2, "10.255.255.254,127.0.0.1").local_ranks(4) == range(2, 4)
+    for nnodes, ips, message in [
+            (2, None, "--nnodes 2 needs --ips with 2 addresses"),
+            (2, "127.0.0.1", "--ips lists 1 addresses but --nnodes is 2"),
+            (2, "127.0.0.1,host-b", "'host-b' is not an IPv4 address"),
+            (2, "10.255.255.253,10.255.255.254", "exactly one address must belong to this host, found none"),
+            (2, "127.0.0.1,127.0.0.2", "found 127.0.0.1, 127.0.0.2"),
+            (0, None, "--nnodes must be >= 1")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            from_flags(nnodes, ips)
+    with pytest.raises(ValueError, match="3 ranks cannot be split evenly over 2 nodes"):
+        Nodes(("10.0.0.1", "10.0.0.2")).per_node(3)
+
+
+def test_the_launcher_is_told_this_hosts_address_and_a_shared_port():
+    second = Nodes(("10.0.0.1", "10.0.0.2"), 1)
+    assert second.launcher_args(4, 6070) == ["--nnodes", "2", "--nproc_per_node", "2", "--ips", "10.0.0.1,10.0.0.2",
+                                             "--start_port", "6070", "--host", "10.0.0.2"]
+    assert Nodes().launcher_args(4, 123) == ["--nnodes", "1", "--nproc_per_node", "4", "--ips", "127.0.0.1",
+                                             "--start_port", "123"]
+
+
+def test_the_launchers_local_rank_number_is_blamed_as_the_global_rank():
+    log = "Container rank 1 status failed cmd ['python'] code -9 log workerlog.1"
+    evidence = blame.Evidence({}, {3: 10.0}, log, None, None, rank_offset=2)
+    assert blame.first_failure(evidence) == ([3], "killed by signal 9 (SIGKILL)")
