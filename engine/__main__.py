@@ -19,6 +19,7 @@ import warnings
 from engine.config import CaptureTiming, GraphBackend, GraphMode, MoEForm, ParallelConfig
 from engine.errors import ConfigError, UserError
 from engine.launch import cli_job
+from engine.launch.nodes import from_flags
 from engine.threads import set_threads
 
 
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ep", type=int, default=1, metavar="N",
                      help="expert parallelism: 1 (experts split by width over the TP ranks) or equal to --tp "
                           "(experts placed on ranks) (default 1)")
+    run.add_argument("--nnodes", type=int, default=1, metavar="N",
+                     help="hosts the --tp ranks are spread over, evenly; run the same command on each host "
+                          "(paddle.distributed.launch --nnodes; rank 0's host serves port 6070) (default 1)")
+    run.add_argument("--ips", metavar="A,B,...",
+                     help="with --nnodes N: the N hosts' addresses, rank 0's host first; this host must hold "
+                          "exactly one of them (paddle.distributed.launch --ips)")
     run.add_argument("--dump-all-ranks", action="store_true",
                      help="with --dump OUT.npz, also write OUT.rank{R}.npz from every rank")
     run.add_argument("--routing-replay-dir", metavar="DIR",
@@ -167,7 +174,7 @@ def _timeout_from_env() -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.tp > 1 and not cli_job.inside_launched_job():
+    if (args.tp > 1 or args.nnodes > 1) and not cli_job.inside_launched_job():
         return _relaunch(args, argv)
     warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -195,7 +202,13 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return cli_job.relaunch(argv, args.tp, args.log_dir, engine.faults)
+    try:
+        nodes = from_flags(args.nnodes, args.ips)
+        nodes.per_node(args.tp)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return cli_job.relaunch(argv, args.tp, args.log_dir, engine.faults, nodes)
 
 
 def _run_as_rank(args: argparse.Namespace) -> int:

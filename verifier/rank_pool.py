@@ -21,6 +21,7 @@ from engine.launch import wire
 from engine.launch.blame import RankJobError, rank_names
 from engine.launch.job import check_positive, fresh_dir
 from engine.launch.lifecycle import Launch
+from engine.launch.nodes import Nodes
 from engine.launch.rank_entry import POOL_DIR_ENV, POOL_FAILPOINTS_ENV
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,15 @@ class RankPool:
     `failpoints` (required, so that no pool forgets the run's: "" for none) reach every rank as
     `engine.launch.rank_entry.pool_failpoints()`; each rank announces them in its log.
 
+    `nodes` (engine/launch/nodes.py; the CLI's --nnodes/--ips): over several hosts, each host makes
+    its own pool with the same arguments; it starts, serves and stops that host's ranks (`ranks`)
+    and `request` returns their replies in rank order.
+
     `start_s`: seconds from the launch until every rank was serving."""
 
     def __init__(self, argv: Sequence[str], nproc: int, *, failpoints: Failpoints | str, start_timeout_s: float = 120.0,
                  request_timeout_s: float = 60.0, error_grace_s: float = 3.0,
-                 log_dir: Path | None = None, env: Mapping[str, str] | None = None):
+                 log_dir: Path | None = None, env: Mapping[str, str] | None = None, nodes: Nodes = Nodes()):
         for name, value in [("start_timeout_s", start_timeout_s),
                             ("request_timeout_s", request_timeout_s), ("error_grace_s", error_grace_s)]:
             check_positive(name, value)
@@ -60,7 +65,7 @@ class RankPool:
         planted = failpoints if isinstance(failpoints, Failpoints) else Failpoints.parse(failpoints)
         self.failpoints = planted
         self._job = Launch(argv, nproc, log_dir, {**(env or {}), POOL_DIR_ENV: str(self.pool_dir),
-                                                  POOL_FAILPOINTS_ENV: planted.names})
+                                                  POOL_FAILPOINTS_ENV: planted.names}, nodes)
         self._requests = itertools.count()
         self._closed_because: str | None = None
         try:
@@ -73,6 +78,11 @@ class RankPool:
     @property
     def nproc(self) -> int:
         return self._job.nproc
+
+    @property
+    def ranks(self) -> range:
+        """The global ranks this pool runs (all of them on one node)."""
+        return self._job.ranks
 
     @property
     def log_dir(self) -> Path:
@@ -99,7 +109,7 @@ class RankPool:
             if self._closed_because is None:  # a stopped pool keeps its files for inspection
                 for path in self.pool_dir.glob(f"*.{number}.*"):
                     path.unlink()
-        return [replies[rank] for rank in range(self.nproc)]
+        return [replies[rank] for rank in self.ranks]
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Ask the ranks to return from `serve`, then end the job; afterwards no process is left.
@@ -119,7 +129,7 @@ class RankPool:
                     raise self._job.exit_error()
                 if returncode == 0:
                     return
-                if len(records) == self.nproc:  # programs done: skip the tear-down, and the
+                if len(records) == len(self.ranks):  # programs done: skip the tear-down, and the
                     self._job.stop(signal.SIGKILL)  # noise Paddle's SIGTERM handler logs
                     return
                 if time.monotonic() > deadline:
@@ -143,16 +153,16 @@ class RankPool:
         deadline = start + timeout_s
         ready: set[int] = set()
         for pause in wire.backoff():
-            now_ready = {r for r in range(self.nproc) if wire.ready_path(self.pool_dir, r).exists()}
+            now_ready = {r for r in self.ranks if wire.ready_path(self.pool_dir, r).exists()}
             if now_ready - ready:
-                log.info("rank pool: %d/%d ranks ready after %.1f s", len(ready | now_ready), self.nproc,
+                log.info("rank pool: %d/%d ranks ready after %.1f s", len(ready | now_ready), len(self.ranks),
                          time.monotonic() - start)
             ready |= now_ready
-            if len(ready) == self.nproc:
+            if len(ready) == len(self.ranks):
                 return
             self._check_alive()
             if time.monotonic() > deadline:
-                not_ready = [r for r in range(self.nproc) if r not in ready]
+                not_ready = [r for r in self.ranks if r not in ready]
                 raise self._timed_out(f"not ready within {timeout_s:g} s", not_ready)
             time.sleep(pause)
 
@@ -163,7 +173,7 @@ class RankPool:
         for pause in wire.backoff():
             replies.update(self._read_replies(number, replies))
             errors = sorted(r for r, reply in replies.items() if wire.ERROR_KEY in reply)
-            if len(replies) == self.nproc:
+            if len(replies) == len(self.ranks):
                 if errors:
                     raise self._handler_error(number, replies, errors, stopped=False)
                 return replies
@@ -174,12 +184,12 @@ class RankPool:
                 self._stop("stopped after a handler error")
                 raise self._handler_error(number, replies, errors, stopped=True)
             if time.monotonic() > deadline:
-                waiting = [r for r in range(self.nproc) if r not in replies]
+                waiting = [r for r in self.ranks if r not in replies]
                 raise self._timed_out(f"request {number}: no reply within {timeout_s:g} s", waiting)
             time.sleep(pause)
 
     def _read_replies(self, number: int, have: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        paths = {r: wire.reply_path(self.pool_dir, number, r) for r in range(self.nproc) if r not in have}
+        paths = {r: wire.reply_path(self.pool_dir, number, r) for r in self.ranks if r not in have}
         return {r: wire.decode(path.read_bytes()) for r, path in paths.items() if path.exists()}
 
     def _check_alive(self) -> None:
@@ -200,7 +210,7 @@ class RankPool:
 
     def _handler_error(self, number: int, replies: Mapping[int, dict], errors: list[int],
                        stopped: bool) -> RankJobError:
-        silent = [r for r in range(self.nproc) if r not in replies]
+        silent = [r for r in self.ranks if r not in replies]
         reason = f"request {number} raised on {rank_names(errors)}"
         if stopped:
             reason += (f"; {rank_names(silent)} gave no reply within {self.error_grace_s:g} s "

@@ -52,13 +52,15 @@ class Evidence:
     records: rank -> exit record ({"code", "time", "error"}); deaths: rank -> time.time() its
     process was seen to end; launcher_log: the launcher's own output; stopping_since: when the
     parent began stopping the job (deaths after that are its own doing); launcher_code: the
-    launcher's exit code (None while it runs)."""
+    launcher's exit code (None while it runs); rank_offset: the global rank of this host's first
+    rank (the launcher's log numbers a host's ranks from 0)."""
 
     records: Mapping[int, Mapping[str, Any]]
     deaths: Mapping[int, float]
     launcher_log: str
     stopping_since: float | None
     launcher_code: int | None
+    rank_offset: int = 0
 
 
 def first_failure(evidence: Evidence, any_exit_fails: bool = False) -> tuple[list[int], str]:
@@ -67,7 +69,7 @@ def first_failure(evidence: Evidence, any_exit_fails: bool = False) -> tuple[lis
     gives the code of a rank without a record when it names it; ([], reason) if no rank failed."""
     records = evidence.records
     found = _FAILED_LINE.search(evidence.launcher_log)
-    named = {int(found[1]): code_text(int(found[2]))} if found else {}
+    named = {evidence.rank_offset + int(found[1]): code_text(int(found[2]))} if found else {}
     failures = {r: (rec["time"], exit_reason(rec)) for r, rec in records.items()
                 if rec["code"] != 0 or any_exit_fails}
     failures |= {r: (died, named.get(r, HARD_DEATH)) for r, died in evidence.deaths.items()

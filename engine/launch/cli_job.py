@@ -3,7 +3,8 @@
 The parent re-runs its own arguments as `python -m engine ... --report-dir DIR` through
 `run_ranks` (no timeout: a run takes what it takes) and waits. Each rank writes what it would
 print to DIR/rank{R}.out, or its user error line to DIR/rank{R}.err. The parent then prints rank
-0's output, so an N-rank run reads like a 1-rank one; or one `error:` line: a rank's user error
+0's output (over several nodes: each host prints its own first rank's; ranks agree on it), so an
+N-rank run reads like a 1-rank one; or one `error:` line: a rank's user error
 (exit 2), or else the rank that failed first, followed by that rank's log tail (exit 1). "First"
 is blame.py's: a rank killed mid-run is named, not the peers the launcher then terminated.
 """
@@ -18,28 +19,34 @@ from pathlib import Path
 from engine.failpoints import Failpoints
 from engine.launch.blame import RankJobError
 from engine.launch.job import fresh_dir, run_ranks
+from engine.launch.nodes import Nodes
 from engine.launch.rank_entry import inside_launched_job, this_rank
 
 __all__ = ["inside_launched_job", "relaunch", "write_report"]
 
 
-def relaunch(argv: list[str], nproc: int, log_dir: str | None, faults: Failpoints) -> int:
+def relaunch(argv: list[str], nproc: int, log_dir: str | None, faults: Failpoints, nodes: Nodes = Nodes()) -> int:
     """Run `argv` (the CLI's own arguments) as an nproc-rank job; returns the CLI's exit code.
     `log_dir` (the CLI's --log-dir) must be missing or empty; None: a new temporary folder.
-    `faults` (parsed from argv) are announced here; each rank announces its own in its log."""
+    `faults` (parsed from argv) are announced here; each rank announces its own in its log.
+    `nodes`: the hosts of the job (--nnodes/--ips); this call starts this host's ranks."""
     try:
         logs = fresh_dir(Path(log_dir) if log_dir else None)
     except ValueError as err:
         print(f"error: --log-dir: {err}", file=sys.stderr)
         return 2
-    print(f"starting {nproc} ranks (logs in {logs})", file=sys.stderr)
+    local = nodes.local_ranks(nproc)
+    share = f"ranks {local[0]}-{local[-1]} of {nproc} on node {nodes.this} of {nodes.count}" if nodes.multi \
+        else f"{nproc} ranks"
+    print(f"starting {share} (logs in {logs})", file=sys.stderr)
     print(faults.announcement(), file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="engine-reports-") as reports:
         try:
-            run_ranks(["-m", "engine", *argv, "--report-dir", reports], nproc, timeout_s=None, log_dir=logs)
+            run_ranks(["-m", "engine", *argv, "--report-dir", reports], nproc, timeout_s=None, log_dir=logs,
+                      nodes=nodes)
         except RankJobError as err:
             return _report_failure(Path(reports), nproc, err)
-        return _report_success(Path(reports))
+        return _report_success(Path(reports), local[0])
 
 
 def write_report(report_dir: str, text: str, error: bool) -> None:
@@ -50,10 +57,11 @@ def write_report(report_dir: str, text: str, error: bool) -> None:
     os.replace(tmp, path)
 
 
-def _report_success(reports: Path) -> int:
-    first = reports / "rank0.out"
-    if not first.exists():  # every rank exited 0, so rank 0 must have reported
-        print(f"error: rank 0 exited normally but left no report in {reports}", file=sys.stderr)
+def _report_success(reports: Path, rank: int) -> int:
+    """Print `rank`'s output (this host's first rank)."""
+    first = reports / f"rank{rank}.out"
+    if not first.exists():  # every rank exited 0, so this one must have reported
+        print(f"error: rank {rank} exited normally but left no report in {reports}", file=sys.stderr)
         return 1
     sys.stdout.write(first.read_text())
     return 0

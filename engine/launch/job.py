@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 from engine.launch import rank_logs
 from engine.launch.lifecycle import Launch
+from engine.launch.nodes import Nodes
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,18 @@ class JobResult:
 
 
 def run_ranks(argv: Sequence[str], nproc: int, *, timeout_s: float | None, log_dir: Path | None = None,
-              env: Mapping[str, str] | None = None) -> JobResult:
+              env: Mapping[str, str] | None = None, nodes: Nodes = Nodes()) -> JobResult:
     """Run the Python program `argv` on `nproc` ranks and wait for all of them.
 
     `timeout_s` bounds the whole job including start-up (a trivial 4-rank job takes 10-20 s on two
     cores); None waits as long as the ranks run (the engine CLI: a run takes what it takes).
     `log_dir` must be missing or empty (None: a fresh temporary folder, kept). `env` is added to
-    this process's environment for the ranks; nothing is set in this process.
+    this process's environment for the ranks; nothing is set in this process. Over several
+    `nodes` the same call runs on every host and starts and waits for that host's ranks only.
     Raises RankJobError if a rank fails or the job times out; no process is left either way."""
     if timeout_s is not None:
         check_positive("timeout_s", timeout_s)
-    job = Launch(argv, nproc, fresh_dir(log_dir), env or {})
+    job = Launch(argv, nproc, fresh_dir(log_dir), env or {}, nodes)
     try:
         returncode = job.wait(timeout_s)
     except BaseException:

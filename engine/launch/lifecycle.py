@@ -11,6 +11,12 @@ What this relies on in Paddle 3.3.1's launcher (measured on CPU; the same flags 
     job gets a fresh folder. The launcher echoes rank 0's log to its own stdout, kept here in
     `launcher.log`; rank_entry adds `exit.R.json`, the collective watchdog (watchdog.py)
     `collectives.R.json` (where each rank was: the blame's message quotes it).
+  - Several nodes (nodes.py): one launcher per host, each with `--nnodes N --ips A,B,... --host
+    <its address> --start_port nodes.START_PORT`; a host's workers are `workerlog.0..K-1` by local
+    index, but PADDLE_TRAINER_ID (the exit records, the watchdog's files) and the blame use global
+    ranks, and the launcher's "Container rank R" is local too (blame.Evidence.rank_offset). This
+    side sees only its own host's ranks: a peer host's failure reaches it as its own ranks' failing
+    collectives.
   - Every worker is started with `setsid` (see processes.py for why that needs the token).
   - The launcher polls its workers every second, so it sees a rank end about 1 s after the
     process is gone (Paddle's interpreter tear-down takes another 1-3 s after the program's last
@@ -41,6 +47,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from engine.launch import blame, processes, rank_logs, watchdog
+from engine.launch.nodes import START_PORT, Nodes
 from engine.launch.ports import free_port
 from engine.launch.rank_entry import ENTRY_CODE, PARENT_ENV, TOKEN_ENV
 
@@ -55,17 +62,21 @@ _POLL_S = 0.2
 class Launch:
     """A job started through `python -m paddle.distributed.launch`: `argv` (['-m', module, *args]
     or [script, *args]) on `nproc` ranks, logs in `log_dir` (fresh), `env` added to this process's
-    environment for the ranks. Processes carry a new token; a thread notes each rank's death."""
+    environment for the ranks. Processes carry a new token; a thread notes each rank's death.
+    Over several `nodes` this object starts and watches this host's share, `ranks` (global)."""
 
-    def __init__(self, argv: Sequence[str], nproc: int, log_dir: Path, env: Mapping[str, str]):
+    def __init__(self, argv: Sequence[str], nproc: int, log_dir: Path, env: Mapping[str, str],
+                 nodes: Nodes = Nodes()):
         self.argv = _check_argv(argv)
         if not (isinstance(nproc, int) and nproc >= 1):
             raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
         self.nproc = nproc
+        self.nodes = nodes
+        self.ranks = nodes.local_ranks(nproc)
         self.log_dir = log_dir
-        self.rank_logs = {r: self.log_dir / f"workerlog.{r}" for r in range(nproc)}
+        self.rank_logs = {r: self.log_dir / f"workerlog.{i}" for i, r in enumerate(self.ranks)}
         self.token = uuid.uuid4().hex
-        self.port = free_port(nproc)
+        self.port = START_PORT if nodes.multi else free_port(len(self.ranks))
         self.deaths: dict[int, float] = {}  # rank -> time.time() its process was seen to end
         self._watched_pids: dict[int, int] = {}  # rank -> pid, once _watch_deaths found it
         self._stopping_since: float | None = None
@@ -82,12 +93,12 @@ class Launch:
             raise
         if hasattr(os, "pidfd_open"):
             threading.Thread(target=self._watch_deaths, name="rank-deaths", daemon=True).start()
-        _log.debug("started %d ranks of %s on port %d, logs in %s", nproc, self.argv, self.port, self.log_dir)
+        _log.debug("started ranks %s of %d of %s on port %d, logs in %s", list(self.ranks), nproc, self.argv,
+                   self.port, self.log_dir)
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "paddle.distributed.launch", "--nnodes", "1",
-                "--nproc_per_node", str(self.nproc), "--ips", "127.0.0.1",
-                "--start_port", str(self.port), "--log_dir", str(self.log_dir),
+        return [sys.executable, "-m", "paddle.distributed.launch", *self.nodes.launcher_args(self.nproc, self.port),
+                "--log_dir", str(self.log_dir),
                 sys.executable, "-u", "-c", ENTRY_CODE, *self.argv]
 
     def wait(self, timeout_s: float | None) -> int:
@@ -112,8 +123,8 @@ class Launch:
         dies without Python unwinding (signal, os._exit, crash), which leaves no exit record."""
         watched: dict[int, int] = {}  # pidfd -> rank
         try:
-            while not self._stopped.is_set() and len(self.deaths) < self.nproc:
-                if len(watched) + len(self.deaths) < self.nproc:  # some ranks not found yet
+            while not self._stopped.is_set() and len(self.deaths) < len(self.ranks):
+                if len(watched) + len(self.deaths) < len(self.ranks):  # some ranks not found yet
                     for rank, pid in self.rank_pids().items():
                         if rank not in watched.values() and rank not in self.deaths:
                             with contextlib.suppress(ProcessLookupError):
@@ -205,14 +216,14 @@ class Launch:
         self.stop()
         evidence = blame.Evidence(self.exit_records(), dict(self.deaths),  # copy: the watcher adds
                                   (self.log_dir / LAUNCHER_LOG).read_text(errors="replace"),
-                                  self._stopping_since, self.proc.returncode)
+                                  self._stopping_since, self.proc.returncode, self.ranks.start)
         ranks, reason = blame.first_failure(evidence, any_exit_fails)
         return self.error(ranks, reason + self._positions(), lines=30)
 
     def _positions(self) -> str:
         """'; collectives: rank 1 in ...; ranks 0, 2 in ...' from the ranks' watchdog state files
         ('' when no rank wrote one: no collective watchdog, or no collective yet)."""
-        states = {r: watchdog.read_state(watchdog.state_path(self.log_dir, r)) for r in range(self.nproc)}
+        states = {r: watchdog.read_state(watchdog.state_path(self.log_dir, r)) for r in self.ranks}
         where = blame.group_by_position(states)
         return f"; collectives: {where}" if where else ""
 
