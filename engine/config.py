@@ -182,10 +182,12 @@ class ModelConfig:
     n_shared_experts: int = 0
     num_mtp_layers: int = 0  # GLM's multi-token-prediction layers: stored after the decoder, not run
     moe_form: MoEForm = MoEForm.DENSE  # the engine's choice, not from config.json (EngineConfig.moe_form)
+    dtype: str = "float32"  # the engine's compute dtype, not from config.json (EngineConfig.dtype)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "router", RouterKind.parse("router", self.router))
         object.__setattr__(self, "moe_form", MoEForm.parse("moe_form", self.moe_form))
+        check_dtype(self.dtype)
         _check_model(self)
 
     @property
@@ -245,6 +247,14 @@ def _check_experts(cfg: ModelConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Parallelism, graphs, the engine
+
+
+DTYPES = ("float32", "float64")  # the CPU kernels this engine runs exist in both
+
+
+def check_dtype(value: Any) -> None:
+    if not isinstance(value, str) or value not in DTYPES:
+        raise ConfigError(f"dtype={value!r} is not one of {', '.join(DTYPES)}", field="dtype")
 
 
 @dataclass(frozen=True)
@@ -311,8 +321,12 @@ class EngineConfig:
     faults: Failpoints = field(default=NO_FAULTS)
     capture_sizes: CaptureSizeLists = field(init=False, repr=False, compare=False)
     moe_form: MoEForm = MoEForm.DENSE  # routed-expert form, copied into ModelConfig.moe_form by the engine
+    # Compute dtype of every weight, activation, cache and dump, copied into ModelConfig.dtype by the
+    # engine. float64 exists to be compared against a float64 reference (fixtures/reference64.py).
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_dtype(self.dtype)
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
             check_positive_int(name, getattr(self, name))
         for name in ("num_kv_blocks", "max_model_len"):

@@ -68,7 +68,8 @@ class LLM:
         """With `routing_replay_dir`, every finished request's routed experts are written there; with
         `replay_routing_dir`, every request routes by the experts recorded there (engine/routing_replay/)."""
         self.engine = engine or EngineConfig()
-        self.model_config = cfg = replace(read_model_config(model_dir), moe_form=self.engine.moe_form)
+        self.model_config = cfg = replace(read_model_config(model_dir), moe_form=self.engine.moe_form,
+                                             dtype=self.engine.dtype)
         partition, comm = init_parallel(self.engine.parallel)
         weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))
         self.model = MoEDecoder(cfg, weights, self.engine.faults, partition, comm,

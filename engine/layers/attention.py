@@ -138,7 +138,8 @@ def _group_attention(layer: int, q: paddle.Tensor, cache: KVCache, group: BlockG
     keys = keys.reshape([g, group.keys, kv_heads, dim]).transpose([2, 0, 1, 3]).unsqueeze(1)  # [Hkv, 1, G, S, D]
     values = values.reshape([g, group.keys, kv_heads, dim]).transpose([2, 0, 1, 3]).unsqueeze(1)  # [Hkv, 1, G, S, D]
     scores = paddle.matmul(queries, keys, transpose_y=True)  # [Hkv, rep, G, rows, S]
-    probs = F.softmax(scores + group.mask, axis=-1)
+    mask = group.mask if group.mask.dtype == scores.dtype else group.mask.astype(scores.dtype)  # 0 / -inf: exact
+    probs = F.softmax(scores + mask, axis=-1)
     out = paddle.matmul(probs, values).transpose([2, 3, 0, 1, 4])  # [G, rows, Hkv, rep, D]
     return out.reshape([g * group.rows, heads * dim])
 

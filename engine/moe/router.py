@@ -114,7 +114,7 @@ def softmax_topk(logits, *, top_k, norm_topk_prob, num_real=None, faults: Failpo
     faults = NO_FAULTS if faults is None else faults
     _, num_experts = _logit_shape(logits)
     _validate_top_k(num_experts, top_k)
-    logits = logits.astype("float32")  # [T, E]
+    logits = logits.astype(_compute_dtype(logits))  # [T, E]
     ids = paddle.topk(logits, k=top_k, axis=-1)[1]  # [T, k]
     probs = paddle.nn.functional.softmax(logits, axis=-1)  # [T, E]
     weights = paddle.take_along_axis(probs, ids, axis=-1)  # [T, k]
@@ -141,7 +141,7 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     if bias is None and faults.on("router.bias_absent_crash"):
         selection = scores + bias  # the seed bug: a missing bias reaches arithmetic
     else:
-        selection = scores if bias is None else scores + bias.astype("float32")  # [T, E]
+        selection = scores if bias is None else scores + bias.astype(scores.dtype)  # [T, E]
     kept = _kept_experts(selection, n_group, topk_group, faults)  # [T, E] bool
     fill = 0.0 if faults.on("router.mask_fill_zero") else float("-inf")
     masked = paddle.where(kept, selection, paddle.full_like(selection, fill))  # [T, E]
@@ -161,9 +161,15 @@ def _sigmoid(logits):
     after it: padding to a capture size would perturb real rows, and an exact tie could break
     differently in graph and eager runs. Evaluated in float64 and rounded once, each score depends
     on its logit alone (barring a ~2**-29 chance per element that the two float64 paths straddle a
-    float32 rounding boundary), and is as accurate as a float32 result can be.
+    float32 rounding boundary), and is as accurate as a float32 result can be. A float64 engine's
+    scores stay float64.
     """
-    return paddle.nn.functional.sigmoid(logits.astype("float64")).astype("float32")  # [T, E]
+    return paddle.nn.functional.sigmoid(logits.astype("float64")).astype(_compute_dtype(logits))  # [T, E]
+
+
+def _compute_dtype(logits) -> str:
+    """float64 for a float64 engine's logits (routing in float64 end to end), float32 for any other."""
+    return "float64" if logits.dtype == paddle.float64 else "float32"
 
 
 def _kept_experts(selection, n_group, topk_group, faults):

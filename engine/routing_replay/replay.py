@@ -68,7 +68,7 @@ def replayed_routing(cfg, logits: paddle.Tensor, ids: paddle.Tensor,
     no host reads."""
     ids = ids.astype("int64")  # [T, k]
     if cfg.router is RouterKind.SOFTMAX_TOPK:
-        probs = paddle.nn.functional.softmax(logits.astype("float32"), axis=-1)  # [T, E]
+        probs = paddle.nn.functional.softmax(logits.astype(router._compute_dtype(logits)), axis=-1)  # [T, E]
         weights = paddle.take_along_axis(probs, ids, axis=-1)  # [T, k]
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdim=True)
