@@ -47,6 +47,7 @@ import paddle
 from engine.config import check_grouping
 from engine.errors import UserError
 from engine.failpoints import NO_FAULTS, Failpoints
+from engine.layers.scalars import operand
 
 # Added to the renormalisation denominator, as in the DeepSeek-V3 / GLM-4.5 reference, so that a
 # row whose chosen unbiased scores all underflow to 0 yields 0 weights instead of NaN.
@@ -149,8 +150,8 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     source = selection if faults.on("router.bias_in_weights") else scores
     weights = paddle.take_along_axis(source, ids, axis=-1)  # [T, k]
     if norm_topk_prob and not faults.on("router.skip_renorm"):
-        weights = weights / (weights.sum(axis=-1, keepdim=True) + RENORM_EPS)
-    return _mask_padding(ids, weights * routed_scaling_factor, num_real)
+        weights = weights / (weights.sum(axis=-1, keepdim=True) + operand(RENORM_EPS, weights))
+    return _mask_padding(ids, weights * operand(routed_scaling_factor, weights), num_real)
 
 
 def _sigmoid(logits):

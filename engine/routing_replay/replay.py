@@ -20,6 +20,7 @@ import numpy as np
 import paddle
 
 from engine.config import RouterKind
+from engine.layers.scalars import operand
 from engine.moe import router
 from engine.routing_replay import model_identity
 from engine.routing_replay.errors import RoutingMismatch
@@ -76,5 +77,5 @@ def replayed_routing(cfg, logits: paddle.Tensor, ids: paddle.Tensor,
     scores = router._sigmoid(logits)  # [T, E]
     weights = paddle.take_along_axis(scores, ids, axis=-1)  # [T, k]
     if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(axis=-1, keepdim=True) + router.RENORM_EPS)
-    return router._mask_padding(ids, weights * cfg.routed_scaling_factor, num_real)
+        weights = weights / (weights.sum(axis=-1, keepdim=True) + operand(router.RENORM_EPS, weights))
+    return router._mask_padding(ids, weights * operand(cfg.routed_scaling_factor, weights), num_real)
