@@ -103,8 +103,8 @@ def _bias_len(bias):
 
 def softmax_topk(logits, *, top_k, norm_topk_prob, num_real=None, faults: Failpoints | None = None):
     """Qwen3-MoE routing: the top_k experts by logit, weighted by their softmax probability over all
-    E experts in float32, divided by the top_k sum when `norm_topk_prob`.
-    Returns (ids int64 [T, k], weights float32 [T, k]).
+    E experts in float32 (float64 for float64 logits), divided by the top_k sum when `norm_topk_prob`.
+    Returns (ids int64 [T, k], weights float32 or float64 [T, k]).
 
     Selection reads the logits, not the probabilities: softmax is monotonic, so the choice is the
     same in exact arithmetic, but Paddle's CPU softmax clips `x - max` at -64 before `exp`, so every
@@ -133,7 +133,7 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     each group is scored by the sum of its top-2 selection scores, the best `topk_group` groups are
     kept and the rest masked to -inf; the top_k selection scores inside pick the experts; their
     weights are the *unbiased* scores, divided by (sum + 1e-20) when `norm_topk_prob`, times
-    `routed_scaling_factor`. Returns (ids int64 [T, k], weights float32 [T, k]).
+    `routed_scaling_factor`. Returns (ids int64 [T, k], weights float32 [T, k]; float64 for float64 logits).
     """
     faults = NO_FAULTS if faults is None else faults
     _, num_experts = _logit_shape(logits)
