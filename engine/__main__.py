@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "slack for the work it has just done) is named with its step and collective and "
                           "ended; 0: no bound (default: $ENGINE_COLLECTIVE_TIMEOUT, else "
                           f"{ParallelConfig.collective_timeout_s:g})")
+    run.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                     help="compute dtype of weights, activations, KV cache and dump (float64: to compare "
+                          "against a float64 reference; default float32)")
     run.add_argument("--log-dir", metavar="DIR", help="where a multi-rank job keeps its logs (default: a temp dir)")
     run.add_argument("--report-dir", help=argparse.SUPPRESS)  # set by the parent of a multi-rank job
     run.add_argument("--failpoints", default=os.environ.get("ENGINE_FAILPOINTS", ""), metavar="NAMES",
@@ -119,7 +122,8 @@ def engine_config(args: argparse.Namespace):
     timeout = args.collective_timeout if args.collective_timeout is not None else _timeout_from_env()
     parallel = ParallelConfig(tp=args.tp, ep=args.ep, collective_timeout_s=timeout)
     return EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        graph=graph, parallel=parallel, faults=faults, moe_form=args.moe_form)
+                        graph=graph, parallel=parallel, faults=faults, moe_form=args.moe_form,
+                        dtype=args.dtype)
 
 
 def run(args: argparse.Namespace, out=None) -> int:

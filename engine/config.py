@@ -184,10 +184,12 @@ class ModelConfig:
     # The engine's choice, not from config.json: an engine copies EngineConfig.moe_form (default sparse)
     # here; a model description built on its own keeps the dense reference.
     moe_form: MoEForm = MoEForm.DENSE
+    dtype: str = "float32"  # the engine's compute dtype, not from config.json (EngineConfig.dtype)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "router", RouterKind.parse("router", self.router))
         object.__setattr__(self, "moe_form", MoEForm.parse("moe_form", self.moe_form))
+        check_dtype(self.dtype)
         _check_model(self)
 
     @property
@@ -247,6 +249,14 @@ def _check_experts(cfg: ModelConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Parallelism, graphs, the engine
+
+
+DTYPES = ("float32", "float64")  # the CPU kernels this engine runs exist in both
+
+
+def check_dtype(value: Any) -> None:
+    if not isinstance(value, str) or value not in DTYPES:
+        raise ConfigError(f"dtype={value!r} is not one of {', '.join(DTYPES)}", field="dtype")
 
 
 @dataclass(frozen=True)
@@ -316,8 +326,12 @@ class EngineConfig:
     # (exact eagerly, fixed capacity in graphs with overflowing replays redone eagerly); dense, the
     # reference, is chosen by name.
     moe_form: MoEForm = MoEForm.SPARSE
+    # Compute dtype of every weight, activation, cache and dump, copied into ModelConfig.dtype by the
+    # engine. float64 exists to be compared against a float64 reference (fixtures/reference64.py).
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_dtype(self.dtype)
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
             check_positive_int(name, getattr(self, name))
         for name in ("num_kv_blocks", "max_model_len"):

@@ -2,9 +2,9 @@
 
 Keys for prompt index i (L is the absolute index of a MoE decoder layer):
   input_ids_p{i}              [T] int64
-  logits_p{i}                 [T, V] float32, logits at every prompt position (prefill)
+  logits_p{i}                 [T, V] float32 (float64 from a float64 engine), logits at every prompt position
   greedy_p{i}                 [N] int64, the greedy tokens
-  greedy_logits_p{i}          [N, V] float32, the logits each greedy token was chosen from
+  greedy_logits_p{i}          [N, V] float32 (or float64), the logits each greedy token was chosen from
   topk_ids_p{i}_layer{L}      [T, k] int64, routed experts per prompt token, ascending per row
   decode_topk_ids_p{i}_layer{L} [N-1, k] int64, the same for the decode steps
   names                       [P] unicode, the prompt names
@@ -28,13 +28,18 @@ def dump_arrays(outputs: list[RequestOutput], moe_layers: tuple[int, ...]) -> di
     arrays: dict[str, np.ndarray] = {"names": np.asarray([o.name for o in outputs], dtype=np.str_)}
     for i, out in enumerate(outputs):
         arrays[f"input_ids_p{i}"] = out.input_ids.astype(np.int64)
-        arrays[f"logits_p{i}"] = out.logits().astype(np.float32)
+        arrays[f"logits_p{i}"] = _float(out.logits())
         arrays[f"greedy_p{i}"] = np.asarray(out.greedy, dtype=np.int64)
-        arrays[f"greedy_logits_p{i}"] = np.stack(out.greedy_logits).astype(np.float32)
+        arrays[f"greedy_logits_p{i}"] = _float(np.stack(out.greedy_logits))
         for layer in moe_layers:
             arrays[f"topk_ids_p{i}_layer{layer}"] = out.topk_ids(layer).astype(np.int64)
             arrays[f"decode_topk_ids_p{i}_layer{layer}"] = _decode_ids(out, layer)
     return arrays
+
+
+def _float(values: np.ndarray) -> np.ndarray:
+    """float64 logits (a float64 engine) stay float64; anything else is written as float32."""
+    return values.astype(np.float64 if values.dtype == np.float64 else np.float32)
 
 
 def _decode_ids(out: RequestOutput, layer: int) -> np.ndarray:

@@ -51,12 +51,14 @@ def slots_for(block_table: list[int], start: int, stop: int, block_size: int) ->
 class KVCache:
     """Key/value buffers for every layer: [num_slots, kv_heads, head_dim] each, zero-initialised."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int):
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: str = "float32"):
+        """`dtype` is the model's compute dtype (a float64 engine caches float64 keys and values)."""
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         shape = [num_blocks * block_size, kv_heads, head_dim]
-        self.keys = [paddle.zeros(shape, dtype="float32") for _ in range(num_layers)]
-        self.values = [paddle.zeros(shape, dtype="float32") for _ in range(num_layers)]
+        self.keys = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.values = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
 
     def write(self, layer: int, slots: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> None:
         """Store k, v [N, kv_heads, head_dim] at `slots` [N] of `layer` (in place)."""

@@ -72,7 +72,8 @@ class LLM:
         MKL's GEMM path, heap policy), never over a value the user set; `setup` says what is in force."""
         self.engine = engine or EngineConfig()
         self.setup: ProcessSetup = prepare_engine(self.engine.parallel.tp)  # before the first GEMM of the process
-        self.model_config = cfg = replace(read_model_config(model_dir), moe_form=self.engine.moe_form)
+        self.model_config = cfg = replace(read_model_config(model_dir), moe_form=self.engine.moe_form,
+                                             dtype=self.engine.dtype)
         partition, comm = init_parallel(self.engine.parallel)
         weights = load_weights(model_dir, cfg, lambda name: partition.tensor_slice(cfg, name))
         self.model = MoEDecoder(cfg, weights, self.engine.faults, partition, comm,

@@ -58,7 +58,7 @@ class ModelRunner:
         self.engine = engine
         cfg = model.cfg
         self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
-                             model.kv_heads, cfg.head_dim)
+                             model.kv_heads, cfg.head_dim, cfg.dtype)
         self.decode_table_width = blocks_needed(engine.max_len(cfg), engine.block_size) * engine.block_size
         self.guard = CaptureGuard()
         self.stats = CaptureStats()

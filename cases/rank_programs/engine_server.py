@@ -2,7 +2,8 @@
 
 Request: {"checkpoint": name, "tp": N, "ep": N, "mode": graph mode, "capture_sizes": [...],
 "decode_capture_sizes": [...], "max_num_batched_tokens": T, "prompts": [[ids], ...],
-"max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T, "moe_form": "dense" | "sparse"}; or
+"max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T, "moe_form": "dense" | "sparse",
+"dtype": "float32" | "float64"}; or
 {"hang": rank} / {"exit": rank} to plant a hung or dead rank. Reply: the run's dump arrays
 (engine/dump.py keys) plus "rank", "stats" and "failpoints" (the names planted in the engine that
 ran: the pool's, i.e. the gate run's, plus the request's). Engines are cached per configuration,
@@ -35,7 +36,7 @@ def engine_for(request: dict) -> LLM:
                           parallel=ParallelConfig(tp=request["tp"], ep=request.get("ep", 1),
                                                   fused_allreduce_max_tokens=request.get("fused_max_tokens", 2048)),
                           faults=pool_failpoints().with_(Failpoints.parse(request.get("failpoints", ""))),
-                          moe_form=request.get("moe_form", "dense"))
+                          moe_form=request.get("moe_form", "dense"), dtype=request.get("dtype", "float32"))
     key = (request["checkpoint"], config)
     if key not in ENGINES:
         ENGINES[key] = LLM(checkpoint_dir(request["checkpoint"]), config)

@@ -1,4 +1,5 @@
-"""Hugging Face safetensors checkpoints -> float32 NumPy arrays under their Hub names.
+"""Hugging Face safetensors checkpoints -> NumPy arrays in the model's dtype (float32 or float64)
+under their Hub names.
 
 Strict by design: every tensor the architecture needs must be present with the right shape,
 a floating dtype and finite values; anything unexpected is an error. Each error names the file
@@ -33,7 +34,8 @@ Selection = Callable[[str], "tuple[slice, ...] | None"]
 
 
 def load_weights(model_dir: str | Path, cfg: ModelConfig, select: Selection | None = None) -> dict[str, np.ndarray]:
-    """Read and check every tensor; returns Hub name -> float32 array. `select(name)` says how much of
+    """Read and check every tensor; returns Hub name -> array in `cfg.dtype` (every stored dtype widens
+    exactly to float64; F64 narrows to float32 in a float32 engine). `select(name)` says how much of
     a tensor this rank reads (slices per axis, () for all, None for none), so a tensor-parallel rank
     reads only its share; names and full shapes are checked either way."""
     files = checkpoint_files(Path(model_dir))
@@ -43,7 +45,7 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, select: Selection | No
     _check_names(found, expected, optional_tensors(cfg), Path(model_dir))
     select = select or (lambda name: ())
     wanted = {name: (path, select(name)) for name, path in found.items()}
-    return {name: _read_tensor(handles[path], path, name, expected[name], part)
+    return {name: _read_tensor(handles[path], path, name, expected[name], part, cfg.dtype)
             for name, (path, part) in wanted.items() if part is not None}
 
 
@@ -98,26 +100,27 @@ def _check_names(found: dict[str, Path], expected: dict, optional: set[str], whe
                               f"for this config")
 
 
-def _read_tensor(handle, path: Path, name: str, shape: tuple[int, ...], part: tuple[slice, ...]) -> np.ndarray:
+def _read_tensor(handle, path: Path, name: str, shape: tuple[int, ...], part: tuple[slice, ...],
+                 into: str = "float32") -> np.ndarray:
     info = handle.get_slice(name)
     dtype, got = info.get_dtype(), tuple(info.get_shape())
     if dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; expected one of {FLOAT_DTYPES}")
     if got != shape:
         raise CheckpointError(f"{path}: tensor {name} has shape {list(got)}; the config implies {list(shape)}")
-    array = _as_float32(handle, path, name, dtype, part)
+    array = _as_compute_dtype(handle, path, name, dtype, part, into)
     if not np.isfinite(array).all():
         bad = np.argwhere(~np.isfinite(array))[0]
         raise CheckpointError(f"{path}: tensor {name} has a non-finite value at index {tuple(bad.tolist())}")
     return array
 
 
-def _as_float32(handle, path: Path, name: str, dtype: str, part: tuple[slice, ...]) -> np.ndarray:
+def _as_compute_dtype(handle, path: Path, name: str, dtype: str, part: tuple[slice, ...], into: str) -> np.ndarray:
     if dtype in ("F32", "F16", "F64"):
-        return np.ascontiguousarray(_read_part(handle, name, part), dtype=np.float32)
-    # NumPy has no bfloat16; Paddle reads it and widens it exactly.
+        return np.ascontiguousarray(_read_part(handle, name, part), dtype=into)
+    # NumPy has no bfloat16; Paddle reads it and widens it exactly (to float32, then exactly to float64).
     with safe_open(str(path), framework="paddle") as wide:
-        return _read_part(wide, name, part).astype("float32").numpy()
+        return np.ascontiguousarray(_read_part(wide, name, part).astype("float32").numpy(), dtype=into)
 
 
 def _read_part(handle, name: str, part: tuple[slice, ...]):

@@ -23,6 +23,7 @@ import paddle
 import paddle.nn.functional as F
 
 from engine.kv_cache import KVCache
+from engine.layers.scalars import operand
 
 QUERY_BLOCK = 128  # query rows per block: a long prefill skips the blocks above the causal diagonal
 KEY_ROUND = 128  # key lengths are padded (masked) up to a multiple of this, so blocks share a group
@@ -119,7 +120,7 @@ def paged_attention(layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Te
     Padded rows (n and beyond) are neither read nor written."""
     n = meta.num_tokens
     cache.write(layer, meta.slot_mapping, k[:n], v[:n])
-    q = q * scale  # [P, Hq, D]: scaling q costs D/S of scaling the scores
+    q = q * operand(scale, q)  # [P, Hq, D]: scaling q costs D/S of scaling the scores
     parts = [_group_attention(layer, q, cache, group) for group in meta.plan.groups]
     out = paddle.concat(parts, axis=0) if len(parts) > 1 else parts[0]  # [sum G*rows, Hq * D]
     return paddle.index_select(out, meta.plan.gather)  # [n, Hq * D]
@@ -140,7 +141,8 @@ def _group_attention(layer: int, q: paddle.Tensor, cache: KVCache, group: BlockG
     keys = keys.reshape([g, group.keys, kv_heads, dim]).transpose([2, 0, 1, 3]).unsqueeze(1)  # [Hkv, 1, G, S, D]
     values = values.reshape([g, group.keys, kv_heads, dim]).transpose([2, 0, 1, 3]).unsqueeze(1)  # [Hkv, 1, G, S, D]
     scores = paddle.matmul(queries, keys, transpose_y=True)  # [Hkv, rep, G, rows, S]
-    probs = F.softmax(scores + group.mask, axis=-1)
+    mask = group.mask if group.mask.dtype == scores.dtype else group.mask.astype(scores.dtype)  # 0 / -inf: exact
+    probs = F.softmax(scores + mask, axis=-1)
     out = paddle.matmul(probs, values).transpose([2, 3, 0, 1, 4])  # [G, rows, Hkv, rep, D]
     return out.reshape([g * group.rows, heads * dim])
 
@@ -165,7 +167,7 @@ def static_decode_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         keys, values = paddle.repeat_interleave(keys, rep, axis=2), paddle.repeat_interleave(values, rep, axis=2)
-    scores = paddle.matmul(q.unsqueeze(2), keys.transpose([0, 2, 3, 1])) * scale  # [B, Hq, 1, S]
+    scores = paddle.matmul(q.unsqueeze(2), keys.transpose([0, 2, 3, 1])) * operand(scale, q)  # [B, Hq, 1, S]
     visible = (position <= context_lens.unsqueeze(1)).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, S]
     scores = paddle.where(visible, scores, paddle.full_like(scores, float("-inf")))
     out = paddle.matmul(F.softmax(scores, axis=-1), values.transpose([0, 2, 1, 3]))  # [B, Hq, 1, D]

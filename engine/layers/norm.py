@@ -14,11 +14,13 @@ from typing import Callable
 
 import paddle
 
+from engine.layers.scalars import operand
+
 
 def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight over the last axis, in float32 (as the HF reference)."""
     variance = (x * x).mean(axis=-1, keepdim=True)  # [..., 1]
-    return weight * (x * paddle.rsqrt(variance + eps))
+    return weight * (x * paddle.rsqrt(variance + operand(eps, variance)))
 
 
 def all_reduce_add_rms_norm(partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float,
@@ -26,7 +28,7 @@ def all_reduce_add_rms_norm(partial: paddle.Tensor, residual: paddle.Tensor, wei
                             max_token_num: int) -> tuple[paddle.Tensor, paddle.Tensor]:
     """partial [T, H] (this rank's share of a sum over ranks) -> (norm(sum + residual), sum + residual)."""
     if partial.shape[0] <= max_token_num:
-        summed = all_reduce(partial + residual / world if world > 1 else partial + residual)
+        summed = all_reduce(partial + residual / operand(world, residual) if world > 1 else partial + residual)
     else:
         summed = all_reduce(partial) + residual
     return rms_norm(summed, weight, eps), summed

@@ -11,13 +11,17 @@ import numpy as np
 import paddle
 
 
-def rope_table(rotary_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables, each [max_positions, rotary_dim / 2], computed in float32 as the reference
-    does. The reference's tables repeat these columns for the second half; the halves share angles."""
-    exponent = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
-    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)  # [rd/2]
-    angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # [P, rd/2]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+def rope_table(rotary_dim: int, theta: float, max_positions: int,
+               dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables, each [max_positions, rotary_dim / 2], computed in `dtype` throughout: in
+    float32 as the HF reference does, in float64 as the published formula reads (a float64 engine
+    must not carry float32 angles, whose error grows with the position). The reference's tables
+    repeat these columns for the second half; the halves share angles."""
+    wide = np.dtype(dtype).type
+    exponent = np.arange(0, rotary_dim, 2, dtype=wide) / wide(rotary_dim)
+    inv_freq = (1.0 / (wide(theta) ** exponent)).astype(wide)  # [rd/2]
+    angles = np.arange(max_positions, dtype=wide)[:, None] * inv_freq[None, :]  # [P, rd/2]
+    return np.cos(angles).astype(wide), np.sin(angles).astype(wide)
 
 
 def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:

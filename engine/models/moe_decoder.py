@@ -90,7 +90,7 @@ class MoEDecoder:
         self.final_norm = frozen(tensors[hub.FINAL_NORM])
         local = self.partition.experts(cfg) if cfg.moe_layers else range(0)
         self.layers = [layer_weights(cfg, tensors, i, local, partition.rank) for i in range(cfg.num_layers)]
-        cos, sin = rope_table(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        cos, sin = rope_table(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.dtype)
         self.cos, self.sin = frozen(cos[:, None, :]), frozen(sin[:, None, :])  # [P, 1, rd/2]: broadcast over heads
         self.scale = cfg.head_dim ** -0.5
 
@@ -121,8 +121,8 @@ class MoEDecoder:
         if index == 0:
             return (("token_ids", "int64", ()), *shared)
         replay = self._replay_spec() if self.piece_has_moe(index) else ()
-        return (("attn_out", "float32", (self.heads * self.cfg.head_dim,)),
-                ("residual", "float32", (self.cfg.hidden_size,)), *shared, *replay)
+        return (("attn_out", self.cfg.dtype, (self.heads * self.cfg.head_dim,)),
+                ("residual", self.cfg.dtype, (self.cfg.hidden_size,)), *shared, *replay)
 
     def _replay_spec(self) -> tuple[tuple, ...]:
         """The routing-replay input ([T, moe_layers, top_k] int64), or none when not replaying."""

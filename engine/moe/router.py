@@ -47,6 +47,7 @@ import paddle
 from engine.config import check_grouping
 from engine.errors import UserError
 from engine.failpoints import NO_FAULTS, Failpoints
+from engine.layers.scalars import operand
 
 # Added to the renormalisation denominator, as in the DeepSeek-V3 / GLM-4.5 reference, so that a
 # row whose chosen unbiased scores all underflow to 0 yields 0 weights instead of NaN.
@@ -102,8 +103,8 @@ def _bias_len(bias):
 
 def softmax_topk(logits, *, top_k, norm_topk_prob, num_real=None, faults: Failpoints | None = None):
     """Qwen3-MoE routing: the top_k experts by logit, weighted by their softmax probability over all
-    E experts in float32, divided by the top_k sum when `norm_topk_prob`.
-    Returns (ids int64 [T, k], weights float32 [T, k]).
+    E experts in float32 (float64 for float64 logits), divided by the top_k sum when `norm_topk_prob`.
+    Returns (ids int64 [T, k], weights float32 or float64 [T, k]).
 
     Selection reads the logits, not the probabilities: softmax is monotonic, so the choice is the
     same in exact arithmetic, but Paddle's CPU softmax clips `x - max` at -64 before `exp`, so every
@@ -114,7 +115,7 @@ def softmax_topk(logits, *, top_k, norm_topk_prob, num_real=None, faults: Failpo
     faults = NO_FAULTS if faults is None else faults
     _, num_experts = _logit_shape(logits)
     _validate_top_k(num_experts, top_k)
-    logits = logits.astype("float32")  # [T, E]
+    logits = logits.astype(_compute_dtype(logits))  # [T, E]
     ids = paddle.topk(logits, k=top_k, axis=-1)[1]  # [T, k]
     probs = paddle.nn.functional.softmax(logits, axis=-1)  # [T, E]
     weights = paddle.take_along_axis(probs, ids, axis=-1)  # [T, k]
@@ -132,7 +133,7 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     each group is scored by the sum of its top-2 selection scores, the best `topk_group` groups are
     kept and the rest masked to -inf; the top_k selection scores inside pick the experts; their
     weights are the *unbiased* scores, divided by (sum + 1e-20) when `norm_topk_prob`, times
-    `routed_scaling_factor`. Returns (ids int64 [T, k], weights float32 [T, k]).
+    `routed_scaling_factor`. Returns (ids int64 [T, k], weights float32 [T, k]; float64 for float64 logits).
     """
     faults = NO_FAULTS if faults is None else faults
     _, num_experts = _logit_shape(logits)
@@ -141,7 +142,7 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     if bias is None and faults.on("router.bias_absent_crash"):
         selection = scores + bias  # the seed bug: a missing bias reaches arithmetic
     else:
-        selection = scores if bias is None else scores + bias.astype("float32")  # [T, E]
+        selection = scores if bias is None else scores + bias.astype(scores.dtype)  # [T, E]
     kept = _kept_experts(selection, n_group, topk_group, faults)  # [T, E] bool
     fill = 0.0 if faults.on("router.mask_fill_zero") else float("-inf")
     masked = paddle.where(kept, selection, paddle.full_like(selection, fill))  # [T, E]
@@ -149,8 +150,8 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     source = selection if faults.on("router.bias_in_weights") else scores
     weights = paddle.take_along_axis(source, ids, axis=-1)  # [T, k]
     if norm_topk_prob and not faults.on("router.skip_renorm"):
-        weights = weights / (weights.sum(axis=-1, keepdim=True) + RENORM_EPS)
-    return _mask_padding(ids, weights * routed_scaling_factor, num_real)
+        weights = weights / (weights.sum(axis=-1, keepdim=True) + operand(RENORM_EPS, weights))
+    return _mask_padding(ids, weights * operand(routed_scaling_factor, weights), num_real)
 
 
 def _sigmoid(logits):
@@ -161,9 +162,15 @@ def _sigmoid(logits):
     after it: padding to a capture size would perturb real rows, and an exact tie could break
     differently in graph and eager runs. Evaluated in float64 and rounded once, each score depends
     on its logit alone (barring a ~2**-29 chance per element that the two float64 paths straddle a
-    float32 rounding boundary), and is as accurate as a float32 result can be.
+    float32 rounding boundary), and is as accurate as a float32 result can be. A float64 engine's
+    scores stay float64.
     """
-    return paddle.nn.functional.sigmoid(logits.astype("float64")).astype("float32")  # [T, E]
+    return paddle.nn.functional.sigmoid(logits.astype("float64")).astype(_compute_dtype(logits))  # [T, E]
+
+
+def _compute_dtype(logits) -> str:
+    """float64 for a float64 engine's logits (routing in float64 end to end), float32 for any other."""
+    return "float64" if logits.dtype == paddle.float64 else "float32"
 
 
 def _kept_experts(selection, n_group, topk_group, faults):

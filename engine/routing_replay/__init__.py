@@ -22,4 +22,5 @@ def model_identity(model_config) -> str:
     replays under the other."""
     fields = dataclasses.asdict(model_config)
     fields.pop("moe_form", None)
+    fields.pop("dtype", None)  # the compute dtype too: a float32 recording replays in a float64 engine
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()

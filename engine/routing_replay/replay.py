@@ -20,6 +20,7 @@ import numpy as np
 import paddle
 
 from engine.config import RouterKind
+from engine.layers.scalars import operand
 from engine.moe import router
 from engine.routing_replay import model_identity
 from engine.routing_replay.errors import RoutingMismatch
@@ -68,7 +69,7 @@ def replayed_routing(cfg, logits: paddle.Tensor, ids: paddle.Tensor,
     no host reads."""
     ids = ids.astype("int64")  # [T, k]
     if cfg.router is RouterKind.SOFTMAX_TOPK:
-        probs = paddle.nn.functional.softmax(logits.astype("float32"), axis=-1)  # [T, E]
+        probs = paddle.nn.functional.softmax(logits.astype(router._compute_dtype(logits)), axis=-1)  # [T, E]
         weights = paddle.take_along_axis(probs, ids, axis=-1)  # [T, k]
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdim=True)
@@ -76,5 +77,5 @@ def replayed_routing(cfg, logits: paddle.Tensor, ids: paddle.Tensor,
     scores = router._sigmoid(logits)  # [T, E]
     weights = paddle.take_along_axis(scores, ids, axis=-1)  # [T, k]
     if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(axis=-1, keepdim=True) + router.RENORM_EPS)
-    return router._mask_padding(ids, weights * cfg.routed_scaling_factor, num_real)
+        weights = weights / (weights.sum(axis=-1, keepdim=True) + operand(router.RENORM_EPS, weights))
+    return router._mask_padding(ids, weights * operand(cfg.routed_scaling_factor, weights), num_real)
