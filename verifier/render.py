@@ -8,6 +8,9 @@ What a failed case shows: its test id, the head of its failure, the minimised in
 found, each failed comparison with the worst elements and their indices and the tolerance with
 its source, the per-layer error picture when a tensor was compared at several layers, and one
 command that reproduces it. Routing near-ties get their own table: never failures, never hidden.
+A case judged against a float64 truth (verifier/truth.py) also shows, per float key, both sides'
+error against the truth and the verdict in words, and every token or expert flip with the truth's
+margin that decides it, the float32 bound, and which side is wrong.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ def _case_panel(case: Case, frame, plain: bool) -> Panel:
     failures = case.comparisons["failures"]
     if failures:
         parts.append(_failure_table(failures, frame, minimised=case.example is not None))
+    if case.comparisons.get("truth"):
+        parts.append(_truth_table(case.comparisons["truth"], frame))
     if any(entry["max_abs_err"] for entry in case.comparisons["layers"]):  # an all-zero picture says nothing
         parts.append(_layer_picture(case.comparisons["layers"], frame, plain))
     # the test id goes inside, where a long one can wrap; the title says which phase filed the case
@@ -149,6 +154,8 @@ def _mismatched(item: dict) -> str:
 
 def _worst(item: dict) -> str:
     """Worst absolute and relative errors with their indices, read as (token, channel) for 2-d."""
+    if "truth" in item:  # judged against a float64 truth: the words say which side and how far
+        return item["message"] or "within noise"
     if "max_abs_err" not in item:
         return item["message"]
     two_d = len(item.get("shape", ())) == 2
@@ -184,6 +191,38 @@ def _layer_picture(layers: list[dict], frame, plain: bool) -> Table:
         bar = mark * width if width or not entry["max_abs_err"] else "."
         table.add_row(entry["tensor"], str(entry["layer"]), f"{entry['max_abs_err']:.3g}",
                       Text(bar, style="red" if entry["max_abs_err"] else "green"))
+    return table
+
+
+def render_truth(case: Case, color: bool = False, width: int | None = None) -> str:
+    """The case's table against the float64 truth alone (the compare CLI prints it for a passing
+    case, whose panel is not shown); empty when the case was not judged against a truth."""
+    rows = case.comparisons.get("truth")
+    if not rows:
+        return ""
+    console = Console(file=io.StringIO(), force_terminal=color, no_color=not color, width=width or WIDTH,
+                      color_system="standard" if color else None, emoji=False, highlight=False, markup=False)
+    console.print(_truth_table(rows, box.ASCII if not color else box.ROUNDED))
+    return console.file.getvalue()
+
+
+def _truth_table(rows: list[dict], frame) -> Table:
+    """One row per float key (A's and B's rel L2 to the truth, the verdict in words) and per flip
+    (the choices of A, B and the truth, the truth's margin, the float32 bound, the verdict)."""
+    table = Table(title="Against the float64 truth (rel L2 of the whole key; flips on the truth's margins)",
+                  box=frame, title_justify="left", expand=True)
+    for column, share in (("key", 3), ("A vs truth", 2), ("B vs truth", 2), ("verdict", 6)):
+        table.add_column(column, overflow="fold", ratio=share)
+    for row in rows:
+        style = None if row.get("passed", row.get("noise")) else "red"
+        if row["kind"] == "float":
+            table.add_row(row["key"], _num(row["actual_error"]), _num(row["reference_error"]), row["verdict"],
+                          style=style)
+        else:
+            where = f"{row['key']} {'row' if 'topk' in row['key'] else 'step'} {row['position']}"
+            truth = "-" if row["truth"] is None else row["truth"]
+            table.add_row(where, f"chose {row['actual']}", f"chose {row['reference']}",
+                          f"truth chose {truth}; {row['verdict']}", style=style)
     return table
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from verifier.compare import rel_l2
 from verifier.dumps import GROUPING_KEY, ROUTING_KEY
+from verifier.recording import note_verdict
 from verifier.routing import routing_failures
 from verifier.tolerance import NEAR_TIE, TOKEN_NEAR_TIE, TRUTH_FLOOR, TRUTH_RATIO, NearTie
 
@@ -137,7 +138,7 @@ class TruthVerdict:
 
     def failures(self) -> list[str]:
         out = [f"{v.key}: {v.words()}" for v in self.floats if not v.passed]
-        return out + [f"{f.key} at {f.position}: {f.words()}" for f in self.flips if not f.noise]
+        return out + [f"{f.key} {_where(f)}: {f.words()}" for f in self.flips if not f.noise]
 
 
 def judge(actual: dict, reference: dict, truth: dict, ratio: float = TRUTH_RATIO, floor: float = TRUTH_FLOOR,
@@ -157,6 +158,57 @@ def judge(actual: dict, reference: dict, truth: dict, ratio: float = TRUTH_RATIO
             verdict.routing_keys.append(key)
             verdict.flips += _routing_flips(key, actual, reference, truth, parted, routing_rule, verdict.unjudged)
     return verdict
+
+
+def assert_truth(actual: dict, reference: dict, truth: dict, **rules) -> TruthVerdict:
+    """`judge`, recorded on the gate's report (one entry per key), raising AssertionError that
+    lists every failure in words unless A passed; returns the verdict."""
+    verdict = judge(actual, reference, truth, **rules)
+    record(verdict)
+    if not verdict.passed:
+        problems = verdict.failures()
+        raise AssertionError(f"{len(problems)} divergence(s) against the float64 truth:\n" + "\n".join(problems))
+    return verdict
+
+
+def record(verdict: TruthVerdict) -> TruthVerdict:
+    """Note every judged key on the open recording (verifier/recording.py); a no-op without one."""
+    for kind, passed, item, noise_rows in report_items(verdict):
+        note_verdict(kind, passed, item, noise_rows)
+    return verdict
+
+
+def report_items(verdict: TruthVerdict) -> list[tuple[str, bool, dict, tuple[int, ...]]]:
+    """(kind, passed, comparison item, positions within noise) per judged key, in the report's
+    comparison form (verifier/report.py) with a `truth` field holding the numbers."""
+    items = []
+    for v in verdict.floats:
+        items.append(("numeric", v.passed, {
+            "name": v.key, "passed": v.passed, "message": v.words(),
+            "tolerance": f"rel L2 to the truth <= max({v.ratio:g} x the reference's, {v.floor:.2g})",
+            "tolerance_source": "verifier/tolerance.py, TRUTH_RATIO and TRUTH_FLOOR", "truth": v.to_dict()}, ()))
+    for kind, keys, rule in (("tokens", verdict.token_keys, "TOKEN_NEAR_TIE"), ("routing", verdict.routing_keys, "NEAR_TIE")):
+        for key in keys:
+            flips = [f for f in verdict.flips if f.key == key]
+            passed = all(f.noise for f in flips)
+            message = "; ".join(f"{_where(f)}: {f.words()}" for f in flips if not f.noise)
+            items.append((kind, passed, {
+                "name": key, "passed": passed, "message": message,
+                "tolerance": "flips within noise on the truth's margins",
+                "tolerance_source": f"verifier/tolerance.py, {rule}",
+                "truth": {"kind": "flips", "flips": [f.to_dict() for f in flips],
+                          "unjudged": verdict.unjudged.get(key, 0)}},
+                tuple(f.position for f in flips if f.noise)))
+    return items
+
+
+def rows(verdict: TruthVerdict) -> list[dict]:
+    """Every float key and every flip as plain data: the JSON report's `truth` list."""
+    return [v.to_dict() for v in verdict.floats] + [f.to_dict() for f in verdict.flips]
+
+
+def _where(flip: Flip) -> str:
+    return f"{'step' if TOKEN_KEY.match(flip.key) else 'row'} {flip.position}"
 
 
 def check_truth(dump: dict, truth: dict) -> None:
