@@ -202,28 +202,28 @@ def render_truth(case: Case, color: bool = False, width: int | None = None) -> s
         return ""
     console = Console(file=io.StringIO(), force_terminal=color, no_color=not color, width=width or WIDTH,
                       color_system="standard" if color else None, emoji=False, highlight=False, markup=False)
-    console.print(_truth_table(rows, box.ASCII if not color else box.ROUNDED))
+    console.print(_truth_table(rows, box.ASCII if not color else box.ROUNDED), soft_wrap=False)
     return console.file.getvalue()
 
 
-def _truth_table(rows: list[dict], frame) -> Table:
-    """One row per float key (A's and B's rel L2 to the truth, the verdict in words) and per flip
-    (the choices of A, B and the truth, the truth's margin, the float32 bound, the verdict)."""
-    table = Table(title="Against the float64 truth (rel L2 of the whole key; flips on the truth's margins)",
-                  box=frame, title_justify="left", expand=True)
-    for column, share in (("key", 3), ("A vs truth", 2), ("B vs truth", 2), ("verdict", 6)):
-        table.add_column(column, overflow="fold", ratio=share)
+def _truth_table(rows: list[dict], frame) -> Text:
+    """One line per float key (A's and B's rel L2 to the truth, the verdict in words) and per flip
+    (the choices of A, B and the truth, the truth's margin, the float32 bound, the verdict). Lines,
+    not table cells: a verdict wraps as a sentence and stays searchable in a log."""
+    text = Text("Against the float64 truth (rel L2 of each whole key; flips judged on the truth's margins)",
+                style="bold")
     for row in rows:
         style = None if row.get("passed", row.get("noise")) else "red"
         if row["kind"] == "float":
-            table.add_row(row["key"], _num(row["actual_error"]), _num(row["reference_error"]), row["verdict"],
-                          style=style)
+            line = (f"{row['key']}: A {_num(row['actual_error'])}, B {_num(row['reference_error'])} "
+                    f"against the truth: {row['verdict']}")
         else:
-            where = f"{row['key']} {'row' if 'topk' in row['key'] else 'step'} {row['position']}"
+            where = "row" if "topk" in row["key"] else "step"
             truth = "-" if row["truth"] is None else row["truth"]
-            table.add_row(where, f"chose {row['actual']}", f"chose {row['reference']}",
-                          f"truth chose {truth}; {row['verdict']}", style=style)
-    return table
+            line = (f"{row['key']} {where} {row['position']}: A chose {row['actual']}, B {row['reference']}, "
+                    f"the truth {truth}: {row['verdict']}")
+        text.append("\n  " + line, style=style)
+    return text
 
 
 def _near_tie_table(report: GateReport, frame) -> Table | None:
