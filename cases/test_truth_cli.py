@@ -140,3 +140,28 @@ def test_an_unreadable_truth_exits_2(tmp_path, capsys):
     (tmp_path / "t.npz").write_bytes(b"not a zip")
     code = main(["compare", str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--truth", str(tmp_path / "t.npz")])
     assert code == 2 and "t.npz: not a readable .npz dump" in capsys.readouterr().err
+
+
+def test_a_gate_case_failing_against_the_truth_shows_both_errors_in_its_panel():
+    """What a gate case records through verifier.truth.assert_truth reaches its failure panel:
+    A's and B's errors against the truth, the words, and every flip of the key with its margin."""
+    from verifier.recording import recording
+    from verifier.render import render
+    from verifier.report import Case, GateReport
+    from verifier.truth import assert_truth
+
+    truth = truth_dump()
+    a, b = run_of(truth, 1e-4, 1, scale={"logits_p0": 100.0}), run_of(truth, 1e-4, 2)
+    values = truth["topk_margin_p0_layer1"][2]
+    order = np.argsort(-values)
+    a["topk_ids_p0_layer1"][2] = np.sort([order[0], order[-1]])  # the worst expert for the k-th
+    with recording() as recorder, pytest.raises(AssertionError, match="2 divergence"):
+        assert_truth(a, b, truth)
+    report = GateReport()
+    report.add(Case("cases/x.py::y", area="verifier", outcome="failed", failed_in="call",
+                    comparisons=recorder.to_dict()))
+    text = flat(render(report))
+    err_a, err_b = rel_error(a, truth, "logits_p0"), rel_error(b, truth, "logits_p0")
+    assert f"logits_p0: A {err_a:.3g}, B {err_b:.3g} against the truth: bug: {err_a / err_b:.0f} times" in text, text
+    assert "topk_ids_p0_layer1 row 2: A chose" in text and "bug: A (the run under test) disagrees" in text
+    assert f"expert values gap {values[order[TOP_K - 1]] - values[order[-1]]:.3g}" in text

@@ -98,8 +98,10 @@ def _case_panel(case: Case, frame, plain: bool) -> Panel:
     failures = case.comparisons["failures"]
     if failures:
         parts.append(_failure_table(failures, frame, minimised=case.example is not None))
-    if case.comparisons.get("truth"):
-        parts.append(_truth_table(case.comparisons["truth"], frame))
+    # the compare CLI keeps every key's truth verdict; a gate case, its failed keys' (the items)
+    truth_rows = case.comparisons.get("truth") or [item["truth"] for item in failures if "truth" in item]
+    if truth_rows:
+        parts.append(_truth_table(truth_rows, frame))
     if any(entry["max_abs_err"] for entry in case.comparisons["layers"]):  # an all-zero picture says nothing
         parts.append(_layer_picture(case.comparisons["layers"], frame, plain))
     # the test id goes inside, where a long one can wrap; the title says which phase filed the case
@@ -154,8 +156,8 @@ def _mismatched(item: dict) -> str:
 
 def _worst(item: dict) -> str:
     """Worst absolute and relative errors with their indices, read as (token, channel) for 2-d."""
-    if "truth" in item:  # judged against a float64 truth: the words say which side and how far
-        return item["message"] or "within noise"
+    if "truth" in item:  # judged against a float64 truth: the words; the lines under the table give the numbers
+        return item["message"]
     if "max_abs_err" not in item:
         return item["message"]
     two_d = len(item.get("shape", ())) == 2
@@ -207,23 +209,31 @@ def render_truth(case: Case, color: bool = False, width: int | None = None) -> s
 
 
 def _truth_table(rows: list[dict], frame) -> Text:
-    """One line per float key (A's and B's rel L2 to the truth, the verdict in words) and per flip
-    (the choices of A, B and the truth, the truth's margin, the float32 bound, the verdict). Lines,
-    not table cells: a verdict wraps as a sentence and stays searchable in a log."""
+    """One line per float key and per flip (`_truth_lines`). Lines, not table cells: a verdict
+    wraps as a sentence and stays searchable in a log."""
     text = Text("Against the float64 truth (rel L2 of each whole key; flips judged on the truth's margins)",
                 style="bold")
     for row in rows:
-        style = None if row.get("passed", row.get("noise")) else "red"
-        if row["kind"] == "float":
-            line = (f"{row['key']}: A {_num(row['actual_error'])}, B {_num(row['reference_error'])} "
-                    f"against the truth: {row['verdict']}")
-        else:
-            where = "row" if "topk" in row["key"] else "step"
-            truth = "-" if row["truth"] is None else row["truth"]
-            line = (f"{row['key']} {where} {row['position']}: A chose {row['actual']}, B {row['reference']}, "
-                    f"the truth {truth}: {row['verdict']}")
-        text.append("\n  " + line, style=style)
+        style = None if row.get("passed", row.get("noise", True)) else "red"
+        for line in _truth_lines(row):
+            text.append("\n  " + line, style=style)
     return text
+
+
+def _truth_lines(row: dict) -> list[str]:
+    """A float key: A's and B's rel L2 to the truth and the verdict in words. A flip: the choices
+    of A, B and the truth, and the verdict (the truth's margin, the float32 bound, the wrong side).
+    A key's flips ({kind "flips"}): one line each, and how many rows were left unjudged."""
+    if row["kind"] == "float":
+        return [f"{row['key']}: A {_num(row['actual_error'])}, B {_num(row['reference_error'])} "
+                f"against the truth: {row['verdict']}"]
+    if row["kind"] == "flips":
+        lines = [line for flip in row["flips"] for line in _truth_lines(flip)] or ["no flips"]
+        return lines + ([f"{row['unjudged']} later rows not judged (the tokens parted)"] if row["unjudged"] else [])
+    where = "row" if "topk" in row["key"] else "step"
+    truth = "-" if row["truth"] is None else row["truth"]
+    return [f"{row['key']} {where} {row['position']}: A chose {row['actual']}, B {row['reference']}, "
+            f"the truth {truth}: {row['verdict']}"]
 
 
 def _near_tie_table(report: GateReport, frame) -> Table | None:

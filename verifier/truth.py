@@ -338,10 +338,12 @@ def _margin(values: np.ndarray, a_ids, b_ids, t_ids, n_group: int, margin_of: st
 
 
 def _times(value: float) -> str:
-    """1.3, 12, 4.1e4: two significant digits, scientific past 1000."""
+    """1.3, 12, 410, 4.1e4: two significant digits under 10, whole numbers to 1000, then scientific."""
     if not math.isfinite(value):
         return str(value)
-    return f"{value:.2g}" if value < 1e3 else f"{value:.1e}".replace("e+0", "e").replace("e+", "e")
+    if value < 10:
+        return f"{value:.2g}"
+    return f"{value:.0f}" if value < 1e3 else f"{value:.1e}".replace("e+0", "e").replace("e+", "e")
 
 
 def _json_safe(value):
