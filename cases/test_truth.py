@@ -238,3 +238,11 @@ def test_a_truth_of_other_keys_dtype_or_prompts_is_refused_by_name(spoil, words)
     spoil(truth)
     with pytest.raises(TruthError, match=words):
         judge(a, b, truth)
+
+
+def test_runs_of_different_keys_are_refused_by_name():
+    truth = truth_dump(4)
+    a, b = perturbed(truth, 1e-6, 1), perturbed(truth, 1e-6, 2)
+    del a["topk_ids_p0_layer1"]
+    with pytest.raises(TruthError, match="topk_ids_p0_layer1"):
+        judge(a, b, truth)

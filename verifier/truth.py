@@ -146,6 +146,9 @@ def judge(actual: dict, reference: dict, truth: dict, ratio: float = TRUTH_RATIO
     """Judge A against B on the float64 truth T (module docstring). Raises TruthError when T does
     not hold the keys of A and B, holds a float key not in float64, or ran other prompts."""
     check_truth(actual, truth)
+    only = sorted(set(_judged(actual)) ^ set(_judged(reference)))
+    if only:
+        raise TruthError(f"A and B do not hold the same keys: {only[:5]} in one of them only")
     verdict = TruthVerdict()
     parted = {p: _parting_step(actual, reference, truth, p) for p in _prompts(reference)}
     for key in sorted(reference):
@@ -213,7 +216,7 @@ def _where(flip: Flip) -> str:
 
 def check_truth(dump: dict, truth: dict) -> None:
     """T holds every comparable key of `dump`, its float keys in float64, and the same prompts."""
-    keys = [k for k in dump if FLOAT_KEY.match(k) or TOKEN_KEY.match(k) or ROUTING_KEY.match(k) or INPUT_KEY.match(k)]
+    keys = _judged(dump)
     missing = sorted(k for k in keys if k not in truth)
     if missing:
         raise TruthError(f"the truth lacks {len(missing)} key(s) the dumps hold, first {missing[0]}")
@@ -224,6 +227,11 @@ def check_truth(dump: dict, truth: dict) -> None:
             raise TruthError(f"the truth's {key} differs from the dumps': not a run of the same prompts")
         if truth[key].shape[1:] != dump[key].shape[1:]:
             raise TruthError(f"the truth's {key} has shape {truth[key].shape}, the dumps' {dump[key].shape}")
+
+
+def _judged(dump: dict) -> list[str]:
+    """The keys a verdict reads: float outputs, tokens, routing, and the prompts' input ids."""
+    return [k for k in dump if FLOAT_KEY.match(k) or TOKEN_KEY.match(k) or ROUTING_KEY.match(k) or INPUT_KEY.match(k)]
 
 
 def _prompts(dump: dict) -> list[int]:
