@@ -97,6 +97,17 @@ def as_diagnosis() -> Iterator[Callable[[list], None]]:
         recorder.paused -= 1
 
 
+def note_verdict(kind: str, passed: bool, item: dict, near_tie_rows: tuple[int, ...] = ()) -> None:
+    """Record one verdict already in the report's plain form (verifier/truth.py: a key judged
+    against a float64 truth), and the rows it found within noise, if a recording is open."""
+    recorder = _ACTIVE.get()
+    if recorder is None or recorder.paused:
+        return
+    recorder.add(kind, passed, item)
+    if near_tie_rows:
+        recorder.near_ties[item["name"]] = tuple(near_tie_rows)
+
+
 def dump_level(compare_dumps: Callable) -> Callable:
     """Decorate `compare_dumps`: record its verdict per key instead of its inner comparisons.
 

@@ -8,6 +8,9 @@ What a failed case shows: its test id, the head of its failure, the minimised in
 found, each failed comparison with the worst elements and their indices and the tolerance with
 its source, the per-layer error picture when a tensor was compared at several layers, and one
 command that reproduces it. Routing near-ties get their own table: never failures, never hidden.
+A case judged against a float64 truth (verifier/truth.py) also shows, per float key, both sides'
+error against the truth and the verdict in words, and every token or expert flip with the truth's
+margin that decides it, the float32 bound, and which side is wrong.
 """
 
 from __future__ import annotations
@@ -95,6 +98,10 @@ def _case_panel(case: Case, frame, plain: bool) -> Panel:
     failures = case.comparisons["failures"]
     if failures:
         parts.append(_failure_table(failures, frame, minimised=case.example is not None))
+    # the compare CLI keeps every key's truth verdict; a gate case, its failed keys' (the items)
+    truth_rows = case.comparisons.get("truth") or [item["truth"] for item in failures if "truth" in item]
+    if truth_rows:
+        parts.append(_truth_table(truth_rows, frame))
     if any(entry["max_abs_err"] for entry in case.comparisons["layers"]):  # an all-zero picture says nothing
         parts.append(_layer_picture(case.comparisons["layers"], frame, plain))
     # the test id goes inside, where a long one can wrap; the title says which phase filed the case
@@ -149,6 +156,8 @@ def _mismatched(item: dict) -> str:
 
 def _worst(item: dict) -> str:
     """Worst absolute and relative errors with their indices, read as (token, channel) for 2-d."""
+    if "truth" in item:  # judged against a float64 truth: the words; the lines under the table give the numbers
+        return item["message"]
     if "max_abs_err" not in item:
         return item["message"]
     two_d = len(item.get("shape", ())) == 2
@@ -185,6 +194,46 @@ def _layer_picture(layers: list[dict], frame, plain: bool) -> Table:
         table.add_row(entry["tensor"], str(entry["layer"]), f"{entry['max_abs_err']:.3g}",
                       Text(bar, style="red" if entry["max_abs_err"] else "green"))
     return table
+
+
+def render_truth(case: Case, color: bool = False, width: int | None = None) -> str:
+    """The case's table against the float64 truth alone (the compare CLI prints it for a passing
+    case, whose panel is not shown); empty when the case was not judged against a truth."""
+    rows = case.comparisons.get("truth")
+    if not rows:
+        return ""
+    console = Console(file=io.StringIO(), force_terminal=color, no_color=not color, width=width or WIDTH,
+                      color_system="standard" if color else None, emoji=False, highlight=False, markup=False)
+    console.print(_truth_table(rows, box.ASCII if not color else box.ROUNDED), soft_wrap=False)
+    return console.file.getvalue()
+
+
+def _truth_table(rows: list[dict], frame) -> Text:
+    """One line per float key and per flip (`_truth_lines`). Lines, not table cells: a verdict
+    wraps as a sentence and stays searchable in a log."""
+    text = Text("Against the float64 truth (rel L2 of each whole key; flips judged on the truth's margins)",
+                style="bold")
+    for row in rows:
+        style = None if row.get("passed", row.get("noise", True)) else "red"
+        for line in _truth_lines(row):
+            text.append("\n  " + line, style=style)
+    return text
+
+
+def _truth_lines(row: dict) -> list[str]:
+    """A float key: A's and B's rel L2 to the truth and the verdict in words. A flip: the choices
+    of A, B and the truth, and the verdict (the truth's margin, the float32 bound, the wrong side).
+    A key's flips ({kind "flips"}): one line each, and how many rows were left unjudged."""
+    if row["kind"] == "float":
+        return [f"{row['key']}: A {_num(row['actual_error'])}, B {_num(row['reference_error'])} "
+                f"against the truth: {row['verdict']}"]
+    if row["kind"] == "flips":
+        lines = [line for flip in row["flips"] for line in _truth_lines(flip)] or ["no flips"]
+        return lines + ([f"{row['unjudged']} later rows not judged (the tokens parted)"] if row["unjudged"] else [])
+    where = "row" if "topk" in row["key"] else "step"
+    truth = "-" if row["truth"] is None else row["truth"]
+    return [f"{row['key']} {where} {row['position']}: A chose {row['actual']}, B {row['reference']}, "
+            f"the truth {truth}: {row['verdict']}"]
 
 
 def _near_tie_table(report: GateReport, frame) -> Table | None:

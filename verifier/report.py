@@ -24,6 +24,12 @@ JSON schema "graphgate.report", version 2 (`SCHEMA` below is the normative JSON 
                   (non-finite floats are the strings "nan", "inf", "-inf")
       layers[]:   {tensor, layer, max_abs_err}: the per-layer error picture
       near_ties[]: {key, rows}: routing rows within the near-tie margin, never failures
+      truth[]:    (optional: cases judged against a float64 truth, verifier/truth.py) per float key
+                  {kind "float", key, actual_error, reference_error (rel L2 to the truth), bound,
+                  ratio, floor, rows, times, passed, verdict}; per flip {kind "flip", key, position,
+                  actual, reference, truth (ids), margin, margin_of, bound, wrong ("" | "actual" |
+                  "reference" | "both"), reason, noise, verdict}. A failure item judged so carries
+                  the same object under `truth` (a key's flips as {kind "flips", flips[], unjudged}).
 
 A failed comparison inside a passed case is a check that was meant to fail (a planted-fault case
 asserting its check fires); it counts in `failed_comparisons` only when its case's check (the call
@@ -119,6 +125,8 @@ _COMPARISONS = {
         "near_ties": {"type": "array", "items": {
             "type": "object", "required": ["key", "rows"],
             "properties": {"key": {"type": "string"}, "rows": {"type": "array", "items": {"type": "integer"}}}}},
+        "truth": {"type": "array", "items": {"type": "object", "required": ["kind", "key", "verdict"],
+                                             "properties": {"kind": {"enum": ["float", "flip"]}}}},
     },
 }
 _CASE = {
