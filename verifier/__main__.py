@@ -7,6 +7,8 @@ Verbs (each has --help):
   lint-capture  check each captured piece's program for what breaks CUDA graph capture; exit 1 on findings
   lock     regenerate constraints.txt (the exact versions the README installs) in a throwaway venv
   drift    the verifier's own cases on the newest versions the ranges allow; exit 1 when they fail
+  merge-reports  join the shard reports of `gate --shard I/N`; exit as the unsharded gate would
+  durations  refresh cases/durations.json, which `gate --shard` balances by, from gate reports
 
 A verb is a module with `add_arguments(parser)` and `run(args) -> int`, listed in VERBS. Every user error is one `error:` line
 on stderr and exit code 2.
@@ -27,6 +29,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "lint-capture": ("verifier.capture_lint", "check every captured piece for what breaks CUDA graph capture"),
     "lock": ("verifier.cli_lock", "regenerate constraints.txt in a throwaway venv (pip resolves)"),
     "drift": ("verifier.cli_drift", "run the verifier's own cases on the newest allowed versions, vs the lock"),
+    "merge-reports": ("verifier.cli_merge", "join a sharded gate's shard reports into one report and verdict"),
+    "durations": ("verifier.cli_durations", "refresh cases/durations.json (what shards balance by) from gate reports"),
 }
 USAGE_ERROR = 2
 
