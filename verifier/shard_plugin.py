@@ -68,6 +68,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.workeroutput[OUTPUT_KEY] = info
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown without xdist
 def pytest_testnodedown(node, error) -> None:
     """Controller: a worker's shard record (every worker computes the same one)."""
     info = getattr(node, "workeroutput", {}).get(OUTPUT_KEY)
