@@ -172,3 +172,21 @@ def test_a_collection_error_every_shard_saw_is_kept_once(tmp_path, capsys):
     assert code == 2 and merged["totals"]["error"] == 1
     [kept] = [c for c in merged["cases"] if c["nodeid"] == "cases/test_broken.py"]
     assert (kept["failed_in"], kept["message"]) == ("collection", broken.message), "kept as it was, not re-filed"
+
+
+def test_the_workflow_merges_exactly_the_reports_its_matrix_writes():
+    """.github/workflows/gate.yml: N matrix shards, each `gate --shard I/N`, and a merge job after
+    all of them (even failed ones) naming every shard's report, so an absent one is reported."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / ".github/workflows/gate.yml").read_text()
+    shards = [int(k) for k in re.search(r"^\s+shard: \[([\d, ]+)\]", text, re.M)[1].split(",")]
+    count = len(shards)
+    assert shards == list(range(1, count + 1)) and count > 1
+    assert f"--shard ${{{{ matrix.shard }}}}/{count}" in text
+    assert "--json shard-report/shard-${{ matrix.shard }}.json" in text
+    merge = text[text.index("  gate-merge:"):]
+    assert "needs: gate-shard" in merge and re.search(r"^\s+if: always\(\)", merge, re.M)
+    named = re.findall(r"shard-reports/shard-(\d+)\.json", merge)
+    assert sorted(map(int, named)) == shards, named
