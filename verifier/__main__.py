@@ -20,6 +20,7 @@ import argparse
 import importlib
 import sys
 import warnings
+from typing import Iterable
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -42,10 +43,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"error: {self.prog}: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; `full`: the verbs whose modules are imported for their arguments (None: all).
+    The others get their one-line help only, so a run imports just its own verb (some pull in Paddle)."""
     parser = OneLineParser(prog="python -m verifier", description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=OneLineParser)
     for verb, (module, summary) in VERBS.items():
+        if full is not None and verb not in full:
+            verbs.add_parser(verb, help=summary)
+            continue
         sub = verbs.add_parser(verb, help=summary, description=importlib.import_module(module).__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         importlib.import_module(module).add_arguments(sub)
@@ -56,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse and run one verb; returns the exit code (argparse's own exits become return values)."""
     warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
     warnings.filterwarnings("ignore", message="Tensor do not have 'place'")  # Paddle, while tracing pieces
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((word for word in argv if not word.startswith("-")), None)  # the verb comes first
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(full=[chosen] if chosen in VERBS else []).parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2)
         return int(stop.code or 0)
     return importlib.import_module(VERBS[args.verb][0]).run(args)
