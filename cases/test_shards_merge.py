@@ -190,3 +190,12 @@ def test_the_workflow_merges_exactly_the_reports_its_matrix_writes():
     assert "needs: gate-shard" in merge and re.search(r"^\s+if: always\(\)", merge, re.M)
     named = re.findall(r"shard-reports/shard-(\d+)\.json", merge)
     assert sorted(map(int, named)) == shards, named
+
+
+def test_a_shard_with_nothing_to_run_passes_but_an_empty_collection_does_not():
+    def verdict(collected, selected):
+        return GateReport(shard={"index": 2, "count": 2, "collected": collected, "selected": selected}).verdict()
+
+    assert verdict(COLLECTION, []) == "pass"  # more shards than units: this one's part is empty
+    assert verdict([], []) == "could not run"  # nothing was collected at all
+    assert GateReport().verdict() == "could not run"  # an unsharded run with no case

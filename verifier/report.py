@@ -262,11 +262,13 @@ class GateReport:
         return {outcome: sum(c.outcome == outcome for c in self.cases.values()) for outcome in OUTCOMES}
 
     def verdict(self) -> str:
-        """A failed case is a divergence; only errors (a case that could not start) make "could not run"."""
+        """A failed case is a divergence; only errors (a case that could not start) or no case at all make
+        "could not run" (a shard whose part of a non-empty collection is empty passes: nothing to run)."""
         totals = self.totals()
         if totals["failed"]:
             return "divergence"
-        return "could not run" if totals["error"] or not self.cases else "pass"
+        empty_shard = self.shard is not None and not self.shard["selected"] and bool(self.shard["collected"])
+        return "could not run" if totals["error"] or not (self.cases or empty_shard) else "pass"
 
     def areas(self) -> list[dict]:
         rows = []
