@@ -132,3 +132,14 @@ def test_the_durations_file_is_refreshed_from_a_report(runs):
     assert code == 0, console
     written = json.loads((folder / "refreshed.json").read_text())["durations"]
     assert written == {c["nodeid"]: round(c["duration"], 3) for c in reports["full"][1]["cases"]}
+
+
+@ON_ONE_WORKER
+def test_shard_and_merged_reports_follow_the_report_schema(runs):
+    jsonschema = pytest.importorskip("jsonschema")  # the `schema` extra
+    from verifier.report import SCHEMA
+
+    _, reports, _ = runs
+    for name, (_, report) in reports.items():
+        jsonschema.validate(report, SCHEMA)
+    assert "shard" in reports["shard1"][1] and "shard" not in reports["merged"][1]
