@@ -17,7 +17,7 @@ settings.register_profile("dev", max_examples=100, **_COMMON)
 settings.register_profile("nightly", max_examples=2000, **_COMMON)
 settings.load_profile("ci")
 
-pytest_plugins = ["fixtures.pytest_fixtures", "verifier.plugin"]  # plugin: the gate report
+pytest_plugins = ["fixtures.pytest_fixtures", "verifier.plugin", "verifier.shard_plugin"]  # the gate report; --shard I/N
 
 
 def pytest_addoption(parser, pluginmanager):

@@ -7,6 +7,8 @@ Verbs (each has --help):
   lint-capture  check each captured piece's program for what breaks CUDA graph capture; exit 1 on findings
   lock     regenerate constraints.txt (the exact versions the README installs) in a throwaway venv
   drift    the verifier's own cases on the newest versions the ranges allow; exit 1 when they fail
+  merge-reports  join the shard reports of `gate --shard I/N`; exit as the unsharded gate would
+  durations  refresh cases/durations.json, which `gate --shard` balances by, from gate reports
 
 A verb is a module with `add_arguments(parser)` and `run(args) -> int`, listed in VERBS. Every user error is one `error:` line
 on stderr and exit code 2.
@@ -18,6 +20,7 @@ import argparse
 import importlib
 import sys
 import warnings
+from typing import Iterable
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -27,6 +30,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "lint-capture": ("verifier.capture_lint", "check every captured piece for what breaks CUDA graph capture"),
     "lock": ("verifier.cli_lock", "regenerate constraints.txt in a throwaway venv (pip resolves)"),
     "drift": ("verifier.cli_drift", "run the verifier's own cases on the newest allowed versions, vs the lock"),
+    "merge-reports": ("verifier.cli_merge", "join a sharded gate's shard reports into one report and verdict"),
+    "durations": ("verifier.cli_durations", "refresh cases/durations.json (what shards balance by) from gate reports"),
 }
 USAGE_ERROR = 2
 
@@ -38,10 +43,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"error: {self.prog}: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; `full`: the verbs whose modules are imported for their arguments (None: all).
+    The others get their one-line help only, so a run imports just its own verb (some pull in Paddle)."""
     parser = OneLineParser(prog="python -m verifier", description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=OneLineParser)
     for verb, (module, summary) in VERBS.items():
+        if full is not None and verb not in full:
+            verbs.add_parser(verb, help=summary)
+            continue
         sub = verbs.add_parser(verb, help=summary, description=importlib.import_module(module).__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         importlib.import_module(module).add_arguments(sub)
@@ -52,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse and run one verb; returns the exit code (argparse's own exits become return values)."""
     warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time build notice
     warnings.filterwarnings("ignore", message="Tensor do not have 'place'")  # Paddle, while tracing pieces
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((word for word in argv if not word.startswith("-")), None)  # the verb comes first
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(full=[chosen] if chosen in VERBS else []).parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2)
         return int(stop.code or 0)
     return importlib.import_module(VERBS[args.verb][0]).run(args)

@@ -6,6 +6,10 @@ checkpoint folder that cases/test_user_model.py checks graph vs eager. Progress 
 instead of pytest's marks); the report follows, then the artifacts are written.
 Anything after `--` goes to pytest unchanged (e.g. `-- -k graph`).
 
+`--shard I/N` runs one deterministic part of the cases (verifier/shards.py: xdist groups whole,
+balanced by cases/durations.json); its report records the shard and the whole collection, and
+`python -m verifier merge-reports` joins the N reports into the verdict the unsharded gate gives.
+
 Exit codes: 0 every case passed; 1 a divergence (a case failed); 2 the gate could not run (bad
 arguments, a missing dependency, a case that could not start, such as a rank that did not come up,
 or pytest itself stopping).
@@ -41,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (schema: verifier/report.py)")
     parser.add_argument("--junitxml", metavar="PATH", help="write pytest's JUnit XML, comparisons as properties")
     parser.add_argument("--html", metavar="PATH", help="write the report as HTML")
+    parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                        help="run only shard I of N (merge the N reports with `python -m verifier merge-reports`)")
+    parser.add_argument("--shard-durations", metavar="PATH",
+                        help="durations file the shards are balanced by (default: cases/durations.json)")
     parser.add_argument("--cases", nargs="+", default=None, metavar="PATH",
                         help="case files or folders to run instead of the bundled cases/")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",
@@ -55,6 +63,15 @@ def _workers(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"-n {value}: want 0 or more workers")
     return value
+
+
+def _shard(text: str) -> str:
+    from verifier.shards import Shard
+
+    try:
+        return str(Shard.parse(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +94,8 @@ def check_setup(args: argparse.Namespace) -> str | None:
     for model in args.model:
         if not (Path(model) / "config.json").is_file():
             return f"--model {model}: no config.json in that folder"
+    if args.shard_durations and not Path(args.shard_durations).is_file():
+        return f"--shard-durations {args.shard_durations}: no such file"
     for path in args.cases or ():
         if not Path(path).exists():
             return f"--cases {path}: no such file or folder"
@@ -110,6 +129,10 @@ def pytest_command(args: argparse.Namespace, json_path: str) -> list[str]:
         command += ["--junitxml", str(Path(args.junitxml).resolve())]
     if args.html:
         command += ["--report-html", str(Path(args.html).resolve())]
+    if args.shard:
+        command += ["-p", "verifier.shard_plugin", "--shard", args.shard]
+        if args.shard_durations:
+            command += ["--shard-durations", str(Path(args.shard_durations).resolve())]
     return command + args.pytest_args[1:]
 
 

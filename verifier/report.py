@@ -10,6 +10,9 @@ JSON schema "graphgate.report", version 2 (`SCHEMA` below is the normative JSON 
   verdict                  "pass" | "divergence" | "could not run"
   totals                   {passed, failed, error, skipped, xfailed, xpassed}: cases by outcome
   areas[]                  per area: cases, comparisons, failed_comparisons, failed_cases, near_ties
+  shard                    optional; only a sharded run's report (`--shard I/N`, verifier/shards.py):
+                           {index, count, collected: every nodeid of the whole collection, sorted,
+                           selected: the nodeids this shard ran, sorted}; merge-reports reads it
   cases[]                  per case (sorted by nodeid, one entry per nodeid):
     nodeid, area, outcome (one of OUTCOMES, filed by `fold` below), failed_in (the phase whose
     failure filed the case: "collection" | "setup" | "call" | "teardown", null when none failed),
@@ -159,6 +162,10 @@ SCHEMA = {
                    "properties": {k: {"type": "integer", "minimum": 0} for k in OUTCOMES}},
         "areas": {"type": "array", "items": _AREA},
         "cases": {"type": "array", "items": _CASE},
+        "shard": {"type": "object", "required": ["index", "count", "collected", "selected"],
+                  "properties": {"index": {"type": "integer", "minimum": 1}, "count": {"type": "integer", "minimum": 1},
+                                 "collected": {"type": "array", "items": {"type": "string"}},
+                                 "selected": {"type": "array", "items": {"type": "string"}}}},
     },
 }
 
@@ -254,6 +261,7 @@ class GateReport:
     command: list[str] = field(default_factory=list)
     failpoints: str = ""
     cases: dict[str, Case] = field(default_factory=dict)
+    shard: dict | None = None  # a sharded run's shard and whole collection (see the module docstring)
 
     def add(self, case: Case) -> None:
         self.cases[case.nodeid] = case
@@ -262,11 +270,13 @@ class GateReport:
         return {outcome: sum(c.outcome == outcome for c in self.cases.values()) for outcome in OUTCOMES}
 
     def verdict(self) -> str:
-        """A failed case is a divergence; only errors (a case that could not start) make "could not run"."""
+        """A failed case is a divergence; only errors (a case that could not start) or no case at all make
+        "could not run" (a shard whose part of a non-empty collection is empty passes: nothing to run)."""
         totals = self.totals()
         if totals["failed"]:
             return "divergence"
-        return "could not run" if totals["error"] or not self.cases else "pass"
+        empty_shard = self.shard is not None and not self.shard["selected"] and bool(self.shard["collected"])
+        return "could not run" if totals["error"] or not (self.cases or empty_shard) else "pass"
 
     def areas(self) -> list[dict]:
         rows = []
@@ -294,7 +304,7 @@ class GateReport:
             "command": list(self.command), "failpoints": self.failpoints, "verdict": self.verdict(),
             "totals": self.totals(), "areas": self.areas(),
             "cases": [case.__dict__ for case in self.sorted_cases()],
-        }
+        } | ({"shard": self.shard} if self.shard is not None else {})
 
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -309,7 +319,7 @@ def read_json(path: str | Path) -> GateReport:
     if data.get("schema") != SCHEMA_NAME or data.get("version") != VERSION:
         raise ValueError(f"{path}: not a {SCHEMA_NAME} v{VERSION} report "
                          f"(schema {data.get('schema')!r}, version {data.get('version')!r})")
-    report = GateReport(command=data["command"], failpoints=data["failpoints"])
+    report = GateReport(command=data["command"], failpoints=data["failpoints"], shard=data.get("shard"))
     for entry in data["cases"]:
         report.add(Case(**entry))
     return report
