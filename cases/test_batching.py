@@ -6,7 +6,7 @@ import pytest
 
 from engine.dump import dump_arrays
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES
-from verifier.dumps import compare_dumps
+from verifier.dumps import compare_dumps, with_margins
 from verifier.tolerance import tolerance_for
 
 FLOAT32 = tolerance_for("float32")
@@ -24,11 +24,6 @@ def alone(llm, prompts):
 
 def together(llm, prompts):
     return dump_arrays(llm.generate(prompts, MAX_NEW_TOKENS), llm.model_config.moe_layers)
-
-
-def with_margins(dump, golden):
-    """Routing near-tie margins come from the reference implementation's goldens."""
-    return dump | {k: v for k, v in golden.items() if "margin" in k}
 
 
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)

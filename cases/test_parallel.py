@@ -20,7 +20,7 @@ from engine.dump import dump_arrays
 from engine.launch import RankJobError, job_pids
 from engine.llm import Prompt
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES
-from verifier.dumps import compare_dumps
+from verifier.dumps import compare_dumps, with_margins
 from verifier.rank_pool import RankPool
 from verifier.tolerance import GOLDEN_LOGITS, GOLDEN_MAX_REL_L2, tolerance_for
 
@@ -89,10 +89,6 @@ def run_on_ranks(pool: RankPool, payload: dict) -> dict:
 def one_rank(engine_for, name: str, prompts) -> dict:
     llm = engine_for(name)
     return dump_arrays(llm.generate(prompts, MAX_NEW_TOKENS), llm.model_config.moe_layers)
-
-
-def with_margins(reference: dict, golden: dict) -> dict:
-    return reference | {k: v for k, v in golden.items() if "margin" in k}
 
 
 @pytest.mark.parametrize("mode", ["eager", "piecewise"])

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_parallel import FLOAT32, LAYOUTS, MAX_NEW_TOKENS, rank_disagreements, request, with_margins
+from test_parallel import FLOAT32, LAYOUTS, MAX_NEW_TOKENS, rank_disagreements, request
 
 from engine.config import MoEForm
 from engine.dump import dump_arrays
 from engine.llm import Prompt
-from verifier.dumps import compare_dumps
+from verifier.dumps import compare_dumps, with_margins
 
 pytestmark = [pytest.mark.xdist_group("four_ranks"), pytest.mark.gate_area("ranks")]
 

@@ -157,6 +157,22 @@ def _compare_logits(
         )
 
 
+def with_margins(dump: dict[str, np.ndarray], source: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`dump` with the routing deciding values (`*topk_margin*` keys) of `source`, a reference run of
+    the same prompts (the goldens), each cut to the rows its routing key has in `dump`: a reference
+    that generated more tokens carries more decode rows, and its first rows decide the same steps
+    (the greedy tokens, compared exactly, say whether the contexts still agree). A margin key whose
+    routing key `dump` lacks is kept whole."""
+    out = dict(dump)
+    for key, values in source.items():
+        if "margin" not in key:
+            continue
+        ids = dump.get(key.replace("topk_margin", "topk_ids"))
+        rows = len(ids) if ids is not None and values.ndim == 2 and len(values) >= len(ids) else None
+        out[key] = values if rows is None else values[:rows]
+    return out
+
+
 def _margins(expected: dict, key: str) -> np.ndarray | None:
     return expected.get(key.replace("topk_ids", "topk_margin"))
 
