@@ -96,7 +96,15 @@ def gate_order_key(item, size_of_group: dict[str, int]) -> tuple:
     return (4, 0)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gate-order", choices=("fail-fast", "xdist"), default="fail-fast",
+                     help="fail-fast (default): the order above; xdist: collection order re-sorted by xdist "
+                          "(the order before issue 22, kept to measure the difference: bench/first_failure.py)")
+
+
 def pytest_configure(config):
+    if config.getoption("--gate-order") == "xdist":
+        return
     # xdist's default re-sort of scopes by size would undo the order (see above). The option exists
     # only with xdist installed; without it there is nothing to re-sort.
     if hasattr(config.option, "loadscopereorder"):
@@ -104,6 +112,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
+    if config.getoption("--gate-order") == "xdist":
+        return
     sizes: dict[str, int] = {}
     for item in items:
         group = _group(item)
