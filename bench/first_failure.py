@@ -45,7 +45,8 @@ def run_one(failpoint: str, order: str, workers: int, timeout_s: float, log: Pat
     first: dict = {}
     finished_cases = 0
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)  # unbuffered: each line is timed when printed
     timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGTERM))  # our own session only
     timer.start()
     try:
