@@ -41,12 +41,15 @@ def four_rank_pool():
 #   3  slow single cases (subprocess gates, 4-rank launches), longest first for balance;
 #   4  everything else (cheap, few or no failpoints), in collection order.
 HEAD_GROUPS = ("four_ranks",)
-FIRST_FILES = (  # tier 1, in this order
-    "test_router.py", "test_routing_replay_recorder.py", "test_graph_toy.py", "test_second_mask_fill.py",
-    "test_second_route_padding.py", "test_second_every_rank_writes.py", "test_second_write_in_place.py",
-    "test_golden.py", "test_seed_regression.py", "test_second_graph_reference.py",
-    "test_second_chunk_positions.py", "test_second_copy_outputs.py", "test_second_fused_bound.py",
-    "test_batching.py", "test_routing_replay_store.py", "test_probes_replay.py",
+FIRST_FILES = (  # tier 1, by failpoints detected per second (idle gate seconds of the file in brackets)
+    "test_routing_replay_recorder.py",  # [0.5] r3.skip_in_graph, trace_time_only, record_padding, rank_skews_ids
+    "test_second_mask_fill.py", "test_second_route_padding.py",  # [0.1 each] router.mask_fill_zero, moe.route_padding
+    "test_second_every_rank_writes.py", "test_second_write_in_place.py",  # [0.1 each] r3.every_rank_writes, write_in_place
+    "test_router.py",  # [10] every router.* class
+    "test_graph_toy.py", "test_second_fused_bound.py",  # [3, 1] graph.*, dist.fused_bound_off_by_one
+    "test_seed_regression.py", "test_golden.py", "test_second_graph_reference.py",  # [0.5, 4, 5] kv.*, attention.*
+    "test_second_copy_outputs.py", "test_second_chunk_positions.py", "test_batching.py",  # [4, 6, 4] rotary.*, graph.*
+    "test_routing_replay_store.py", "test_probes_replay.py",  # [11, 10] r3 files on disk, r3.replay_layer_off_by_one
     "test_watchdog.py::test_a_disagreeing_rank_is_named_by_the_agreement_check",  # dist.skip_agreement_check
 )
 GROUPS_FIRST = ("routing_replay", "graph-glm4_moe", "graph-glm4_moe_nobias", "graph-qwen3_moe")
