@@ -2,13 +2,14 @@
 
     python -m bench.first_failure router.bias_in_weights r3.skip_in_graph dist.skip_allreduce
     python -m bench.first_failure --all                          # every failpoint of engine/failpoints.py
-    python -m bench.first_failure --order xdist router.skip_renorm   # the order before issue 22, to compare
+    python -m bench.first_failure --order both router.mask_fill_zero   # old order, then new, back to back
 
 One whole-gate run per failpoint (the gate exactly as CI runs it, plus `-x`, `-v` and the failpoint).
 The time of the first failure is taken when pytest's `-v` line `[gwN] [ P%] FAILED cases/...` is
 read from its output, which xdist prints as soon as the worker reports the case: that is how long a
-developer waits for the gate to say "broken". The run then stops (`-x`); its whole wall time is
-recorded too (xdist lets the other workers finish the case they are in, a 4-rank case included).
+developer waits for the gate to say "broken". The bench then stops the run (SIGTERM to its session;
+the ranks of a 4-rank job end when their launching process is gone): `-x` alone would let a
+worker finish the whole xdist group it holds, minutes more. `--keep-going` lets `-x` end it.
 
 A failpoint no case catches within `--timeout` (default 600 s) is recorded as not caught. Times
 taken while other work loads the machine are "loaded": the JSON keeps the load averages, and only
@@ -37,7 +38,7 @@ FAILED_LINE = re.compile(r"\[(gw\d+)\] \[\s*\d+%\] (FAILED|ERROR) (\S+)")
 STARTED_LINE = re.compile(r"\[(gw\d+)\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ")
 
 
-def run_one(failpoint: str, order: str, workers: int, timeout_s: float, log: Path) -> dict:
+def run_one(failpoint: str, order: str, workers: int, timeout_s: float, log: Path, keep_going: bool) -> dict:
     """One whole-gate run with `failpoint` planted; return when it failed first and how it ended."""
     command = [sys.executable, "-m", "pytest", "-n", str(workers), "-x", "-v", "cases/", "--failpoints", failpoint,
                "--gate-order", order, "-p", "no:cacheprovider"]
@@ -59,13 +60,16 @@ def run_one(failpoint: str, order: str, workers: int, timeout_s: float, log: Pat
                 if failed and not first:
                     first = {"seconds": round(time.monotonic() - started, 1), "case": failed.group(3),
                              "worker": failed.group(1), "cases_finished_before": finished_cases - 1}
+                    if not keep_going:  # -x would still let a worker finish its xdist group (minutes)
+                        os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait()
     finally:
         timer.cancel()
     return {"failpoint": failpoint, "caught": bool(first), "first_failure_s": first.get("seconds"),
             "first_failing_case": first.get("case"), "worker": first.get("worker"),
             "cases_finished_before": first.get("cases_finished_before"),
-            "run_wall_s": round(time.monotonic() - started, 1), "exit_code": code}
+            "run_wall_s": round(time.monotonic() - started, 1), "exit_code": code,
+            "stopped_at_first_failure": bool(first) and not keep_going}
 
 
 def known_failpoints() -> list[str]:
@@ -76,14 +80,17 @@ def known_failpoints() -> list[str]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| failpoint | first failure (s) | first failing case | run ended (s) |", "|---|---|---|---|"]
+    lines = ["| failpoint | order | first failure (s) | first failing case | load avg after |", "|---|---|---|---|---|"]
     for r in results:
         seconds = f"{r['first_failure_s']:.1f}" if r["caught"] else "not caught"
-        lines.append(f"| {r['failpoint']} | {seconds} | {r['first_failing_case'] or '-'} | {r['run_wall_s']:.0f} |")
-    caught = [r["first_failure_s"] for r in results if r["caught"]]
-    if caught:
-        lines.append(f"\n{len(caught)}/{len(results)} caught; first failure median {statistics.median(caught):.1f} s, "
-                     f"max {max(caught):.1f} s")
+        lines.append(f"| {r['failpoint']} | {r['order']} | {seconds} | {r['first_failing_case'] or '-'} | "
+                     f"{r['load_average_after'][0]:g} |")
+    for order in dict.fromkeys(r["order"] for r in results):
+        runs = [r for r in results if r["order"] == order]
+        caught = [r["first_failure_s"] for r in runs if r["caught"]]
+        if caught:
+            lines.append(f"{order}: {len(caught)}/{len(runs)} caught; first failure median "
+                         f"{statistics.median(caught):.1f} s, max {max(caught):.1f} s")
     return "\n".join(lines)
 
 
@@ -91,10 +98,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("failpoints", nargs="*", help="failpoint names (engine/failpoints.py)")
     parser.add_argument("--all", action="store_true", help="every failpoint of engine/failpoints.py")
-    parser.add_argument("--order", choices=("fail-fast", "xdist"), default="fail-fast",
-                        help="the gate's order (cases/conftest.py --gate-order); xdist = before issue 22")
+    parser.add_argument("--order", choices=("fail-fast", "xdist", "both"), default="fail-fast",
+                        help="the gate's order (cases/conftest.py --gate-order); xdist = before issue 22; both = "
+                             "each failpoint in the xdist order then at once in the fail-fast order, so the two "
+                             "runs of a pair share the machine's load")
     parser.add_argument("-n", "--workers", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run is stopped")
+    parser.add_argument("--keep-going", action="store_true", help="let -x end the run (a worker first finishes "
+                        "its xdist group) instead of stopping it at the first failure")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'loaded by 5 other jobs')")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -112,12 +123,15 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
     out = args.out or ROOT / "bench" / "results" / f"first-failure-{slug(machine)}-{stamp}-{args.order}.json"
     logs = Path(tempfile.mkdtemp(prefix="first-failure-"))  # pytest's output of each run, not committed
+    orders = ("xdist", "fail-fast") if args.order == "both" else (args.order,)
     for name in names:
-        run = run_one(name, args.order, args.workers, args.timeout, logs / f"{name}.log")
-        run["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        result["runs"].append(run)
-        print(f"{name}: first failure {run['first_failure_s']} s ({run['first_failing_case']}), "
-              f"run ended after {run['run_wall_s']} s", flush=True)
+        for order in orders:
+            run = run_one(name, order, args.workers, args.timeout, logs / f"{name}.{order}.log", args.keep_going)
+            run["order"] = order
+            run["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            result["runs"].append(run)
+            print(f"{name} ({order} order): first failure {run['first_failure_s']} s ({run['first_failing_case']}), "
+                  f"run ended after {run['run_wall_s']} s", flush=True)
         out.write_text(json.dumps(result, indent=1))  # after every run: a long --all keeps what it has
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out.write_text(json.dumps(result, indent=1))
