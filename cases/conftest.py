@@ -1,4 +1,5 @@
-"""Fixtures shared by several case modules (the root conftest.py holds the profiles and options)."""
+"""Fixtures shared by several case modules, and the gate's fail-fast order (the root conftest.py
+holds the profiles and options)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def four_rank_pool():
 # `--dist loadgroup` xdist hands out work in "scopes" (an xdist_group is one scope, every other case
 # is a scope of its own) in the order the workers collected them, and by default first re-sorts the
 # scopes by size, which starts every big group (graph-*, four_ranks, routing_replay) before any
-# single cheap case: the router's failpoints then failed only after 166-176 s. So the order below is
+# single cheap case: router.mask_fill_zero then failed after 245 s, r3.write_in_place after 183 s
+# (bench/results/first-failure-*-both.json; 14 s and 9 s in this order). So the order below is
 # applied at collection (the same, deterministic, on every worker, as xdist requires) and the
 # re-sort is switched off (pytest_configure).
 #
@@ -31,11 +33,11 @@ def four_rank_pool():
 # and the gate's per-case times (bench/gate_bench.py):
 #   0  the four_ranks group (test_parallel*.py, test_routing_replay_ranks.py): the longest serial
 #      share of the gate (~130 s on one worker), so it must start at once, and the only detector of
-#      several dist.* classes; its widest detector (test_four_ranks_match_one_rank) runs first;
+#      several dist.* classes; its widest detectors (LEAD_DETECTORS) run first;
 #   1  cheap cases that detect the most failpoints per second, on the other workers meanwhile: the
-#      NumPy router/recorder/toy-graph checks, then the small-engine reference cases (golden,
-#      second_*, batching), each a few seconds, between them detecting every router.* class and
-#      most graph.*/kv.*/r3.*/dist.* classes;
+#      NumPy recorder/second_*/router/toy-graph checks (under a second to ten seconds a file), then
+#      the small-engine reference cases (golden, second_*, batching), between them detecting every
+#      router.* class and most graph.*/kv.*/r3.*/dist.* classes;
 #   2  the other xdist groups, the largest first (a group started late bounds the wall time), each
 #      with its widest detector first;
 #   3  slow single cases (subprocess gates, 4-rank launches), longest first for balance;
@@ -54,7 +56,10 @@ FIRST_FILES = (  # tier 1, by failpoints detected per second (idle gate seconds 
 )
 GROUPS_FIRST = ("routing_replay", "graph-glm4_moe", "graph-glm4_moe_nobias", "graph-qwen3_moe")
 LEAD_DETECTORS = (  # inside a group: the case that detects the most failpoints runs first
-    "test_parallel.py::test_four_ranks_match_one_rank", "test_graph.py::test_graph_step_matches_eager",
+    "test_parallel.py::test_four_ranks_match_one_rank[glm4_moe-",  # dist.skip_allreduce, double_scale, wrong_expert_map, rank_disagrees
+    "test_parallel.py::test_rank_that_disagrees_is_an_error_not_a_hang",  # dist.skip_agreement_check (76 s if last)
+    "test_parallel.py::test_four_ranks_match_one_rank",
+    "test_graph.py::test_graph_step_matches_eager",
     "test_routing_replay_engine.py::test_graph_recording_equals_eager_recording",
     "test_routing_replay_engine.py::test_replaying_a_run_reproduces_its_logits_bitwise",
 )
