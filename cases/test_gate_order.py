@@ -45,9 +45,9 @@ def test_every_failpoint_of_the_census_has_a_detector_that_starts_first():
 def test_the_order_is_tiered_and_keeps_collection_order_inside_a_tier():
     items = [fake_item("cases/test_config.py::test_a"), fake_item("cases/test_launch.py::test_b"),
              fake_item("cases/test_graph.py::test_graph_step_matches_eager[x]", "graph-x"),
-             fake_item("cases/test_router.py::test_c"), fake_item("cases/test_golden.py::test_d"),
+             fake_item("cases/test_router.py::test_noaux_tc_matches_reference[c]"), fake_item("cases/test_golden.py::test_d"),
              fake_item("cases/test_parallel.py::test_e", "four_ranks"),
              fake_item("cases/test_routing_replay_recorder.py::test_f"), fake_item("cases/test_config.py::test_g")]
     gate_order.sort_items(items)
     assert [i.nodeid.split("::")[1] for i in items] == [
-        "test_e", "test_f", "test_c", "test_d", "test_graph_step_matches_eager[x]", "test_b", "test_a", "test_g"]
+        "test_e", "test_f", "test_noaux_tc_matches_reference[c]", "test_d", "test_graph_step_matches_eager[x]", "test_b", "test_a", "test_g"]
