@@ -3,6 +3,7 @@ examples per second per worker, 4-rank comparisons per minute from the warm pool
 each.
 
     nice -n 10 python -m bench.gate_bench                      # the whole gate, then the rank pool
+    python -m bench.gate_bench --runs 3 --pool-requests 0      # the README's gate time: median of 3, one line
     python -m bench.gate_bench -n 2 --cases cases/test_graph_toy.py cases/test_config.py --pool-requests 0
 
 One pytest run (`-v`, JUnit XML in the xunit1 family, `--hypothesis-show-statistics`), read back:
@@ -15,6 +16,10 @@ One pytest run (`-v`, JUnit XML in the xunit1 family, `--hypothesis-show-statist
 * hypothesis' statistics of every case in a graph-vs-eager file (verifier/report.py's areas):
   examples run and seconds spent, so examples per second on the one worker that ran the case;
 * then, unless `--pool-requests 0`, bench/rank_pool_bench.py's warm-pool measurement.
+
+With `--runs N` the gate runs N times; the run of median wall time is broken down, every run's
+totals are kept, and `quote` is the README's line (median, each run, outcomes, CPU, cores, load
+average at each start, date, commit). Only runs on an idle machine are the README's figure.
 
 Writes bench/results/gate-<machine>-<date>.json and prints a summary. Never imported by tests.
 """
@@ -128,11 +133,17 @@ def breakdown(cases: list[dict], workers: dict[str, str], wall: float) -> dict:
         per_worker[case["worker"]] += case["seconds"]
         per_file[case["file"]]["cases"] += 1
         per_file[case["file"]]["seconds"] += case["seconds"]
+    per_group: dict[str, float] = defaultdict(float)
+    for case in cases:  # loadgroup names a grouped case `...@GROUP`: the group runs serially on one worker
+        if "@" in case["nodeid"]:
+            per_group[case["nodeid"].rsplit("@", 1)[1]] += case["seconds"]
     files = dict(sorted(per_file.items(), key=lambda kv: -kv[1]["seconds"]))
     slowest = sorted(cases, key=lambda c: -c["seconds"])[:15]
     busiest = max(per_worker.values(), default=0.0)
     return {"per_worker_s": dict(sorted(per_worker.items())), "busiest_worker_share_of_wall": busiest / wall,
-            "per_file": files, "slowest_cases": slowest,
+            "per_file": files, "per_group_s": dict(sorted(per_group.items(), key=lambda kv: -kv[1])),
+            "slowest_cases": slowest,
+            "cases": {c["nodeid"]: [round(c["seconds"], 2), c["worker"]] for c in cases},  # every case: s, worker
             "outcomes": {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}}
 
 
@@ -171,6 +182,18 @@ def bounds(result: dict) -> list[str]:
     return said
 
 
+def quote(result: dict) -> str:
+    """One line for the README: the median wall time, every run's, outcomes, machine, date, commit."""
+    walls = sorted(r["wall_s"] for r in result["gate_runs"])
+    machine, gate = result["machine"], result["gate"]
+    commit = (machine.get("git") or {}).get("commit", "?")[:7]
+    loads = ", ".join(f"{r['load_average_at_start'][0]:g}" for r in result["gate_runs"])
+    return (f"`{result['invocation']}`: {statistics.median(walls):.0f} s "
+            f"(median of {len(walls)}: {', '.join(f'{w:.0f}' for w in walls)} s), {gate['outcomes']['passed']} passed, "
+            f"{gate['outcomes']['failed']} failed; {machine['cpu']}, {machine['usable_cpus']} cores, load average "
+            f"at start {loads}; {result['started']}, commit {commit}")
+
+
 def summary(result: dict) -> str:
     gate = result["gate"]
     workers = ", ".join(f"{w} {s:.1f}" for w, s in gate["per_worker_s"].items())
@@ -185,7 +208,10 @@ def summary(result: dict) -> str:
         from bench.rank_pool_bench import report
 
         lines.append(report(result["rank_pool"]))
+    lines.append("per xdist group (s, serial on one worker): " + ", ".join(
+        f"{name} {sec:.1f}" for name, sec in gate["per_group_s"].items()))
     lines += ["bounds:"] + [f"  {s}" for s in result["bounds"]]
+    lines.append("quote: " + result["quote"])
     return "\n".join(lines)
 
 
@@ -195,25 +221,38 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["cases/"], help="case files or folders (default cases/)")
     parser.add_argument("--pool-requests", type=int, default=10, help="timed warm-pool requests per layout and mode; "
                         "0 skips the pool")
+    parser.add_argument("--runs", type=int, default=1, help="whole runs; the median is quoted (the README's "
+                        "figure: --runs 3)")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. the machine's load)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/gate-<machine>-<date>.json)")
     args = parser.parse_args()
     machine = {"cpu": cpu_model(), "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
                "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "git": git_state()}
-    result = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": args.note, "machine": machine}
-    with tempfile.TemporaryDirectory(prefix="gate-bench-") as tmp:
-        run = run_gate(args.cases, args.workers, Path(tmp))
-        text = run["log"].read_text()
-        cases = read_cases(run["junit"]) if run["junit"].exists() else []
-        result["gate"] = {k: v for k, v in run.items() if k not in ("junit", "log")}
-        result["gate"].update(breakdown(cases, read_workers(text), run["wall_s"]))
-        result["graph_vs_eager"] = graph_vs_eager(read_hypothesis(text))
+    result = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": args.note, "machine": machine,
+              "invocation": f"pytest -n {args.workers} {' '.join(args.cases)}"}
+    runs = []
+    for _ in range(args.runs):
+        load = [round(x, 2) for x in os.getloadavg()]
+        with tempfile.TemporaryDirectory(prefix="gate-bench-") as tmp:
+            run = run_gate(args.cases, args.workers, Path(tmp))
+            text = run["log"].read_text()
+            cases = read_cases(run["junit"]) if run["junit"].exists() else []
+            gate = {k: v for k, v in run.items() if k not in ("junit", "log")}
+            gate.update(breakdown(cases, read_workers(text), run["wall_s"]), load_average_at_start=load)
+            runs.append((gate, text))
+    # The run of median wall time is the one broken down; every run's totals are kept.
+    gate, text = sorted(runs, key=lambda r: r[0]["wall_s"])[len(runs) // 2]
+    result["gate"] = gate
+    result["gate_runs"] = [{k: g[k] for k in ("wall_s", "cpu_s", "exit_code", "outcomes", "load_average_at_start")}
+                           for g, _ in runs]
+    result["graph_vs_eager"] = graph_vs_eager(read_hypothesis(text))
     if args.pool_requests > 0:
         from bench.rank_pool_bench import measure
 
         result["rank_pool"] = measure(args.pool_requests)
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["bounds"] = bounds(result)
+    result["quote"] = quote(result)
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
     out = args.out or ROOT / "bench" / "results" / f"gate-{slug(machine)}-{stamp}.json"
     out.write_text(json.dumps(result, indent=1))

@@ -1,4 +1,5 @@
-"""Fixtures shared by several case modules (the root conftest.py holds the profiles and options)."""
+"""Fixtures shared by several case modules, and the gate's fail-fast order (the root conftest.py
+holds the profiles and options)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,30 @@ def two_rank_routing_job(faults, tmp_path_factory):
                                          "--log-dir", job.logs),
                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     return job
+
+
+# ----------------------------------------------------------------------------- fail-fast order
+# Which cases start first, and why: cases/gate_order.py.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gate-order", choices=("fail-fast", "xdist"), default="fail-fast",
+                     help="fail-fast (default): cases/gate_order.py's order; xdist: collection order re-sorted by xdist "
+                          "(the order before issue 22, kept to measure the difference: bench/first_failure.py)")
+
+
+def pytest_configure(config):
+    if config.getoption("--gate-order") == "xdist":
+        return
+    # xdist's default re-sort of scopes by size would undo the order (gate_order.py). The option exists
+    # only with xdist installed; without it there is nothing to re-sort.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if config.getoption("--gate-order") == "xdist":
+        return
+    from gate_order import sort_items  # cases/ is on sys.path, as for the other helper modules
+
+    sort_items(items)
