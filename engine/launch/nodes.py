@@ -70,7 +70,7 @@ class Nodes:
         store = self.ips[0]
         others = [i for i in range(self.count) if i != self.this]
         if self.this == 0:
-            arrived = {remote for local, remote in established if local == (store, port)}
+            arrived = {remote[0] for local, remote in established if local == (store, port)}
             absent = [i for i in others if self.ips[i] not in arrived]
             return _names(self, absent) if absent else "none: every node reached rank 0's store"
         if (store, port) not in {remote for _, remote in established}:
