@@ -7,8 +7,9 @@ a rank killed on the second node is the rank that node's CLI names, and both nod
 the bound; the collective watchdog names a stuck collective on both nodes; a second node that
 never starts is named by the first within the start-up bound (--start-timeout). Without the
 privilege to make namespaces the cases skip, saying why. Each case costs one 2-node job (the
-first two one single-node job each, the last one node's half): one prompt, two tokens, so that
-start-up is the main cost; all in one xdist group, so no two of these jobs share the cores.
+last one node's half): one prompt, two tokens, so that start-up is the main cost. The single-node
+reference is the warm 4-rank pool of the xdist group "four_ranks" (cases/conftest.py), which the
+dump cases join; the others form the group "two_nodes", so no two of them share the cores.
 """
 
 from __future__ import annotations
@@ -41,15 +42,15 @@ START_BOUND_S = 6.0  # the start-up bound of the case whose second node never st
 START_DEADLINE_S = 45.0  # that case's own deadline: the bound, the stack dumps, the stop, on loaded cores
 TOKENS = 2  # a prefill and one decode step: enough for bitwise equality, cheap on two cores
 
-# One xdist group: the 2-node jobs run one after another on one worker, never two jobs at once on
-# two cores (each is 2 CLIs, 2 launchers and 4 ranks).
+# One xdist group: these 2-node jobs run one after another on one worker, never two at once on two
+# cores (each is 2 CLIs, 2 launchers and 4 ranks); the dump cases override it with "four_ranks".
 pytestmark = [pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable())),
               pytest.mark.xdist_group("two_nodes")]
 
 
 def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.json"
-    path.write_text(json.dumps({"prompts": [{"name": "p0", "input_ids": [501, 500, 505, 194, 87, 3, 14]}]}))
+    path.write_text(json.dumps({"prompts": [{"name": "p0", "input_ids": PROMPT}]}))
     return path
 
 
@@ -97,21 +98,24 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+PROMPT = [501, 500, 505, 194, 87, 3, 14]
+
+
+@pytest.mark.xdist_group("four_ranks")  # the reference comes from that group's warm 4-rank pool
 @pytest.mark.parametrize("ep", [1, 4], ids=["tp4", "tp4_ep4"])
-def test_two_nodes_dump_what_one_node_dumps_bitwise(tmp_path, faults, ep):
+def test_two_nodes_dump_what_one_node_dumps_bitwise(tmp_path, faults, four_rank_pool, ep):
+    """The single-node 4-rank reference is the warm pool's run of the same engine configuration
+    (the CLI's defaults: eager, sparse MoE form), so no single-node job is started here."""
     args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", TOKENS, "--ep", ep, "--dump-all-ranks"]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    one = subprocess.run(engine_run(faults, checkpoint_dir("glm4_moe"), *args, "--tp", 4, "--dump",
-                                    tmp_path / "one" / "out.npz", "--log-dir", tmp_path / "logs-one-node"),
-                         capture_output=True, text=True, timeout=BOUND_S, cwd=ROOT, env=engine_env())
-    assert one.returncode == 0, one.stderr[-3000:]
-    results = two_node_run(tmp_path, faults, [*args, "--dump", tmp_path / "two" / "out.npz"])
+    one = four_rank_pool.request({"checkpoint": "glm4_moe", "tp": 4, "ep": ep, "moe_form": "sparse",
+                                  "prompts": [PROMPT], "max_new_tokens": TOKENS})
+    results = two_node_run(tmp_path, faults, [*args, "--dump", tmp_path / "out.npz"])
     for node, (code, out, err) in enumerate(results):
         assert code == 0, f"node {node}: {err[-3000:]}"
-        assert out == one.stdout, f"node {node} printed other tokens"
-    for name in ["out.npz", *(f"out.rank{r}.npz" for r in range(4))]:
-        single, double = read_dump(tmp_path / "one" / name), read_dump(tmp_path / "two" / name)
+        assert out == f"p0: {' '.join(map(str, one[0]['greedy_p0']))}\n", f"node {node} printed other tokens"
+    for name, reference in [("out.npz", one[0]), *((f"out.rank{r}.npz", one[r]) for r in range(4))]:
+        double = read_dump(tmp_path / name)
+        single = {k: v for k, v in reference.items() if k not in ("rank", "stats", "failpoints")}
         assert sorted(single) == sorted(double), name
         differ = [k for k in single if not np.array_equal(single[k], double[k])]
         assert differ == [], f"{name}: {differ} differ between one node and two"
