@@ -274,3 +274,11 @@ def test_the_launchers_local_rank_number_is_blamed_as_the_global_rank():
     log = "Container rank 1 status failed cmd ['python'] code -9 log workerlog.1"
     evidence = blame.Evidence({}, {3: 10.0}, log, None, None, rank_offset=2)
     assert blame.first_failure(evidence) == ([3], "killed by signal 9 (SIGKILL)")
+
+
+def test_a_negative_start_up_bound_is_refused_before_any_rank_starts(capsys):
+    from engine.__main__ import main
+
+    code = main(["run", "--model", "m", "--prompts", "p.json", "--tp", "4", "--nnodes", "2",
+                 "--ips", "127.0.0.1,10.255.255.254", "--start-timeout", "-1"])
+    assert (code, capsys.readouterr().err) == (2, "error: --start-timeout must be >= 0 seconds (0: no bound), got -1\n")
