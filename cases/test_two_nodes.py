@@ -4,9 +4,12 @@ Two network namespaces joined by a veth pair (cases/netns.py) stand in for two h
 `python -m engine run --tp 4 --nnodes 2 --ips A,B` runs in each, as a user runs it on each host.
 Checked: the dumps of TP4 and TP4+EP4 equal the single-node 4-rank job's bitwise (every rank's);
 a rank killed on the second node is the rank that node's CLI names, and both nodes end within
-the bound; the collective watchdog names a stuck collective on both nodes. Without the privilege
-to make namespaces the cases skip, saying why. Each case costs one 2-node job (and the first two
-one single-node job each): one prompt, a few tokens, to keep start-up the main cost.
+the bound; the collective watchdog names a stuck collective on both nodes; a second node that
+never starts is named by the first within the start-up bound (--start-timeout). Without the
+privilege to make namespaces the cases skip, saying why. Each case costs one 2-node job (the
+last one node's half): one prompt, two tokens, so that start-up is the main cost. The single-node
+reference is the warm 4-rank pool of the xdist group "four_ranks" (cases/conftest.py), which the
+dump cases join; the others form the group "two_nodes", so no two of them share the cores.
 """
 
 from __future__ import annotations
@@ -35,12 +38,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BOUND_S = 240.0  # a hang detector for every subprocess, not a speed check
 KILL_BOUND_S = 60.0  # from the kill to both nodes' CLIs ending (gloo's own timeout is far longer)
 
-pytestmark = pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable()))
+START_BOUND_S = 6.0  # the start-up bound of the case whose second node never starts
+START_DEADLINE_S = 45.0  # that case's own deadline: the bound, the stack dumps, the stop, on loaded cores
+TOKENS = 2  # a prefill and one decode step: enough for bitwise equality, cheap on two cores
+
+# One xdist group: these 2-node jobs run one after another on one worker, never two at once on two
+# cores (each is 2 CLIs, 2 launchers and 4 ranks); the dump cases override it with "four_ranks".
+pytestmark = [pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable())),
+              pytest.mark.xdist_group("two_nodes")]
 
 
 def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.json"
-    path.write_text(json.dumps({"prompts": [{"name": "p0", "input_ids": [501, 500, 505, 194, 87, 3, 14]}]}))
+    path.write_text(json.dumps({"prompts": [{"name": "p0", "input_ids": PROMPT}]}))
     return path
 
 
@@ -88,21 +98,24 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+PROMPT = [501, 500, 505, 194, 87, 3, 14]
+
+
+@pytest.mark.xdist_group("four_ranks")  # the reference comes from that group's warm 4-rank pool
 @pytest.mark.parametrize("ep", [1, 4], ids=["tp4", "tp4_ep4"])
-def test_two_nodes_dump_what_one_node_dumps_bitwise(tmp_path, faults, ep):
-    args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", 3, "--ep", ep, "--dump-all-ranks"]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    one = subprocess.run(engine_run(faults, checkpoint_dir("glm4_moe"), *args, "--tp", 4, "--dump",
-                                    tmp_path / "one" / "out.npz", "--log-dir", tmp_path / "logs-one-node"),
-                         capture_output=True, text=True, timeout=BOUND_S, cwd=ROOT, env=engine_env())
-    assert one.returncode == 0, one.stderr[-3000:]
-    results = two_node_run(tmp_path, faults, [*args, "--dump", tmp_path / "two" / "out.npz"])
+def test_two_nodes_dump_what_one_node_dumps_bitwise(tmp_path, faults, four_rank_pool, ep):
+    """The single-node 4-rank reference is the warm pool's run of the same engine configuration
+    (the CLI's defaults: eager, sparse MoE form), so no single-node job is started here."""
+    args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", TOKENS, "--ep", ep, "--dump-all-ranks"]
+    one = four_rank_pool.request({"checkpoint": "glm4_moe", "tp": 4, "ep": ep, "moe_form": "sparse",
+                                  "prompts": [PROMPT], "max_new_tokens": TOKENS})
+    results = two_node_run(tmp_path, faults, [*args, "--dump", tmp_path / "out.npz"])
     for node, (code, out, err) in enumerate(results):
         assert code == 0, f"node {node}: {err[-3000:]}"
-        assert out == one.stdout, f"node {node} printed other tokens"
-    for name in ["out.npz", *(f"out.rank{r}.npz" for r in range(4))]:
-        single, double = read_dump(tmp_path / "one" / name), read_dump(tmp_path / "two" / name)
+        assert out == f"p0: {' '.join(map(str, one[0]['greedy_p0']))}\n", f"node {node} printed other tokens"
+    for name, reference in [("out.npz", one[0]), *((f"out.rank{r}.npz", one[r]) for r in range(4))]:
+        double = read_dump(tmp_path / name)
+        single = {k: v for k, v in reference.items() if k not in ("rank", "stats", "failpoints")}
         assert sorted(single) == sorted(double), name
         differ = [k for k in single if not np.array_equal(single[k], double[k])]
         assert differ == [], f"{name}: {differ} differ between one node and two"
@@ -114,7 +127,7 @@ def test_a_rank_killed_on_the_second_node_is_named_there(tmp_path, faults):
         logs = [tmp_path / "logs0", tmp_path / "logs1"]
         procs = [start_node(hosts, host, faults, args, log) for host, log in zip((hosts.first, hosts.second), logs)]
         try:
-            victim = wait_for_step(procs[1], rank=3, log=logs[1] / "workerlog.1", step=3)
+            victim = wait_for_step(procs[1], rank=3, log=logs[1] / "workerlog.1", step=2)
         except BaseException:
             finish(procs, timeout_s=0.1)  # kills both nodes' CLIs
             raise
@@ -136,7 +149,7 @@ def test_the_watchdog_names_a_stuck_collective_on_both_nodes(tmp_path, faults):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([list(range(1, 9))]))
     planted = faults.with_(type(faults).parse("dist.rank_disagrees,dist.skip_agreement_check"))
-    args = ["--prompts", prompts, "--max-new-tokens", 3, "--graph", "piecewise", "--capture-sizes", 8,
+    args = ["--prompts", prompts, "--max-new-tokens", TOKENS, "--graph", "piecewise", "--capture-sizes", 8,
             "--decode-capture-sizes", 1, "--collective-timeout", 3]
     results = two_node_run(tmp_path, planted, args)
     stuck = re.compile(r"rank (\d)(?:: | \()stuck in ((all_reduce|all_gather|capture|replay) #\d+ \([^)]+\)) "
@@ -153,6 +166,41 @@ def test_the_watchdog_names_a_stuck_collective_on_both_nodes(tmp_path, faults):
     where = re.search(r"; collectives: (.*) \(logs: ", lines[1])
     assert where and re.search(r"ranks? [23](, 3)? in (all_reduce|all_gather|capture|replay) #\d+ \([^)]+\) at step 1",
                                where[1]), lines
+
+
+def test_a_second_node_that_never_starts_is_named_within_the_start_up_bound(tmp_path, faults):
+    """Only node 0's command runs: its ranks wait in init_parallel_env for ranks 2 and 3, which
+    never come. The CLI must end with one error naming this node and the missing peer's address,
+    soon after the start-up bound, and leave no process behind (not wait until the case's deadline)."""
+    args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", TOKENS, "--start-timeout", START_BOUND_S]
+    with netns.two_hosts() as hosts:
+        started = time.monotonic()
+        proc = start_node(hosts, hosts.first, faults, args, tmp_path / "logs0")
+        job = wait_for_ranks(proc, tmp_path / "logs0", count=2, until=started + START_DEADLINE_S)
+        [(code, _, err)] = finish([proc], timeout_s=max(0.1, started + START_DEADLINE_S - time.monotonic()))
+        ended_s = time.monotonic() - started
+        first, second = hosts.first.address, hosts.second.address
+    errors = error_lines(err)
+    assert code == 1 and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith(
+        f"error: the 4-rank job failed: ranks 0, 1: node 0 ({first}): ranks 0, 1 did not join the 4-rank job "
+        f"within the start-up bound of {START_BOUND_S:g} s; peers never arrived: node 1 ({second}); "), errors[0]
+    assert START_BOUND_S < ended_s, f"the CLI ended {ended_s:.1f} s after the start, before the bound"
+    assert [pid for pid in job if alive(pid)] == []
+
+
+def wait_for_ranks(proc: subprocess.Popen, log_dir: Path, count: int, until: float) -> dict[int, dict[str, str]]:
+    """The processes below the CLI once `count` ranks have logs in `log_dir` and processes below it."""
+    while time.monotonic() < until:
+        below = processes_below(proc.pid)
+        ranks = {env.get("PADDLE_TRAINER_ID") for env in below.values()} - {None}
+        if len(ranks) >= count and len(list(log_dir.glob("workerlog.*"))) >= count:
+            return below
+        if proc.poll() is not None:
+            raise AssertionError(f"the CLI ended before {count} ranks started: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.1)
+    finish([proc], timeout_s=0.1)
+    raise AssertionError(f"{count} ranks did not start within the case's deadline")
 
 
 def wait_for_step(proc: subprocess.Popen, rank: int, log: Path, step: int) -> int:
@@ -196,7 +244,41 @@ def test_the_launcher_is_told_this_hosts_address_and_a_shared_port():
                                              "--start_port", "123"]
 
 
+# /proc/net/tcp rows (sl, local, remote, state): 10.0.0.1 is 0100000A in host order on x86,
+# 6070 is 17B6; state 01 is ESTABLISHED, 0A is LISTEN.
+TCP_HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+
+
+def tcp_row(local: str, remote: str, state: str) -> str:
+    return f"   0: {local} {remote} {state} 00000000:00000000 00:00000000 00000000     0        0 1\n"
+
+
+def test_the_missing_peers_are_read_from_the_connections_to_rank_0s_store():
+    three = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
+    listen = tcp_row("0100000A:17B6", "00000000:0000", "0A")
+    from_b = tcp_row("0100000A:17B6", "0200000A:9C40", "01")  # node 1 (10.0.0.2) reached the store
+    closing = tcp_row("0100000A:17B6", "0300000A:9C41", "06")  # node 2's old connection, TIME_WAIT
+    assert Nodes(three, 0).missing_peers(6070, TCP_HEADER + listen + from_b + closing) == "node 2 (10.0.0.3)"
+    assert Nodes(three, 0).missing_peers(6070, TCP_HEADER + listen) == "node 1 (10.0.0.2), node 2 (10.0.0.3)"
+    other_port = tcp_row("0100000A:17B7", "0200000A:9C40", "01")
+    assert Nodes(three[:2], 0).missing_peers(6070, TCP_HEADER + other_port) == "node 1 (10.0.0.2)"
+    assert Nodes(three[:2], 0).missing_peers(6070, TCP_HEADER + from_b) == "none: every node reached rank 0's store"
+    to_store = tcp_row("0200000A:9C40", "0100000A:17B6", "01")  # seen from node 1
+    assert Nodes(three[:2], 1).missing_peers(6070, TCP_HEADER) == \
+        "node 0 (10.0.0.1) (its store on 10.0.0.1:6070 was not reached)"
+    assert Nodes(three, 1).missing_peers(6070, TCP_HEADER + to_store) == \
+        "not known here (node 0's store was reached; the others: node 2 (10.0.0.3))"
+
+
 def test_the_launchers_local_rank_number_is_blamed_as_the_global_rank():
     log = "Container rank 1 status failed cmd ['python'] code -9 log workerlog.1"
     evidence = blame.Evidence({}, {3: 10.0}, log, None, None, rank_offset=2)
     assert blame.first_failure(evidence) == ([3], "killed by signal 9 (SIGKILL)")
+
+
+def test_a_negative_start_up_bound_is_refused_before_any_rank_starts(capsys):
+    from engine.__main__ import main
+
+    code = main(["run", "--model", "m", "--prompts", "p.json", "--tp", "4", "--nnodes", "2",
+                 "--ips", "127.0.0.1,10.255.255.254", "--start-timeout", "-1"])
+    assert (code, capsys.readouterr().err) == (2, "error: --start-timeout must be >= 0 seconds (0: no bound), got -1\n")

@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "slack for the work it has just done) is named with its step and collective and "
                           "ended; 0: no bound (default: $ENGINE_COLLECTIVE_TIMEOUT, else "
                           f"{ParallelConfig.collective_timeout_s:g})")
+    run.add_argument("--start-timeout", type=float, metavar="S", default=None,
+                     help="with --nnodes N > 1: end the job, naming this node and the peers that never "
+                          "arrived, when this host's ranks have not all joined it within S seconds; 0: no "
+                          f"bound (default: {cli_job.START_TIMEOUT_PER_COLLECTIVE_TIMEOUT:g} x the collective "
+                          "timeout)")
     run.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                      help="compute dtype of weights, activations, KV cache and dump (float64: to compare "
                           "against a float64 reference; default float32)")
@@ -212,7 +217,13 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return cli_job.relaunch(argv, args.tp, args.log_dir, engine.faults, nodes)
+    start_s = args.start_timeout if args.start_timeout is not None else \
+        cli_job.START_TIMEOUT_PER_COLLECTIVE_TIMEOUT * engine.parallel.collective_timeout_s
+    if start_s < 0:
+        print(f"error: --start-timeout must be >= 0 seconds (0: no bound), got {start_s:g}", file=sys.stderr)
+        return 2
+    return cli_job.relaunch(argv, args.tp, args.log_dir, engine.faults, nodes,
+                            start_timeout_s=start_s if nodes.multi and start_s > 0 else None)
 
 
 def _run_as_rank(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ import paddle.distributed as dist
 from engine.checkpoint.hub_schema import Role, role
 from engine.config import ConfigError, ModelConfig, ParallelConfig
 from engine.errors import UserError
+from engine.launch import rank_entry
 from engine.launch import watchdog as watchdogs
 
 
@@ -182,6 +183,7 @@ def init_parallel(parallel: ParallelConfig) -> tuple[Partition, Collectives]:
                             f"`python -m paddle.distributed.launch --nproc_per_node {parallel.tp}`")
     if not dist.is_initialized():
         dist.init_parallel_env()
+    rank_entry.record_joined()  # the parent's start-up bound waits for every rank's
     partition = Partition(dist.get_rank(), world, expert_parallel=parallel.ep > 1)
     timeout_s = parallel.collective_timeout_s
     watchdog = watchdogs.for_rank(partition.rank, timeout_s) if timeout_s else None

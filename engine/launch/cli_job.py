@@ -24,12 +24,19 @@ from engine.launch.rank_entry import inside_launched_job, this_rank
 
 __all__ = ["inside_launched_job", "relaunch", "write_report"]
 
+# The default start-up bound of a multi-node job, in collective timeouts (5 s -> 120 s): the ranks
+# join once Python, Paddle and the launcher have started on every host, which took 5-15 s on two
+# loaded cores here; a host that never starts is named instead of waited for without end.
+START_TIMEOUT_PER_COLLECTIVE_TIMEOUT = 24.0
 
-def relaunch(argv: list[str], nproc: int, log_dir: str | None, faults: Failpoints, nodes: Nodes = Nodes()) -> int:
+
+def relaunch(argv: list[str], nproc: int, log_dir: str | None, faults: Failpoints, nodes: Nodes = Nodes(),
+             start_timeout_s: float | None = None) -> int:
     """Run `argv` (the CLI's own arguments) as an nproc-rank job; returns the CLI's exit code.
     `log_dir` (the CLI's --log-dir) must be missing or empty; None: a new temporary folder.
     `faults` (parsed from argv) are announced here; each rank announces its own in its log.
-    `nodes`: the hosts of the job (--nnodes/--ips); this call starts this host's ranks."""
+    `nodes`: the hosts of the job (--nnodes/--ips); this call starts this host's ranks.
+    `start_timeout_s` (--start-timeout): how long this host's ranks may take to join (None: no bound)."""
     try:
         logs = fresh_dir(Path(log_dir) if log_dir else None)
     except ValueError as err:
@@ -43,7 +50,7 @@ def relaunch(argv: list[str], nproc: int, log_dir: str | None, faults: Failpoint
     with tempfile.TemporaryDirectory(prefix="engine-reports-") as reports:
         try:
             run_ranks(["-m", "engine", *argv, "--report-dir", reports], nproc, timeout_s=None, log_dir=logs,
-                      nodes=nodes)
+                      nodes=nodes, start_timeout_s=start_timeout_s)
         except RankJobError as err:
             return _report_failure(Path(reports), nproc, err)
         return _report_success(Path(reports), local[0])

@@ -37,7 +37,8 @@ class JobResult:
 
 
 def run_ranks(argv: Sequence[str], nproc: int, *, timeout_s: float | None, log_dir: Path | None = None,
-              env: Mapping[str, str] | None = None, nodes: Nodes = Nodes()) -> JobResult:
+              env: Mapping[str, str] | None = None, nodes: Nodes = Nodes(),
+              start_timeout_s: float | None = None) -> JobResult:
     """Run the Python program `argv` on `nproc` ranks and wait for all of them.
 
     `timeout_s` bounds the whole job including start-up (a trivial 4-rank job takes 10-20 s on two
@@ -45,12 +46,16 @@ def run_ranks(argv: Sequence[str], nproc: int, *, timeout_s: float | None, log_d
     `log_dir` must be missing or empty (None: a fresh temporary folder, kept). `env` is added to
     this process's environment for the ranks; nothing is set in this process. Over several
     `nodes` the same call runs on every host and starts and waits for that host's ranks only.
+    `start_timeout_s` bounds the time until every rank of this host has joined the job (program
+    ranks join in engine.distributed.init_parallel; None: no bound): a peer host that never
+    starts is named instead of waited for (Launch.start_error).
     Raises RankJobError if a rank fails or the job times out; no process is left either way."""
-    if timeout_s is not None:
-        check_positive("timeout_s", timeout_s)
+    for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+        if value is not None:
+            check_positive(name, value)
     job = Launch(argv, nproc, fresh_dir(log_dir), env or {}, nodes)
     try:
-        returncode = job.wait(timeout_s)
+        returncode = job.wait(timeout_s, start_timeout_s)
     except BaseException:
         job.stop()
         raise

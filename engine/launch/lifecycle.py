@@ -49,7 +49,7 @@ from typing import Any, Mapping, Sequence
 from engine.launch import blame, processes, rank_logs, watchdog
 from engine.launch.nodes import START_PORT, Nodes
 from engine.launch.ports import free_port
-from engine.launch.rank_entry import ENTRY_CODE, PARENT_ENV, TOKEN_ENV
+from engine.launch.rank_entry import ENTRY_CODE, PARENT_ENV, TOKEN_ENV, joined_path
 
 _log = logging.getLogger(__name__)
 
@@ -101,11 +101,13 @@ class Launch:
                 "--log_dir", str(self.log_dir),
                 sys.executable, "-u", "-c", ENTRY_CODE, *self.argv]
 
-    def wait(self, timeout_s: float | None) -> int:
+    def wait(self, timeout_s: float | None, start_timeout_s: float | None = None) -> int:
         """The launcher's exit code once the job ended by itself. RankJobError (job stopped) as
-        soon as a rank's exit record shows a failure or a rank died without one, or at the
-        timeout (None: no timeout)."""
+        soon as a rank's exit record shows a failure or a rank died without one, at the timeout
+        (None: no timeout), or when this host's ranks have not all joined the job (rank_entry's
+        `joined.R`) `start_timeout_s` after the start (None: no start-up bound)."""
         deadline = math.inf if timeout_s is None else self.started + timeout_s
+        joined_by = math.inf if start_timeout_s is None else self.started + start_timeout_s
         while True:
             try:
                 return self.proc.wait(timeout=_POLL_S)
@@ -117,6 +119,8 @@ class Launch:
                 raise self.exit_error()
             if time.monotonic() > deadline:
                 raise self.timeout_error(f"timeout after {timeout_s:g} s")
+            if time.monotonic() > joined_by and self.not_joined():
+                raise self.start_error(start_timeout_s)
 
     def _watch_deaths(self) -> None:
         """Thread: note when each rank's process ends (pidfd), the only witness of a rank that
@@ -193,6 +197,22 @@ class Launch:
         error = self.error(blamed, reason, lines=15, dumps=dumps)
         self.stop()
         return error
+
+    def not_joined(self) -> list[int]:
+        """This host's ranks that have not yet joined the job (no `joined.R` in the log folder)."""
+        return [r for r in self.ranks if not joined_path(self.log_dir, r).exists()]
+
+    def start_error(self, bound_s: float) -> blame.RankJobError:
+        """The start-up bound passed: name this node, the ranks not joined, and the peers that
+        never arrived (a host whose command never ran, or whose launcher died before its ranks
+        connected); stop the job. Over one node no peer is missing: the ranks are slow or stuck."""
+        waiting = self.not_joined()
+        here = f"node {self.nodes.this} ({self.nodes.ips[self.nodes.this]})" if self.nodes.multi else "this node"
+        reason = f"{here}: {blame.rank_names(waiting)} did not join the {self.nproc}-rank job within the start-up " \
+                 f"bound of {bound_s:g} s"
+        if self.nodes.multi:
+            reason += f"; peers never arrived: {self.nodes.missing_peers(self.port)}"
+        return self.timeout_error(reason, suspects=waiting)
 
     def _stack_dumps(self, running: Mapping[int, int]) -> dict[int, tuple[int, str]]:
         """rank -> (log size before, what the log gained after) a SIGUSR1, which makes

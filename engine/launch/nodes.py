@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 START_PORT = 6070  # Paddle's own default; every host of a job must agree on it
 
@@ -56,6 +58,50 @@ class Nodes:
         args = ["--nnodes", str(self.count), "--nproc_per_node", str(self.per_node(nproc)),
                 "--ips", ",".join(self.ips), "--start_port", str(port)]
         return [*args, "--host", self.ips[self.this]] if self.multi else args
+
+
+    def missing_peers(self, port: int, table: str | None = None) -> str:
+        """Which other nodes this host has seen no sign of, judged by the TCP store rank 0 serves on
+        node 0's `port`: node 0 sees each peer that reached it as a connection to that port, any
+        other node sees node 0 as its own connection to it. 'node 1 (10.0.0.2)'; a phrase saying
+        what cannot be told from here otherwise. `table`: /proc/net/tcp's text (None: read it;
+        unreadable: nothing is known)."""
+        established = _established(table)
+        store = self.ips[0]
+        others = [i for i in range(self.count) if i != self.this]
+        if self.this == 0:
+            arrived = {remote[0] for local, remote in established if local == (store, port)}
+            absent = [i for i in others if self.ips[i] not in arrived]
+            return _names(self, absent) if absent else "none: every node reached rank 0's store"
+        if (store, port) not in {remote for _, remote in established}:
+            return _names(self, [0]) + f" (its store on {store}:{port} was not reached)"
+        rest = [i for i in others if i != 0]
+        return f"not known here (node 0's store was reached; the others: {_names(self, rest) or 'none'})"
+
+
+def _names(nodes: Nodes, indices: list[int]) -> str:
+    return ", ".join(f"node {i} ({nodes.ips[i]})" for i in indices)
+
+
+def _established(table: str | None) -> set[tuple[tuple[str, int], tuple[str, int]]]:
+    """(local, remote) (address, port) pairs of this network namespace's established IPv4 TCP
+    connections, from /proc/net/tcp (hex addresses in host byte order; state 01 = ESTABLISHED)."""
+    if table is None:
+        try:
+            table = Path("/proc/net/tcp").read_text()
+        except OSError:
+            return set()
+    pairs = set()
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "01":
+            pairs.add((_endpoint(fields[1]), _endpoint(fields[2])))
+    return pairs
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    address, port = text.split(":")
+    return socket.inet_ntoa(struct.pack("=I", int(address, 16))), int(port, 16)
 
 
 def from_flags(nnodes: int, ips: str | None) -> Nodes:

@@ -134,6 +134,19 @@ def record_exit(code: int, error: str) -> None:
     wire.write_atomic(exit_record_path(log_dir, int(rank)), json.dumps(record).encode())
 
 
+def joined_path(log_dir: Path, rank: int) -> Path:
+    return log_dir / f"joined.{rank}"
+
+
+def record_joined() -> None:
+    """Leave `joined.R` once this rank has joined the job (init_parallel_env returned, which needs
+    every rank of the job): the parent's start-up bound (lifecycle.Launch.wait) waits for these.
+    Nothing outside a launched job."""
+    rank, log_dir = os.environ.get(RANK_ENV), job_log_dir()
+    if rank is not None and log_dir is not None:
+        wire.write_atomic(joined_path(log_dir, int(rank)), b"")
+
+
 def job_log_dir() -> Path | None:
     """The job's log folder (None outside a launched job)."""
     log_dir = os.environ.get(_LOG_DIR_ENV)
