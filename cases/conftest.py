@@ -68,9 +68,10 @@ def two_rank_routing_job(faults, tmp_path_factory):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--gate-order", choices=("fail-fast", "xdist"), default="fail-fast",
-                     help="fail-fast (default): cases/gate_order.py's order; xdist: collection order re-sorted by xdist "
-                          "(the order before issue 22, kept to measure the difference: bench/first_failure.py)")
+    parser.addoption("--gate-order", choices=("fail-fast", "files", "xdist"), default="fail-fast",
+                     help="fail-fast (default): cases/gate_order.py's order; files: the order the command line "
+                          "names the files in (the selftest's area-first runs); xdist: collection order re-sorted "
+                          "by xdist (the order before issue 22, kept to measure the difference: bench/first_failure.py)")
 
 
 def pytest_configure(config):
@@ -83,7 +84,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    if config.getoption("--gate-order") == "xdist":
+    if config.getoption("--gate-order") != "fail-fast":
         return
     from gate_order import sort_items  # cases/ is on sys.path, as for the other helper modules
 
