@@ -32,7 +32,7 @@ from engine.dump import read_dump
 from engine.launch import blame
 from engine.launch.nodes import Nodes, from_flags
 from fixtures.pytest_fixtures import checkpoint_dir
-from test_cli_ranks import alive, processes_below, rank_process
+from test_cli_ranks import alive, processes_below, wait_for_step
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND_S = 240.0  # a hang detector for every subprocess, not a speed check
@@ -203,17 +203,6 @@ def wait_for_ranks(proc: subprocess.Popen, log_dir: Path, count: int, until: flo
     raise AssertionError(f"{count} ranks did not start within the case's deadline")
 
 
-def wait_for_step(proc: subprocess.Popen, rank: int, log: Path, step: int) -> int:
-    """The pid of `rank`'s process once its log shows it ran `step` (the CLI's -v step lines)."""
-    deadline = time.monotonic() + BOUND_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the CLI ended before rank {rank} ran step {step}: {proc.stderr.read()}"
-        if log.exists() and f"step {step}:" in log.read_text(errors="replace"):
-            pid = rank_process(proc.pid, rank)
-            assert pid is not None, f"rank {rank} logged step {step} but has no process below the CLI"
-            return pid
-        time.sleep(0.05)
-    raise AssertionError(f"rank {rank} did not reach step {step} within {BOUND_S:g} s")
 
 
 # ----------------------------------------------------------------------------- no processes
