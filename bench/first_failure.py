@@ -62,9 +62,10 @@ def run_one(failpoint: str, order: str, workers: int, timeout_s: float, log: Pat
                              "worker": failed.group(1), "cases_finished_before": finished_cases - 1}
                     if not keep_going:  # -x would still let a worker finish its xdist group (minutes)
                         os.killpg(proc.pid, signal.SIGTERM)
-                        # Stop reading: a rank process that left the session may still hold the
-                        # pipe open (seen: a pool rank outlived its killed worker and SIGTERM), and
-                        # the loop would wait for an end of file that never comes.
+                        # Stop reading: a process of the run may outlive the signal and hold the
+                        # pipe open (seen once: an xdist worker, execnet's `exec(eval(...))`
+                        # bootstrap, reparented to init), and the loop would wait for an end of
+                        # file that never comes.
                         break
         code = proc.wait()
     finally:
