@@ -77,7 +77,7 @@ class Comparison:
 
     def to_dict(self) -> dict:
         """JSON-safe plain data (lists, ints, floats; non-finite floats as "nan" / "inf" / "-inf")."""
-        return _json_safe({**asdict(self), "passed": self.passed})
+        return json_safe({**asdict(self), "passed": self.passed})
 
     def _headline(self) -> str:
         word = "equal" if self.tol.exact else "close"
@@ -361,12 +361,12 @@ def _topk_ids(rows: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-rows, k - 1, axis=-1)[:, :k]
 
 
-def _json_safe(value: object) -> object:
+def json_safe(value: object) -> object:
     """Tuples to lists, non-finite floats to strings, recursively."""
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from verifier.compare import rel_l2
+from verifier.compare import json_safe, rel_l2
 from verifier.dumps import GROUPING_KEY, ROUTING_KEY
 from verifier.recording import note_verdict
 from verifier.routing import routing_failures
@@ -87,7 +87,7 @@ class FloatVerdict:
         return f"{head}: {_times(self.times)} times the reference's error ({detail})"
 
     def to_dict(self) -> dict:
-        return _json_safe({"kind": "float", **asdict(self), "times": self.times, "passed": self.passed,
+        return json_safe({"kind": "float", **asdict(self), "times": self.times, "passed": self.passed,
                            "verdict": self.words()})
 
 
@@ -119,7 +119,7 @@ class Flip:
         return f"bug: {side} disagrees with the truth ({gap}, float32 bound {self.bound:.3g}){why}"
 
     def to_dict(self) -> dict:
-        return _json_safe({"kind": "flip", **asdict(self), "noise": self.noise, "verdict": self.words()})
+        return json_safe({"kind": "flip", **asdict(self), "noise": self.noise, "verdict": self.words()})
 
 
 @dataclass
@@ -352,13 +352,3 @@ def _times(value: float) -> str:
     if value < 10:
         return f"{value:.2g}"
     return f"{value:.0f}" if value < 1e3 else f"{value:.1e}".replace("e+0", "e").replace("e+", "e")
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
