@@ -46,9 +46,9 @@ CENSUS_FILES: dict[str, tuple[str, ...]] = {
     "rotary": (*_ENGINES, "test_user_model.py"),
     "kv": (*_ENGINES, "test_user_model.py", "test_verifier_cli.py"),
     "graph": _GRAPH,
-    "dist": ("test_parallel.py", "test_cli_ranks.py", "test_routing_replay_ranks.py"),
+    "dist": ("test_parallel.py", "test_cli_ranks.py", "test_routing_replay_ranks.py", "test_watchdog.py"),
     "r3": ("test_routing_replay_recorder.py", "test_routing_replay_store.py", "test_routing_replay_engine.py",
-           "test_routing_replay_ranks.py"),
+           "test_probes_replay.py", "test_routing_replay_ranks.py"),
 }
 
 
@@ -63,13 +63,16 @@ def census_files(failpoint: str, cases: Path = CASES) -> list[str]:
 
 def merged(paths: list[Path]) -> tuple[list[Outcome], dict]:
     """The outcomes and per-failpoint file lists of several census JSONs (runs made one failpoint
-    at a time, so a cut session keeps what finished), in the order given."""
-    outcomes, files = [], {}
+    at a time, so a cut session keeps what finished), in the order given; a failpoint censused
+    again in a later file replaces its earlier entry in place."""
+    outcomes: dict[str, Outcome] = {}
+    files: dict[str, list[str]] = {}
     for path in paths:
         document = json.loads(path.read_text())
         files |= document["settings"]["files"]
-        outcomes += [Outcome(**{k: v for k, v in entry.items() if k != "reproduce"}) for entry in document["failpoints"]]
-    return outcomes, files
+        for entry in document["failpoints"]:
+            outcomes[entry["failpoint"]] = Outcome(**{k: v for k, v in entry.items() if k != "reproduce"})
+    return list(outcomes.values()), files
 
 
 def main(argv: list[str] | None = None) -> int:
