@@ -29,7 +29,7 @@ def edited_copy(tmp_path, **changes):
     ("llama", "field 'model_type': 'llama' is not supported (supported: glm4_moe, qwen3_moe)"),
     ("no_model_type", "field 'model_type': None is not supported"),
     ("bad_heads", "num_key_value_heads"),
-])
+], ids=["empty", "llama", "no_model_type", "bad_heads"])
 def test_a_folder_the_battery_cannot_gate_is_refused_by_name_before_any_case(tmp_path, capsys, setup, words):
     model = {"empty": lambda: tmp_path, "llama": lambda: edited_copy(tmp_path, model_type="llama"),
              "no_model_type": lambda: edited_copy(tmp_path, model_type=None),
