@@ -101,9 +101,8 @@ def _model_table(section: dict, frame) -> Table:
              f"{section['failed_cases']} failed, {section['skipped']} skipped")
     reasons = sorted({(s["area"], s["reason"]) for s in section["skips"]})
     caption = "\n".join(f"skipped ({area}): {reason}" for area, reason in reasons) or None
-    longest = max([len(title), *(len(line) for line in (caption or "").splitlines())])
     table = Table(title=title, caption=caption, box=frame, title_justify="left", caption_justify="left",
-                  min_width=min(WIDTH, longest))  # the title and reasons on one line each where they fit
+                  min_width=min(WIDTH, len(title)))  # the title on one line where it fits
     for column in ("area", "cases", "comparisons", "failed", "failed cases", "skipped"):
         table.add_column(column, justify="left" if column == "area" else "right")
     for row in section["areas"]:
