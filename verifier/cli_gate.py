@@ -1,7 +1,9 @@
 """gate: run the gate's cases (pytest + xdist underneath) and print one report.
 
 Runs the bundled cases/ on the bundled checkpoints; each `--model DIR` adds a Hugging Face
-checkpoint folder that cases/test_user_model.py checks graph vs eager. Progress is the plugin's
+checkpoint folder that cases/test_user_model.py runs the battery on: every area of the gate that
+applies to it (its report has a section per model). A folder without config.json, or of a
+model_type the engine does not run, is refused by name before any case starts (exit 2). Progress is the plugin's
 (`--gate-progress auto`, verifier/progress.py: a rich bar on a terminal, plain lines in a log,
 instead of pytest's marks); the report follows, then the artifacts are written.
 Anything after `--` goes to pytest unchanged (e.g. `-- -k graph`).
@@ -92,8 +94,9 @@ def check_setup(args: argparse.Namespace) -> str | None:
     if missing:
         return f"missing dependency {', '.join(missing)} (install the project: pip install -e .)"
     for model in args.model:
-        if not (Path(model) / "config.json").is_file():
-            return f"--model {model}: no config.json in that folder"
+        problem = model_problem(model)
+        if problem:
+            return problem
     if args.shard_durations and not Path(args.shard_durations).is_file():
         return f"--shard-durations {args.shard_durations}: no such file"
     for path in args.cases or ():
@@ -104,6 +107,35 @@ def check_setup(args: argparse.Namespace) -> str | None:
     if args.pytest_args and args.pytest_args[0] != "--":
         return f"unexpected argument {args.pytest_args[0]!r} (pytest arguments go after `--`)"
     return _check_failpoints(args.failpoints)
+
+
+# config.json model_type -> the architecture the engine runs it as (engine/config.py).
+MODEL_TYPES = {"glm4_moe": "Glm4MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def model_problem(model: str | Path) -> str | None:
+    """Why the battery cannot gate this checkpoint folder, naming the file, field and value; None
+    when it can. Checked before any case runs (here, and at collection when pytest is run alone)."""
+    import json
+
+    from engine.errors import UserError
+    from engine.hf_config import read_model_config
+
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return f"--model {model}: no config.json in that folder"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError) as err:
+        return f"--model {model}: {config} is not a JSON object ({err})"
+    if model_type not in MODEL_TYPES:
+        return (f"--model {model}: {config} field 'model_type': {model_type!r} is not supported "
+                f"(supported: {', '.join(MODEL_TYPES)})")
+    try:
+        read_model_config(model)
+    except UserError as err:
+        return f"--model {model}: {err}"
+    return None
 
 
 def _check_failpoints(text: str) -> str | None:

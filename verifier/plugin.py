@@ -27,6 +27,7 @@ from verifier.render import render, write_html
 from verifier.report import Case, GateReport, Phase, area_of_nodeid, bare_nodeid, fold
 
 RECORD = "graphgate.record"  # user_properties name of the JSON record (also a JUnit property)
+MODEL = "graphgate.model"  # user_properties name of a --model case's {"dir", "area"} (every phase)
 _RECORDER = pytest.StashKey[Recorder]()
 MESSAGE_CHARS = 4000
 
@@ -37,12 +38,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--report-html", metavar="PATH", help="write the gate report as HTML (rich's export)")
     group.addoption("--model", action="append", default=[], metavar="DIR",
                     help="also gate this Hugging Face checkpoint folder (repeatable); "
-                         "cases/test_user_model.py runs graph vs eager on it")
+                         "cases/test_user_model.py runs the battery of every area on it")
     progress.add_options(group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gate_area(name): the report area of a case (default: from its file)")
+    config.addinivalue_line("markers", "gate_model(dir, area=NAME): a case of the battery on a --model checkpoint "
+                                       "(the report's per-model section; dir and area may come from two marks)")
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(Controller(config), "graphgate-controller")
         style = config.getoption("--gate-progress")
@@ -71,6 +74,8 @@ def pytest_runtest_call(item: pytest.Item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     # Before the report exists: what is put on item.user_properties is copied into it.
+    if call.when == "setup" and item.get_closest_marker("gate_model"):
+        item.user_properties.append((MODEL, json.dumps(_model_of(item))))
     if call.when == "call" and _RECORDER in item.stash:
         record = {"area": _area(item), "comparisons": item.stash[_RECORDER].to_dict(),
                   "example": example_of(call.excinfo and call.excinfo.value, function_name_of(item)),
@@ -119,6 +124,11 @@ def _merge(report: GateReport, test_report: pytest.TestReport, config: pytest.Co
     nodeid = bare_nodeid(test_report.nodeid)
     case = report.cases.get(nodeid) or Case(nodeid, area=area_of_nodeid(nodeid))
     fold(case, phase_of(test_report))
+    model = dict(test_report.user_properties).get(MODEL)
+    if model is not None:  # a battery case: its model and area, and why it was skipped if it was
+        case.model = {**json.loads(model), **(case.model or {})}
+        if test_report.skipped and not case.model.get("skip_reason"):
+            case.model["skip_reason"] = _skip_reason(test_report)
     if case.outcome in ("failed", "error"):
         case.reproduce = _reproduce(nodeid, config)
     report.add(case)
@@ -134,6 +144,20 @@ def phase_of(test_report: pytest.TestReport) -> Phase:
                  message=_crash(test_report) if test_report.failed or swallowed else "",
                  xfail=xfail, duration=test_report.duration,
                  worker=_worker(test_report), record=json.loads(record) if record is not None else None)
+
+
+def _model_of(item: pytest.Item) -> dict:
+    """{"dir", "area"} of a battery case, from its gate_model marks (the folder from its parameter's
+    mark, the battery area from its function's)."""
+    marks = list(item.iter_markers("gate_model"))
+    folder = next((m.args[0] for m in marks if m.args), "?")
+    return {"dir": folder, "area": next((m.kwargs["area"] for m in marks if "area" in m.kwargs), _area(item))}
+
+
+def _skip_reason(test_report: pytest.TestReport) -> str:
+    longrepr = test_report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr or "")
+    return reason.removeprefix("Skipped: ")
 
 
 def _area(item: pytest.Item) -> str:

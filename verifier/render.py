@@ -59,6 +59,7 @@ def renderables(report: GateReport, plain: bool) -> list:
     """Header, per-area table, one panel per failed case, near-ties, in that order."""
     frame = box.ASCII if plain else box.ROUNDED
     parts: list = [_headline(report), _area_table(report, frame)]
+    parts += [_model_table(section, frame) for section in report.models()]
     for case in report.failed():
         parts.append(_case_panel(case, frame, plain))
         if case.reproduce:  # under its panel, on one line whatever its length, to copy
@@ -90,6 +91,24 @@ def _area_table(report: GateReport, frame) -> Table:
         style = "red" if row["failed_cases"] else None
         table.add_row(row["area"], str(row["cases"]), str(row["comparisons"]), str(row["failed_comparisons"]),
                       str(row["failed_cases"]), str(row["near_ties"]), style=style)
+    return table
+
+
+def _model_table(section: dict, frame) -> Table:
+    """One --model checkpoint's battery: per area the cases, comparisons, failures and skips, then
+    each skip's reason under the table (an area that did not run says why)."""
+    title = (f"Model {section['model']}: {section['cases']} cases, {section['comparisons']} comparisons, "
+             f"{section['failed_cases']} failed, {section['skipped']} skipped")
+    reasons = sorted({(s["area"], s["reason"]) for s in section["skips"]})
+    caption = "\n".join(f"skipped ({area}): {reason}" for area, reason in reasons) or None
+    table = Table(title=title, caption=caption, box=frame, title_justify="left", caption_justify="left",
+                  min_width=min(WIDTH, len(title)))  # the title on one line where it fits
+    for column in ("area", "cases", "comparisons", "failed", "failed cases", "skipped"):
+        table.add_column(column, justify="left" if column == "area" else "right")
+    for row in section["areas"]:
+        style = "red" if row["failed_cases"] else "yellow" if row["skipped"] == row["cases"] else None
+        table.add_row(row["area"], str(row["cases"]), str(row["comparisons"]), str(row["failed_comparisons"]),
+                      str(row["failed_cases"]), str(row["skipped"]), style=style)
     return table
 
 

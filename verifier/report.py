@@ -13,13 +13,18 @@ JSON schema "graphgate.report", version 2 (`SCHEMA` below is the normative JSON 
   shard                    optional; only a sharded run's report (`--shard I/N`, verifier/shards.py):
                            {index, count, collected: every nodeid of the whole collection, sorted,
                            selected: the nodeids this shard ran, sorted}; merge-reports reads it
+  models[]                 optional; only a run with `--model DIR` (the battery, cases/test_user_model.py):
+                           per model {model: the folder, cases, comparisons, failed_cases, skipped,
+                           areas[]: {area (the battery's own names), cases, comparisons,
+                           failed_comparisons, failed_cases, skipped}, skips[]: {nodeid, area, reason}}
   cases[]                  per case (sorted by nodeid, one entry per nodeid):
     nodeid, area, outcome (one of OUTCOMES, filed by `fold` below), failed_in (the phase whose
     failure filed the case: "collection" | "setup" | "call" | "teardown", null when none failed),
     teardown (head of a teardown error, "" when teardown was clean: shown whatever the outcome),
     duration (s, every phase), message (head of the first failure, "" when none),
     example (hypothesis's minimised input or null), reproduce (one shell command, or null unless
-    failed / error), worker (xdist id or null),
+    failed / error), worker (xdist id or null), model (optional: a battery case's {dir, area,
+    skip_reason when skipped}),
     comparisons: {counts: {kind: {ran, failed}}, failures[], layers[], near_ties[]}
       failures[]: name, passed, message, tolerance, tolerance_source, and for numeric
                   comparisons dtype, shape, mismatches, total, max_abs_err / max_abs_index,
@@ -162,6 +167,12 @@ SCHEMA = {
                    "properties": {k: {"type": "integer", "minimum": 0} for k in OUTCOMES}},
         "areas": {"type": "array", "items": _AREA},
         "cases": {"type": "array", "items": _CASE},
+        "models": {"type": "array", "items": {
+            "type": "object", "required": ["model", "cases", "comparisons", "failed_cases", "skipped", "areas", "skips"],
+            "properties": {"model": {"type": "string"}, "areas": {"type": "array", "items": {
+                "type": "object", "required": ["area", "cases", "comparisons", "failed_comparisons", "failed_cases",
+                                               "skipped"]}}, "skips": {"type": "array", "items": {
+                "type": "object", "required": ["nodeid", "area", "reason"]}}}}},
         "shard": {"type": "object", "required": ["index", "count", "collected", "selected"],
                   "properties": {"index": {"type": "integer", "minimum": 1}, "count": {"type": "integer", "minimum": 1},
                                  "collected": {"type": "array", "items": {"type": "string"}},
@@ -189,6 +200,7 @@ class Case:
     reproduce: str | None = None
     worker: str | None = None
     comparisons: dict = field(default_factory=empty_comparisons)
+    model: dict | None = None  # a battery case's {"dir", "area"} (+ "skip_reason"); None otherwise
 
     def ran_failed(self) -> tuple[int, int]:
         """(comparisons made, comparisons failed); failures count only when the check itself failed
@@ -291,6 +303,15 @@ class GateReport:
                          "near_ties": sum(c.near_tie_rows() for c in cases)})
         return rows
 
+    def models(self) -> list[dict]:
+        """The per-model sections of a run with --model: each model's battery areas (sorted by name)
+        with counts, and every skip's reason."""
+        by_model: dict[str, list[Case]] = {}
+        for case in self.sorted_cases():
+            if case.model is not None:
+                by_model.setdefault(case.model["dir"], []).append(case)
+        return [_model_section(model, cases) for model, cases in by_model.items()]
+
     def failed(self) -> list[Case]:
         return [c for c in self.sorted_cases() if c.outcome in ("failed", "error")]
 
@@ -303,14 +324,38 @@ class GateReport:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": list(self.command), "failpoints": self.failpoints, "verdict": self.verdict(),
             "totals": self.totals(), "areas": self.areas(),
-            "cases": [case.__dict__ for case in self.sorted_cases()],
-        } | ({"shard": self.shard} if self.shard is not None else {})
+            "cases": [_case_dict(case) for case in self.sorted_cases()],
+        } | ({"shard": self.shard} if self.shard is not None else {}) | (
+            {"models": self.models()} if any(c.model for c in self.cases.values()) else {})
 
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
+
+
+def _case_dict(case: Case) -> dict:
+    """A case as JSON; `model` only on battery cases, so reports without --model are unchanged."""
+    return {k: v for k, v in case.__dict__.items() if k != "model" or v is not None}
+
+
+def _model_section(model: str, cases: list[Case]) -> dict:
+    areas: dict[str, dict] = {}
+    for case in cases:
+        row = areas.setdefault(case.model["area"], {"area": case.model["area"], "cases": 0, "comparisons": 0,
+                                                    "failed_comparisons": 0, "failed_cases": 0, "skipped": 0})
+        ran, failed = case.ran_failed()
+        row["cases"] += 1
+        row["comparisons"] += ran
+        row["failed_comparisons"] += failed
+        row["failed_cases"] += case.outcome in ("failed", "error")
+        row["skipped"] += case.outcome == "skipped"
+    skips = [{"nodeid": c.nodeid, "area": c.model["area"], "reason": c.model.get("skip_reason", "")}
+             for c in cases if c.outcome == "skipped"]
+    return {"model": model, "cases": len(cases), "comparisons": sum(r["comparisons"] for r in areas.values()),
+            "failed_cases": sum(r["failed_cases"] for r in areas.values()), "skipped": len(skips),
+            "areas": [areas[name] for name in sorted(areas)], "skips": skips}
 
 
 def read_json(path: str | Path) -> GateReport:
