@@ -306,3 +306,26 @@ def test_an_unknown_tensor_is_named(shrunk, tmp_path):
     (big / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ShrinkError, match=r"extra\.safetensors: tensor model\.layers\.0\.mlp\.mystery\.weight"):
         shrink(big, tmp_path / "out", OPTIONS)
+
+
+def test_a_bf16_checkpoint_shrinks_to_its_exact_float32_widening(shrunk, tmp_path):
+    """Hub checkpoints ship in bf16 (GLM-4.5-Air does). Shards rounded to bf16 and saved by Paddle
+    shrink to exactly what the same shards widened back to float32 by Paddle shrink to."""
+    import paddle
+    from safetensors.numpy import save_file
+    from safetensors.paddle import save_file as save_paddle
+
+    big = shrunk(BUILDS[3])[0]
+    as_bf16, widened = tmp_path / "bf16", tmp_path / "widened"
+    for copy in (as_bf16, widened):
+        shutil.copytree(big, copy)
+    for shard in big.glob("*.safetensors"):
+        rounded = {n: paddle.to_tensor(v).astype("bfloat16") for n, v in load_file(shard).items()}
+        save_paddle(rounded, str(as_bf16 / shard.name), metadata={"format": "pt"})
+        save_file({n: v.astype("float32").numpy() for n, v in rounded.items()}, str(widened / shard.name))
+    got, want = (shrink(d, tmp_path / f"{d.name}-small", OPTIONS).out_dir / "model.safetensors"
+                 for d in (as_bf16, widened))
+    got, want = load_file(got), load_file(want)
+    assert set(got) == set(want)
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name

@@ -6,8 +6,8 @@ through safetensors' `get_slice`, so only the bytes asked for are copied into me
 that reads shard by shard (`names_by_file`, then `open_file`) keeps at most one shard mapped: the
 process's address space stays near one shard's size, not the checkpoint's.
 
-Every value comes back as float32 (bf16 widens exactly; NumPy has no bf16, so those tensors are
-read through Paddle, as engine/checkpoint/loader.py does).
+Every value comes back as float32 (bf16 widens exactly: its bits are read from the file, since
+NumPy has no bf16 type).
 """
 
 from __future__ import annotations
@@ -99,6 +99,14 @@ def _opened(path: Path):
 
 
 def _read_bf16(path: Path, name: str, part: Part) -> np.ndarray:
-    with safe_open(str(path), framework="paddle") as wide:
-        value = wide.get_slice(name)[part] if part else wide.get_tensor(name)
-        return np.ascontiguousarray(value.astype("float32").numpy())
+    """NumPy has no bfloat16 and safetensors' NumPy reader refuses it, so map the tensor's bytes from
+    the file header's offsets as uint16 and widen them exactly (bf16 is float32's top 16 bits).
+    Only the sliced part is copied; no Paddle import (its address space alone would exceed a tight
+    memory limit)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(header_len))[name]
+    start, _ = info["data_offsets"]
+    bits = np.memmap(path, dtype="<u2", mode="r", offset=8 + header_len + start, shape=tuple(info["shape"]))
+    part_bits = np.asarray(bits[part] if part else bits)
+    return (part_bits.astype(np.uint32) << 16).view(np.float32)
