@@ -329,3 +329,15 @@ def test_a_bf16_checkpoint_shrinks_to_its_exact_float32_widening(shrunk, tmp_pat
     assert set(got) == set(want)
     for name in want:
         assert np.array_equal(got[name], want[name]), name
+
+
+def test_vocab_keeps_the_leading_token_ids(shrunk, tmp_path):
+    big_dir = shrunk(BUILDS[0])[0]
+    small_dir = shrink(big_dir, tmp_path / "small", Options(**{**OPTIONS.__dict__, "vocab": 200})).out_dir
+    assert json.loads((small_dir / "config.json").read_text())["vocab_size"] == 200
+    big, small = read_big(big_dir), load_file(small_dir / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "model.layers.3.embed_tokens.weight"):
+        assert np.array_equal(small[name], big[name.replace("layers.3", "layers.5")][:200, :64]), name
+    for name in ("lm_head.weight", "model.layers.3.shared_head.head.weight"):
+        want = fan_in(big[name.replace("layers.3", "layers.5")][:200, :64], 128, 64)
+        assert np.array_equal(small[name], want), name

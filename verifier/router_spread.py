@@ -2,7 +2,7 @@
 shrunk copy, so a reader can see whether shrinking kept the routers' decisiveness.
 
 How: the embeddings of `TOKENS` fixed token ids (drawn without replacement from the vocabulary with
-seed `SEED`; the shrunk model keeps the vocabulary, so both models see the same ids) stand in for a
+seed `SEED`, below `vocab_size`: pass the smaller model's, so both models see the same ids) stand in for a
 MoE layer's input. Each layer's post-attention RMSNorm (the router's input norm) is applied, then
 the router; the spread is the standard deviation of all [tokens, experts] logits, in float64. It
 skips the attention and earlier layers on purpose: it isolates the router's own scale, and it
@@ -21,9 +21,9 @@ TOKENS = 64
 SEED = 0
 
 
-def router_spread(reader: TensorReader, cfg: ModelConfig, layers) -> dict[int, float]:
-    """Layer -> std of its router logits over the fixed token embeddings."""
-    hidden = _embeddings(reader, cfg.vocab_size)  # [T, H]
+def router_spread(reader: TensorReader, cfg: ModelConfig, layers, vocab_size: int) -> dict[int, float]:
+    """Layer -> std of its router logits over the embeddings of `token_ids(vocab_size)`."""
+    hidden = _embeddings(reader, vocab_size)  # [T, H]
     out = {}
     for layer in layers:
         norm = reader.read(attention_names(layer).post_norm).astype(np.float64)  # [H]

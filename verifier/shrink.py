@@ -131,8 +131,9 @@ def _copy_other_files(big_dir: Path, out_dir: Path) -> tuple[str, ...]:
 
 def _spreads(big: TensorReader, small: TensorReader, plan: ShrinkPlan) -> dict[int, tuple[float, float]]:
     big_layers = [plan.layers[i] for i in plan.small.moe_layers]
-    before = router_spread(big, plan.big, big_layers)
-    after = router_spread(small, plan.small, plan.small.moe_layers)
+    vocab = plan.small.vocab_size  # ids both models have
+    before = router_spread(big, plan.big, big_layers, vocab)
+    after = router_spread(small, plan.small, plan.small.moe_layers, vocab)
     return {i: (before[b], after[i]) for i, b in zip(plan.small.moe_layers, big_layers)}
 
 
@@ -150,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           ("--experts", "routed experts (the first of each group)"), ("--hidden", "hidden size"),
                           ("--heads", "query heads (KV heads follow the big model's ratio)"),
                           ("--intermediate", "dense MLP intermediate size"),
-                          ("--moe-intermediate", "expert intermediate size")):
+                          ("--moe-intermediate", "expert intermediate size"),
+                          ("--vocab", "leading token ids kept (default all; tokenizer files are copied as they are)")):
         sizes.add_argument(flag, type=int, metavar="N", help=meaning)
     parser.add_argument("--random-weights", action="store_true",
                         help="seeded normal weights with each cut tensor's mean and std, instead of the cut values")
@@ -161,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None and not args.random_weights:
         print("error: --seed is only used with --random-weights", file=sys.stderr)
         return 2
-    options = Options(args.layers, args.experts, args.hidden, args.heads, args.intermediate, args.moe_intermediate)
+    options = Options(args.layers, args.experts, args.hidden, args.heads, args.intermediate, args.moe_intermediate,
+                      args.vocab)
     try:
         result = shrink(args.model, args.out, options, (args.seed or 0) if args.random_weights else None)
     except UserError as err:
@@ -182,7 +185,7 @@ def describe(result: ShrinkResult, big_dir: str) -> str:
              f"  widths     hidden {small.hidden_size}/{big.hidden_size}, heads {small.num_heads}/{big.num_heads}, "
              f"KV heads {small.num_kv_heads}/{big.num_kv_heads}, head_dim {small.head_dim}, intermediate "
              f"{small.intermediate_size}/{big.intermediate_size}, expert intermediate "
-             f"{small.moe_intermediate_size}/{big.moe_intermediate_size}",
+             f"{small.moe_intermediate_size}/{big.moe_intermediate_size}, vocab {small.vocab_size}/{big.vocab_size}",
              f"  wrote      {result.tensors} tensors, {result.bytes_written / 2**20:.1f} MiB; config keys added: "
              f"{', '.join(p.added_keys) or 'none'}; copied: {', '.join(result.copied) or 'nothing'}",
              "  router logit std (64 fixed token embeddings -> post-attention RMSNorm -> router, float64):"]

@@ -9,7 +9,7 @@ is added only when the small model's value differs from that default (`ShrinkPla
 Layers: the first layers of each kind (dense MLP, MoE), in the big model's order, so a dense-then-
 MoE pattern stays one. Experts: the first experts of each group, so the grouping (n_group) holds;
 topk_group grows when the kept groups would hold fewer than top_k experts. Widths: leading
-channels; head_dim is kept and the query heads per KV head too, so each kept query head still
+channels (and, with --vocab, leading token ids); head_dim is kept and the query heads per KV head too, so each kept query head still
 reads the KV head it read in the big model.
 """
 
@@ -41,6 +41,7 @@ class Options:
     heads: int | None = None
     intermediate: int | None = None
     moe_intermediate: int | None = None
+    vocab: int | None = None  # leading token ids; default: the whole vocabulary
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ def _widths(big: ModelConfig, options: Options) -> dict[str, int]:
                 intermediate=_pick("--intermediate", options.intermediate, min(big.intermediate_size, 512),
                                    big.intermediate_size),
                 moe_intermediate=_pick("--moe-intermediate", options.moe_intermediate,
-                                       min(big.moe_intermediate_size, 128), big.moe_intermediate_size))
+                                       min(big.moe_intermediate_size, 128), big.moe_intermediate_size),
+                vocab=_pick("--vocab", options.vocab, big.vocab_size, big.vocab_size))
 
 
 def _pick(flag: str, wanted: int | None, default: int, limit: int) -> int:
@@ -196,6 +198,7 @@ def _small_config(raw: dict, big: ModelConfig, layers: tuple[int, ...], experts:
                 added.append(key)
             config[key] = value
 
+    put("vocab_size", w["vocab"], None)
     put("hidden_size", w["hidden"], None)
     put("num_hidden_layers", len(layers), None)
     put("num_attention_heads", w["heads"], None)
