@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import zlib
@@ -59,6 +60,7 @@ def shrink(big_dir: str | Path, out_dir: str | Path, options: Options = Options(
     _check_complete(tensors, plan, big_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+    _readable_as_umask_allows(out_dir / SINGLE_FILE)
     (out_dir / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     copied = _copy_other_files(big_dir, out_dir)
     return ShrinkResult(plan, out_dir, len(tensors), sum(t.nbytes for t in tensors.values()), copied,
@@ -117,6 +119,13 @@ def _check_complete(tensors: dict, plan: ShrinkPlan, big_dir: Path) -> None:
     if missing:
         raise ShrinkError(f"{big_dir}: the shrunk model needs {missing[0]}, but its source tensor is "
                           f"missing from the big checkpoint ({len(missing)} missing)")
+
+
+def _readable_as_umask_allows(path: Path) -> None:
+    """safetensors writes 0600 files; give the weights the mode any other new file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _copy_other_files(big_dir: Path, out_dir: Path) -> tuple[str, ...]:
