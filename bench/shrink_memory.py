@@ -1,15 +1,16 @@
 """`verifier shrink` on a sharded checkpoint larger than the memory it is allowed (issue 26).
 
-Builds a GLM-4.5-Air-shaped big checkpoint (fixtures/big_checkpoint.py; default ~1.6 GB in 128 MiB
-shards) unless DIR already holds one, then runs, each in its own process:
+Builds a GLM-4.5-Air-shaped big checkpoint (fixtures/big_checkpoint.py; ~1.6 GB in shards of up to
+--shard-mb, 512 MiB by default: each larger than the limit) unless DIR already holds one, then runs,
+each in its own process:
 
 1. `python -m verifier shrink` under /usr/bin/time -v: its peak resident memory (max RSS);
 2. the same under `prlimit --as=LIMIT` (address space: every mapping counts, the mmapped shards
-   too), LIMIT well below the checkpoint's size: it must succeed;
+   too), LIMIT well below the checkpoint's size and below one shard's: it must succeed;
 3. the naive way under the same limit: safetensors' load_file of every shard into one dict, which
    must fail (the control: the limit is tight enough to matter).
 
-    python -m bench.shrink_memory [--dir /tmp/shrink-bench-big] [--limit-mb 400]
+    python -m bench.shrink_memory [--dir /tmp/shrink-bench-big] [--limit-mb 300] [--shard-mb 512]
 
 Prints one markdown table. Never part of the gate (it writes GBs); nothing large is committed.
 """
@@ -55,14 +56,15 @@ def shrink_cmd(big: Path, out: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "shrink-bench-big")
-    parser.add_argument("--limit-mb", type=int, default=400)
+    parser.add_argument("--limit-mb", type=int, default=300)
+    parser.add_argument("--shard-mb", type=int, default=512)
     args = parser.parse_args()
     if not (args.dir / "config.json").is_file():
         start = time.perf_counter()
-        build_big(args.dir, "glm", "4.x", AIR_LIKE, shard_bytes=128 * 2**20)
+        build_big(args.dir, "glm", "4.x", AIR_LIKE, shard_bytes=args.shard_mb * 2**20)
         print(f"built {args.dir} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     size = checkpoint_bytes(args.dir)
-    shards = len(list(args.dir.glob("*.safetensors")))
+    shards = sorted(f.stat().st_size for f in args.dir.glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="shrink-bench-"))
     try:
         code, secs, out = run(["/usr/bin/time", "-v"] + shrink_cmd(args.dir, work / "free"))
@@ -76,10 +78,11 @@ def main() -> None:
         shutil.rmtree(work)
 
 
-def report(big: Path, size: int, shards: int, free, limited, naive, limit_mb: int, small: int) -> str:
+def report(big: Path, size: int, shards: list[int], free, limited, naive, limit_mb: int, small: int) -> str:
     mb = 2**20
     rows = [
-        f"| checkpoint | {big}: {size / mb:.0f} MiB in {shards} shards; shrunk: {small / mb:.1f} MiB |",
+        f"| checkpoint | {big}: {size / mb:.0f} MiB in {len(shards)} shards (largest {shards[-1] / mb:.0f} MiB); "
+        f"shrunk: {small / mb:.1f} MiB |",
         f"| shrink, no limit | exit {free[0]}, {free[1]:.1f} s, peak RSS {free[2] / 1024:.0f} MiB "
         f"({free[2] * 1024 / size:.0%} of the checkpoint) |",
         f"| shrink, prlimit --as={limit_mb} MiB | exit {limited[0]}, {limited[1]:.1f} s |",

@@ -341,3 +341,18 @@ def test_vocab_keeps_the_leading_token_ids(shrunk, tmp_path):
     for name in ("lm_head.weight", "model.layers.3.shared_head.head.weight"):
         want = fan_in(big[name.replace("layers.3", "layers.5")][:200, :64], 128, 64)
         assert np.array_equal(small[name], want), name
+
+
+@pytest.mark.parametrize("block_bytes", [2000, 16 * 2**20], ids=["blocks-of-a-few-rows", "one-block"])
+def test_the_reader_gives_what_safetensors_gives(shrunk, monkeypatch, block_bytes):
+    """verifier/tensor_reader.py reads rows with positioned reads, a block at a time; any part of any
+    tensor must equal safetensors' own reading of it."""
+    from verifier import tensor_reader
+
+    monkeypatch.setattr(tensor_reader, "BLOCK_BYTES", block_bytes)
+    big_dir = shrunk(BUILDS[0])[0]
+    reader = tensor_reader.TensorReader(big_dir)
+    for name, value in read_big(big_dir).items():
+        parts = [(), tuple(slice(1, max(1, n - 1)) for n in value.shape), (slice(0, value.shape[0] // 3 + 1),)]
+        for part in parts:
+            assert np.array_equal(reader.read(name, part), value[part]), (name, part)
