@@ -356,3 +356,8 @@ def test_the_reader_gives_what_safetensors_gives(shrunk, monkeypatch, block_byte
         parts = [(), tuple(slice(1, max(1, n - 1)) for n in value.shape), (slice(0, value.shape[0] // 3 + 1),)]
         for part in parts:
             assert np.array_equal(reader.read(name, part), value[part]), (name, part)
+
+
+def test_a_seed_without_random_weights_is_refused(shrunk, tmp_path, capsys):
+    err = run_cli(capsys, shrunk(BUILDS[0])[0], tmp_path / "out", "--seed", "3")
+    assert "--seed is only used with --random-weights" in err and not (tmp_path / "out").exists()
