@@ -9,6 +9,7 @@ Verbs (each has --help):
   drift    the verifier's own cases on the newest versions the ranges allow; exit 1 when they fail
   merge-reports  join the shard reports of `gate --shard I/N`; exit as the unsharded gate would
   durations  refresh cases/durations.json, which `gate --shard` balances by, from gate reports
+  shrink   cut a small checkpoint (same architecture and Hub layout) from a big one; exit 2 on bad input
 
 A verb is a module with `add_arguments(parser)` and `run(args) -> int`, listed in VERBS. Every user error is one `error:` line
 on stderr and exit code 2.
@@ -32,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "drift": ("verifier.cli_drift", "run the verifier's own cases on the newest allowed versions, vs the lock"),
     "merge-reports": ("verifier.cli_merge", "join a sharded gate's shard reports into one report and verdict"),
     "durations": ("verifier.cli_durations", "refresh cases/durations.json (what shards balance by) from gate reports"),
+    "shrink": ("verifier.shrink", "cut a small checkpoint of the same architecture from a big one, lazily"),
 }
 USAGE_ERROR = 2
 
