@@ -62,9 +62,7 @@ class ModelRunner:
         self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
                              model.kv_heads, cfg.head_dim, cfg.dtype)
         self.decode_table_width = blocks_needed(engine.max_len(cfg), engine.block_size) * engine.block_size
-        self.prefix = PrefixCache(self.cache.allocator, engine.block_size, cache_identity(cfg, engine, model.kv_heads,
-                                  model.partition.world), engine.faults, model.partition.rank) \
-            if engine.prefix_caching else None
+        self.prefix = self._prefix_cache(model) if engine.prefix_caching else None
         self.guard = CaptureGuard()
         self.stats = CaptureStats()
         self.graphs = self._graph_runner()
@@ -72,6 +70,12 @@ class ModelRunner:
         # verifier/probes.py's hook: called (kind, index, outputs) with every piece's outputs ("piece")
         # and every attention's ("attention") of each forward; it must only read them. None: off.
         self.probe: Callable[[str, int, Named], None] | None = None
+
+    def _prefix_cache(self, model: MoEDecoder) -> PrefixCache:
+        """The prefix cache over this runner's KV blocks; its blocks' identity includes this rank's layout."""
+        identity = cache_identity(model.cfg, self.engine, model.kv_heads, model.partition.world)
+        return PrefixCache(self.cache.allocator, self.engine.block_size, identity, self.engine.faults,
+                           model.partition.rank)
 
     def _graph_runner(self) -> GraphRunner | None:
         graph = self.engine.graph
