@@ -208,3 +208,18 @@ def test_four_ranks_hit_alike_and_match_their_miss(four_rank_pool, faults):
             assert_equal(hit[0][key], miss[0][key], name=key)
         elif key.startswith("greedy_logits"):
             assert_close(hit[0][key], miss[0][key], FLOAT32, name=key)
+
+
+def test_replaying_a_recording_under_hits_reproduces_the_run(engines, faults, tmp_path):
+    """R3 across hits: a run that hit records full tables; an engine replaying them (and hitting
+    too) generates what the recorded run did."""
+    workloads = shared_prefix_workloads(2 * BS + 1, [2, 3], seed=4)
+    recorded, _, reused = run(engines("eager", max_num_batched_tokens=8), workloads, True, tmp_path / "rec")
+    replayer = LLM(checkpoint_dir(NAME), EngineConfig(block_size=BS, max_num_batched_tokens=8, faults=faults),
+                   replay_routing_dir=tmp_path / "rec" / "1")  # the last workload's files name every prompt
+    for prompts in workloads:
+        replayed = replayer.generate(prompts, MAX_NEW, record_prompt_logits=False)
+    assert reused > 0 and replayer.prefix_stats.reused_tokens > 0
+    for prompt, got, want in zip(workloads[-1], replayed, recorded):
+        assert got.greedy == want.greedy, f"{prompt.name}: replay generated {got.greedy}, the run {want.greedy}"
+        assert_close(np.stack(got.greedy_logits), np.stack(want.greedy_logits), FLOAT32, name=f"{prompt.name} logits")
