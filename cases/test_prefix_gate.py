@@ -12,7 +12,6 @@ the hit side did hit: equality on a workload that never hit proves nothing.
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,12 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from engine.__main__ import main as engine_main
 from engine.config import EngineConfig, GraphConfig
 from engine.llm import LLM, Prompt
 from engine.routing_replay import model_identity
 from engine.routing_replay.reader import load_routing
 from engine.routing_replay.session import attach_routing
-from engine_cli import engine_env, engine_run
 from fixtures.pytest_fixtures import checkpoint_dir
 from verifier.compare import assert_close, assert_equal
 from verifier.tolerance import tolerance_for
@@ -174,19 +173,22 @@ def test_same_tokens_after_another_prefix_do_not_hit(engines, tmp_path):
 SUMMARY = re.compile(r"^prefix cache: (\d+) of (\d+) prompt tokens reused", re.M)
 
 
-def test_cli_flag_and_summary_line(faults, tmp_path):
+def test_cli_flag_and_summary_line(faults, tmp_path, capsys):
+    """`python -m engine run --prefix-caching on|off` (in this process: the CLI's main, the run's
+    failpoints passed as the flag): the second prompt reuses the first's one full block when on."""
     prompts = tmp_path / "prompts.json"
     prompts.write_text('{"prompts": [{"input_ids": [%s], "name": "a"}, {"input_ids": [%s], "name": "b"}]}'
                        % (",".join(map(str, range(1, 22))), ",".join(map(str, range(1, 20)))))
     found = {}
     for flag in ("on", "off"):
-        cmd = engine_run(faults, checkpoint_dir(NAME), "--prompts", prompts, "--max-new-tokens", 2,
-                         "--max-num-seqs", 1, "--prefix-caching", flag)
-        done = subprocess.run(cmd, capture_output=True, text=True, env=engine_env(), timeout=120)
-        assert done.returncode == 0, done.stderr
-        line = SUMMARY.search(done.stderr)
-        assert line, done.stderr
-        found[flag] = (done.stdout, int(line[1]), int(line[2]))
+        code = engine_main(["run", "--model", str(checkpoint_dir(NAME)), "--prompts", str(prompts),
+                            "--max-new-tokens", "2", "--max-num-seqs", "1", "--prefix-caching", flag,
+                            "--failpoints", faults.names])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        line = SUMMARY.search(out.err)
+        assert line, out.err
+        found[flag] = (out.out, int(line[1]), int(line[2]))
     assert found["on"][1:] == (16, 40) and found["off"][1:] == (0, 40), found
     assert found["on"][0] == found["off"][0]
 
