@@ -225,3 +225,13 @@ def test_replaying_a_recording_under_hits_reproduces_the_run(engines, faults, tm
     for prompt, got, want in zip(workloads[-1], replayed, recorded):
         assert got.greedy == want.greedy, f"{prompt.name}: replay generated {got.greedy}, the run {want.greedy}"
         assert_close(np.stack(got.greedy_logits), np.stack(want.greedy_logits), FLOAT32, name=f"{prompt.name} logits")
+
+
+def test_prefix_caching_is_on_by_default_and_validated():
+    from engine.__main__ import build_parser
+    from engine.errors import ConfigError
+
+    assert EngineConfig().prefix_caching is True
+    assert build_parser().parse_args(["run", "--model", "m", "--prompts", "p"]).prefix_caching == "on"
+    with pytest.raises(ConfigError, match="prefix_caching='yes'"):
+        EngineConfig(prefix_caching="yes")
