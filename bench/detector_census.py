@@ -49,6 +49,7 @@ CENSUS_FILES: dict[str, tuple[str, ...]] = {
     "dist": ("test_parallel.py", "test_cli_ranks.py", "test_routing_replay_ranks.py", "test_watchdog.py"),
     "r3": ("test_routing_replay_recorder.py", "test_routing_replay_store.py", "test_routing_replay_engine.py",
            "test_probes_replay.py", "test_routing_replay_ranks.py"),
+    "prefix": ("test_prefix_cache.py", "test_prefix_gate.py"),
 }
 
 

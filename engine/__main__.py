@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                      help="compute dtype of weights, activations, KV cache and dump (float64: to compare "
                           "against a float64 reference; default float32)")
+    run.add_argument("--prefix-caching", choices=("on", "off"), default="on",
+                     help="on: requests whose prompts start alike share the KV of the full blocks they have in "
+                          "common (not with --dump, whose prompt logits need every position computed); the "
+                          "summary says how many prompt tokens were reused (default on)")
     run.add_argument("--log-dir", metavar="DIR", help="where a multi-rank job keeps its logs (default: a temp dir)")
     run.add_argument("--report-dir", help=argparse.SUPPRESS)  # set by the parent of a multi-rank job
     run.add_argument("--failpoints", default=os.environ.get("ENGINE_FAILPOINTS", ""), metavar="NAMES",
@@ -128,7 +132,7 @@ def engine_config(args: argparse.Namespace):
     parallel = ParallelConfig(tp=args.tp, ep=args.ep, collective_timeout_s=timeout)
     return EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                         graph=graph, parallel=parallel, faults=faults, moe_form=args.moe_form,
-                        dtype=args.dtype)
+                        dtype=args.dtype, prefix_caching=args.prefix_caching == "on")
 
 
 def run(args: argparse.Namespace, out=None) -> int:
@@ -157,6 +161,8 @@ def run(args: argparse.Namespace, out=None) -> int:
     print(llm.engine.faults.announcement(), file=sys.stderr)  # what reached this engine (cases check it)
     if engine.graph.mode is not GraphMode.EAGER:
         print(f"graphs: {llm.runner.stats.summary()}", file=sys.stderr)
+    if rank == 0:  # every rank makes the same hit decisions (checked each step)
+        print(llm.prefix_summary(), file=sys.stderr)
     if llm.routing is not None and rank == 0:
         _print_routing_files(llm.routing.files, args.routing_replay_dir)
     return 0

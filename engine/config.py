@@ -329,9 +329,13 @@ class EngineConfig:
     # Compute dtype of every weight, activation, cache and dump, copied into ModelConfig.dtype by the
     # engine. float64 exists to be compared against a float64 reference (fixtures/reference64.py).
     dtype: str = "float32"
+    # Share the KV of full prompt blocks between requests whose prompts start alike (engine/prefix_cache.py).
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError(f"prefix_caching={self.prefix_caching!r} must be True or False", field="prefix_caching")
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
             check_positive_int(name, getattr(self, name))
         for name in ("num_kv_blocks", "max_model_len"):

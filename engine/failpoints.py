@@ -49,6 +49,12 @@ KNOWN: dict[str, str] = {
     "r3.replay_layer_off_by_one": "routing replay routes the last MoE layer by the previous MoE layer's recorded ids",
     # Rank agreement (engine/runner.py)
     "dist.skip_agreement_check": "ranks do not compare their step plans before running the step",
+    # Prefix cache (engine/prefix_cache.py, engine/scheduler.py)
+    "prefix.stale_after_evict": "an evicted block keeps its hash entry, so a later hit reads KV another request overwrote",
+    "prefix.hash_no_parent": "a block's hash omits its parent's, so a block with the same tokens after another prefix hits",
+    "prefix.routing_rows_missing": "a hit hands the request zero-filled routed-expert rows for its cached tokens",
+    "prefix.hit_covers_last_token": "a hit may cover the last prompt token, whose logits then are never computed",
+    "prefix.ranks_disagree": "rank 1 never hits the prefix cache while the other ranks do",
 }
 
 

@@ -8,6 +8,8 @@ they write and read through `KVCache`.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import paddle
 
 from engine.errors import UserError
@@ -17,21 +19,37 @@ class CacheFullError(UserError, RuntimeError):
     """The block pool cannot hold the tokens a step needs."""
 
 
+class Reclaimer(Protocol):
+    """Holds blocks only as a cache (engine/prefix_cache.py) and gives them back on demand."""
+
+    @property
+    def num_idle(self) -> int: ...
+
+    def evict(self, count: int) -> list[int]: ...
+
+
 class BlockAllocator:
-    """Hands out and takes back block ids from a fixed pool (lowest id first, for reproducibility)."""
+    """Hands out and takes back block ids from a fixed pool (lowest id first, for reproducibility).
+
+    A `reclaimer`, when set (the prefix cache), holds blocks that no sequence uses; they count as
+    free, and the allocator takes them back only when its free list cannot serve a request."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self.reclaimer: Reclaimer | None = None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out: the free list and the blocks the reclaimer holds idle."""
+        return len(self._free) + (self.reclaimer.num_idle if self.reclaimer is not None else 0)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise CacheFullError(f"KV cache full: need {count} more blocks, {len(self._free)} free of "
+        if count > self.num_free:
+            raise CacheFullError(f"KV cache full: need {count} more blocks, {self.num_free} free of "
                                  f"{self.num_blocks}; raise num_kv_blocks or lower max_num_seqs")
+        if count > len(self._free):
+            self.release(self.reclaimer.evict(count - len(self._free)))
         return [self._free.pop() for _ in range(count)]
 
     def release(self, blocks: list[int]) -> None:

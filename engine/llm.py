@@ -20,6 +20,7 @@ from engine.distributed import init_parallel
 from engine.errors import UserError
 from engine.hf_config import read_model_config
 from engine.models.moe_decoder import MoEDecoder
+from engine.prefix_cache import PrefixCacheStats
 from engine.routing_replay.replay import RoutingReplayer
 from engine.routing_replay.session import RoutingSession, attach_routing
 from engine.runner import ModelRunner, StepResult
@@ -82,6 +83,18 @@ class LLM:
         self.runner = ModelRunner(self.model, self.engine, replay)
         self.max_model_len = self.engine.max_len(self.model_config)
         self.routing: RoutingSession | None = attach_routing(self, routing_replay_dir) if routing_replay_dir else None
+        self.prompt_tokens = 0  # prompt tokens of every workload run so far (the prefix cache's P)
+
+    @property
+    def prefix_stats(self) -> PrefixCacheStats:
+        """The prefix cache's counters (all zero when prefix caching is off)."""
+        return self.runner.prefix.stats if self.runner.prefix is not None else PrefixCacheStats()
+
+    def prefix_summary(self) -> str:
+        """`prefix cache: R of P prompt tokens reused` over every workload this engine ran (this
+        rank's view; every rank makes the same hit decisions)."""
+        state = "" if self.runner.prefix is not None else " (prefix caching off)"
+        return f"prefix cache: {self.prefix_stats.reused_tokens} of {self.prompt_tokens} prompt tokens reused{state}"
 
     def generate(self, prompts: list[Prompt], max_new_tokens: int,
                  record_prompt_logits: bool = True) -> list[RequestOutput]:
@@ -90,10 +103,14 @@ class LLM:
         if self.runner.replay is not None:  # R3: refuse a recording that does not fit before any step
             self.runner.replay.load(prompts, max_new_tokens)
         scheduler = Scheduler(self.engine.max_num_batched_tokens, self.engine.max_num_seqs,
-                              self.runner.cache.allocator, self.engine.block_size)
+                              self.runner.cache.allocator, self.engine.block_size, self.runner.prefix)
         outputs = {}
+        self.prompt_tokens += sum(len(prompt.input_ids) for prompt in prompts)
         for i, prompt in enumerate(prompts):
-            scheduler.add(Request(i, prompt.input_ids, max_new_tokens, prompt.name))
+            # A request that wants every prompt position's logits computes them all (as vLLM does
+            # for prompt logprobs); it still leaves its blocks in the prefix cache for others.
+            scheduler.add(Request(i, prompt.input_ids, max_new_tokens, prompt.name,
+                                  reuse_prefix=not record_prompt_logits))
             outputs[i] = RequestOutput(prompt.name, np.asarray(prompt.input_ids, np.int64), max_new_tokens)
         try:
             self._run(scheduler, outputs, record_prompt_logits)
@@ -112,7 +129,7 @@ class LLM:
             batch = scheduler.schedule()
             result = self.runner.step(batch, all_prompt_logits=record_prompt_logits)
             _collect(batch, result, outputs)
-            finished = scheduler.update(batch, result.next_tokens)
+            finished = scheduler.update(batch, result.next_tokens, result.routed)
             if self.routing is not None:
                 self.routing.finished(finished)
             steps += 1
@@ -142,6 +159,10 @@ def _validate_prompt(prompt: Prompt, label: str, vocab: int, max_len: int, max_n
 
 
 def _collect(batch: Batch, result: StepResult, outputs: dict[int, RequestOutput]) -> None:
+    for hit in batch.hits:  # cached tokens come first: the request's chunks are in token order
+        target = outputs[hit.seq.request.request_id].prefill_routing
+        for column, layer in enumerate(result.routing):
+            target.setdefault(layer, []).append(np.sort(hit.rows[:, column], axis=-1))
     for i, seg in enumerate(batch.segments):
         out = outputs[seg.seq.request.request_id]
         logits = result.logits[i]

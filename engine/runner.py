@@ -26,6 +26,7 @@ from engine.layers.attention import AttentionMetadata, DecodeTables, SequenceSpa
 from engine.models.moe_decoder import ForwardOutput, MoEDecoder
 from engine.moe.experts import buckets_overflow
 from engine.moe.router import check_finite
+from engine.prefix_cache import PrefixCache, cache_identity
 from engine.routing_replay.recorder import RoutingRecorder, step_kind
 from engine.routing_replay.replay import RoutingReplayer
 from engine.scheduler import Batch
@@ -38,6 +39,7 @@ class StepResult:
     next_tokens: dict[int, int]  # request id -> greedy token, for segments that sample
     logits: list[np.ndarray]  # per segment: [rows, V] for the rows asked for (see ModelRunner.step)
     routing: dict[int, list[np.ndarray]]  # MoE layer -> per segment [num_tokens, k], ids sorted ascending
+    routed: list[np.ndarray]  # per segment [num_tokens, moe_layers, top_k], ids as routed (what R3 records)
 
 
 PHASE_CODES = {PREFILL: 1, DECODE: 2}
@@ -60,6 +62,7 @@ class ModelRunner:
         self.cache = KVCache(cfg.num_layers, default_num_blocks(cfg, engine), engine.block_size,
                              model.kv_heads, cfg.head_dim, cfg.dtype)
         self.decode_table_width = blocks_needed(engine.max_len(cfg), engine.block_size) * engine.block_size
+        self.prefix = self._prefix_cache(model) if engine.prefix_caching else None
         self.guard = CaptureGuard()
         self.stats = CaptureStats()
         self.graphs = self._graph_runner()
@@ -67,6 +70,12 @@ class ModelRunner:
         # verifier/probes.py's hook: called (kind, index, outputs) with every piece's outputs ("piece")
         # and every attention's ("attention") of each forward; it must only read them. None: off.
         self.probe: Callable[[str, int, Named], None] | None = None
+
+    def _prefix_cache(self, model: MoEDecoder) -> PrefixCache:
+        """The prefix cache over this runner's KV blocks; its blocks' identity includes this rank's layout."""
+        identity = cache_identity(model.cfg, self.engine, model.kv_heads, model.partition.world)
+        return PrefixCache(self.cache.allocator, self.engine.block_size, identity, self.engine.faults,
+                           model.partition.rank)
 
     def _graph_runner(self) -> GraphRunner | None:
         graph = self.engine.graph
@@ -85,7 +94,7 @@ class ModelRunner:
         token_ids = paddle.to_tensor(np.asarray(batch.token_ids(), dtype=np.int64))
         positions = paddle.to_tensor(self._positions(batch))
         slots = paddle.to_tensor(self._slot_mapping(batch))
-        size = self._agreed_size(phase, batch.num_tokens)
+        size = self._agreed_size(phase, batch.num_tokens, batch.reused_tokens)
         tables = self._decode_tables(batch) if size is not None and self.graphs.replays_whole_step(phase) else None
         meta = AttentionMetadata(self._spans(batch), slots, batch.num_tokens, tables)
         num_real = paddle.to_tensor([batch.num_tokens], dtype="int64")
@@ -104,15 +113,17 @@ class ModelRunner:
         slots = np.asarray(batch.slot_mapping(self.cache.block_size), dtype=np.int64)  # [T]
         return slots + 1 if self.engine.faults.on("kv.slot_off_by_one") else slots
 
-    def _agreed_size(self, phase: str, num_tokens: int) -> int | None:
-        """The padded size to replay (None: eager), checked to be the same on every rank: a rank
-        that decided otherwise would wait in a different collective, so disagreement is an error."""
+    def _agreed_size(self, phase: str, num_tokens: int, reused_tokens: int = 0) -> int | None:
+        """The padded size to replay (None: eager), checked to be the same on every rank together
+        with the step's prefix-cache hits: a rank that decided otherwise would wait in a different
+        collective (or attend to other KV), so disagreement is an error."""
         size = self.graphs.padded_size(phase, num_tokens) if self.graphs else None
         if self.engine.faults.on("dist.rank_disagrees") and self.model.partition.rank == 1:
             size = None
-        decision = [PHASE_CODES[phase], num_tokens, size or 0]
+        decision = [PHASE_CODES[phase], num_tokens, size or 0, reused_tokens]
         if not self.engine.faults.on("dist.skip_agreement_check"):
-            self.model.comm.agree(decision, "the step (phase, tokens, padded size; 0 = eager)")
+            self.model.comm.agree(decision, "the step (phase, tokens, padded size; 0 = eager) and its "
+                                            "prefix-cache hits (tokens reused)")
         return size
 
     def _decode_tables(self, batch: Batch) -> DecodeTables:
@@ -146,7 +157,9 @@ class ModelRunner:
         rows = _logit_rows(batch, all_prompt_logits)
         logits = self.model.logits(paddle.gather(out.hidden, paddle.to_tensor(np.concatenate(rows)))).numpy()
         per_segment = np.split(logits, np.cumsum([len(r) for r in rows])[:-1])
-        return StepResult(_greedy(batch, per_segment), per_segment, _routing_rows(batch, out.routing))
+        routed = self._routed(batch, out.routing)
+        return StepResult(_greedy(batch, per_segment), per_segment, _sorted_by_layer(routed, self.model.cfg.moe_layers),
+                          routed)
 
     def forward(self, ctx: ForwardContext) -> ForwardOutput:
         """Eager, or a replay of the graphs captured at `ctx.padded_size`. In the replay case the
@@ -199,6 +212,15 @@ class ModelRunner:
         local = len(self.model.partition.experts(cfg))
         return any(buckets_overflow(ids.numpy(), cfg.num_experts, local) for ids, _ in out.routing.values())
 
+    def _routed(self, batch: Batch, routing: dict) -> list[np.ndarray]:
+        """Per segment, its real rows' expert ids [num_tokens, moe_layers, top_k] as routed."""
+        cfg = self.model.cfg
+        if not cfg.moe_layers:
+            return [np.zeros((seg.num_tokens, 0, cfg.top_k), np.int64) for seg in batch.segments]
+        ids = np.stack([routing[layer][0][:batch.num_tokens].numpy() for layer in cfg.moe_layers], axis=1)  # [T, L, k]
+        bounds = np.cumsum([seg.num_tokens for seg in batch.segments])[:-1]
+        return np.split(ids.astype(np.int64), bounds)
+
     def _check_routing(self, routing: dict, num_tokens: int) -> None:
         for layer, (_, nonfinite) in routing.items():
             check_finite(nonfinite[:num_tokens].numpy(), layer)
@@ -220,10 +242,6 @@ def _greedy(batch: Batch, per_segment: list[np.ndarray]) -> dict[int, int]:
             for seg, logits in zip(batch.segments, per_segment) if seg.samples}
 
 
-def _routing_rows(batch: Batch, routing: dict) -> dict[int, list[np.ndarray]]:
-    bounds = np.cumsum([0] + [seg.num_tokens for seg in batch.segments])
-    out = {}
-    for layer, (ids, _) in routing.items():
-        real = np.sort(ids[: batch.num_tokens].numpy(), axis=-1)
-        out[layer] = [real[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    return out
+def _sorted_by_layer(routed: list[np.ndarray], moe_layers: tuple[int, ...]) -> dict[int, list[np.ndarray]]:
+    """MoE layer -> per segment [num_tokens, k], each row's ids ascending."""
+    return {layer: [np.sort(rows[:, column], axis=-1) for rows in routed] for column, layer in enumerate(moe_layers)}

@@ -5,6 +5,13 @@ token each first; the rest of the budget goes to prompt chunks, oldest request f
 may mix decodes with prefill chunks of several sequences. A sequence only samples when its step
 covers the last prompt token or it is decoding. Sampling is greedy, and every request generates
 exactly `max_new_tokens` tokens (no stop tokens), so runs are comparable token for token.
+
+With a prefix cache (engine/prefix_cache.py), a sequence looks up its prompt when its first chunk
+is scheduled (not when it is queued, so a request that waits behind another with the same prefix
+finds the blocks that one has computed meanwhile). A hit puts the cached blocks at the head of its
+block table and counts their tokens as computed; the batch carries the hit (`Batch.hits`) so the
+engine can hand the cached tokens' routed expert ids on. After every step the full blocks whose
+tokens are all computed enter the cache with their routed expert ids.
 """
 
 from __future__ import annotations
@@ -12,7 +19,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.kv_cache import BlockAllocator, blocks_needed, slots_for
+from engine.prefix_cache import PrefixCache, TokenRows
 
 
 @dataclass(frozen=True)
@@ -21,6 +31,7 @@ class Request:
     prompt: tuple[int, ...]
     max_new_tokens: int
     name: str = ""
+    reuse_prefix: bool = True  # look the prompt up in the prefix cache (False: compute every token)
 
 
 @dataclass
@@ -31,6 +42,9 @@ class Sequence:
     tokens: list[int]
     num_computed: int = 0  # tokens whose KV entries are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the leading full blocks
+    routed: TokenRows = field(default_factory=TokenRows)  # routed expert ids of the computed tokens
+    looked_up: bool = False
 
     @property
     def prompt_len(self) -> int:
@@ -64,8 +78,26 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class CachedPrefix:
+    """A sequence's prefix-cache hit in this step: its first `num_tokens` tokens, already in the KV
+    cache, and their routed expert ids [num_tokens, moe_layers, top_k] (raw order, as routed)."""
+
+    seq: Sequence
+    rows: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
 class Batch:
     segments: tuple[Segment, ...]
+    hits: tuple[CachedPrefix, ...] = ()  # prefix-cache hits decided while scheduling this step
+
+    @property
+    def reused_tokens(self) -> int:
+        return sum(hit.num_tokens for hit in self.hits)
 
     @property
     def num_tokens(self) -> int:
@@ -90,10 +122,11 @@ class Scheduler:
     """Owns the waiting and running queues and the KV block allocator."""
 
     def __init__(self, max_num_batched_tokens: int, max_num_seqs: int, allocator: BlockAllocator,
-                 block_size: int):
+                 block_size: int, prefix: PrefixCache | None = None):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.allocator = allocator
+        self.prefix = prefix
         self.block_size = block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -116,12 +149,28 @@ class Scheduler:
                 segments.append(self._reserve(seq, 1))
                 budget -= 1
         self._admit()
+        hits = []
         for seq in self.running:  # then prompt chunks with what is left
             if seq.in_prefill and budget > 0:
+                hits.extend(self._lookup(seq))
                 chunk = min(seq.prompt_len - seq.num_computed, budget)
                 segments.append(self._reserve(seq, chunk))
                 budget -= chunk
-        return Batch(tuple(segments))
+        return Batch(tuple(segments), tuple(hits))
+
+    def _lookup(self, seq: Sequence) -> list[CachedPrefix]:
+        """Once per sequence, before its first chunk: take the cached blocks its prompt starts with."""
+        if seq.looked_up or self.prefix is None or not seq.request.reuse_prefix:
+            return []
+        seq.looked_up = True
+        hit = self.prefix.lookup(seq.request.prompt)
+        if not hit.blocks:
+            return []
+        seq.block_table = list(hit.blocks)
+        seq.block_keys = list(hit.keys)
+        seq.num_computed = hit.num_tokens
+        seq.routed.put(0, hit.rows)
+        return [CachedPrefix(seq, hit.rows)]
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -135,16 +184,32 @@ class Scheduler:
         samples = end >= seq.prompt_len
         return Segment(seq, seq.num_computed, num_tokens, samples)
 
-    def update(self, batch: Batch, next_tokens: dict[int, int]) -> list[Sequence]:
+    def update(self, batch: Batch, next_tokens: dict[int, int],
+               routed: list[np.ndarray] | None = None) -> list[Sequence]:
         """Record the step: advance computed counts, append sampled tokens (keyed by request id),
-        and retire finished sequences (their blocks return to the pool). Returns the finished."""
-        for seg in batch.segments:
+        cache the blocks it filled (`routed`: per segment, its tokens' routed expert ids
+        [num_tokens, moe_layers, top_k]; without them nothing enters the prefix cache), and retire
+        finished sequences (their blocks return to the pool, cached ones stay cached). Returns the
+        finished."""
+        for i, seg in enumerate(batch.segments):
             seg.seq.num_computed = seg.start + seg.num_tokens
             if seg.samples:
                 seg.seq.tokens.append(next_tokens[seg.seq.request.request_id])
+            if routed is not None and self.prefix is not None:
+                seg.seq.routed.put(seg.start, routed[i])
+                self._cache_full_blocks(seg.seq)
         done = [seq for seq in self.running if seq.finished]
         for seq in done:
-            self.allocator.release(seq.block_table)
+            (self.prefix or self.allocator).release(seq.block_table)
             seq.block_table = []
         self.running = [seq for seq in self.running if not seq.finished]
         return done
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Offer the prefix cache every block of `seq` that became full and computed."""
+        bs = self.block_size
+        for index in range(len(seq.block_keys), seq.num_computed // bs):
+            tokens = seq.tokens[index * bs:(index + 1) * bs]
+            key = self.prefix.key(seq.block_keys[-1] if seq.block_keys else None, tokens)
+            seq.block_keys.append(key)
+            self.prefix.register(seq.block_table[index], key, seq.routed.rows(index * bs, (index + 1) * bs))

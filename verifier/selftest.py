@@ -61,6 +61,7 @@ AREA_FIRST: dict[str, tuple[str, ...]] = {
     "dist": ("test_parallel.py", "test_watchdog.py"),
     "r3": ("test_routing_replay_recorder.py", "test_routing_replay_store.py", "test_routing_replay_engine.py",
            "test_probes_replay.py", "test_routing_replay_ranks.py"),
+    "prefix": ("test_prefix_cache.py", "test_prefix_gate.py"),
 }
 
 # One failpoint per area for CI's fast run (router, padding, buffers, KV, parallel, routing replay);

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import paddle.distributed as dist
 
 from engine.config import EngineConfig, GraphConfig, ParallelConfig
@@ -55,11 +56,31 @@ def plant(request: dict) -> None:
 def handle(request: dict) -> dict:
     plant(request)
     llm = engine_for(request)
+    if "prefix_workloads" in request:
+        return prefix_reply(llm, request)
     prompts = [Prompt(tuple(ids), f"p{i}") for i, ids in enumerate(request["prompts"])]
     outputs = llm.generate(prompts, request.get("max_new_tokens", 4))
     stats = llm.runner.stats.summary()
     return {**dump_arrays(outputs, llm.model_config.moe_layers), "rank": dist.get_rank(), "stats": stats,
             "failpoints": llm.engine.faults.names}
+
+
+def prefix_reply(llm: LLM, request: dict) -> dict:
+    """{"prefix_workloads": [[[ids], ...], ...], "reuse": bool}: the workloads in turn (reuse: without
+    prompt logits, so requests look up the prefix cache; else every token computed). Reply: the last
+    workload's greedy tokens, greedy logits and routed ids (dump keys), and the prompt tokens this
+    rank reused from the prefix cache during the request (cases/test_prefix_gate.py)."""
+    before = llm.prefix_stats.reused_tokens
+    for prompts in request["prefix_workloads"]:
+        outputs = llm.generate([Prompt(tuple(ids), f"p{i}") for i, ids in enumerate(prompts)],
+                               request.get("max_new_tokens", 4), record_prompt_logits=not request["reuse"])
+    arrays = {"rank": dist.get_rank(), "reused": llm.prefix_stats.reused_tokens - before}
+    for i, out in enumerate(outputs):
+        arrays[f"greedy_p{i}"] = np.asarray(out.greedy)
+        arrays[f"greedy_logits_p{i}"] = np.stack(out.greedy_logits)
+        for layer in llm.model_config.moe_layers:
+            arrays[f"topk_ids_p{i}_layer{layer}"] = out.topk_ids(layer)
+    return arrays
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ P = the padded row count of a replay, or the real count when eager; padded rows 
 router is told which rows are padding). The recorder places them in one static buffer
 [max_tokens_per_step, moe_layers, top_k] that it owns (-1 where empty) and, after the step, copies
 each segment's real rows into its request's table at the segment's token positions, so prefix,
-chunked-prefill, mixed and decode steps land in the right rows.
+chunked-prefill, mixed and decode steps land in the right rows. Tokens a request took from the
+prefix cache never pass the router in its steps: their rows are the ones kept with the cached
+blocks (engine/prefix_cache.py), written when the hit's step is recorded.
 
 The recording is host work after the step, never a Python side effect inside a piece: a side
 effect runs only when a piece is traced, so a replayed step would record nothing (the seed bug).
@@ -76,6 +78,8 @@ class RoutingRecorder:
             return
         rows = self._fill_buffer(routing, batch.num_tokens)
         self._check_ranks_agree(rows)
+        for hit in getattr(batch, "hits", ()):  # prefix-cache hits: rows kept with the cached blocks
+            self._write(hit.seq.request.request_id, 0, hit.rows)
         self._copy_rows(batch, rows)
         self.steps[kind] += 1
 
