@@ -229,3 +229,38 @@ def test_a_hit_leaves_the_last_prompt_token_to_compute(length, faults):
     harness.finish(0)
     hit = harness.admit(1, prompt)
     assert hit.num_tokens == (length - 1) // BS * BS
+
+
+# Routing replay: forced ids per token, [tokens, LAYERS, TOP_K], drawn from a tiny alphabet so that
+# two recordings often agree on a leading block and differ after.
+forced_tables = st.lists(st.integers(0, 1), min_size=3 * BS, max_size=3 * BS).map(
+    lambda bits: np.repeat(np.asarray(bits, np.int64)[:, None, None], LAYERS * TOP_K).reshape(3 * BS, LAYERS, TOP_K))
+
+
+def blocks_routed_alike(a: np.ndarray | None, b: np.ndarray | None, blocks: int) -> int:
+    """Leading blocks whose forced ids agree (None: the router chose, which agrees only with None)."""
+    if a is None or b is None:
+        return blocks if a is None and b is None else 0
+    n = 0
+    while n < blocks and np.array_equal(a[:(n + 1) * BS], b[:(n + 1) * BS]):
+        n += 1
+    return n
+
+
+@given(first=st.none() | forced_tables, second=st.none() | forced_tables)
+@example(first=np.zeros((3 * BS, LAYERS, TOP_K), np.int64), second=None)
+@example(first=np.zeros((3 * BS, LAYERS, TOP_K), np.int64),
+         second=np.concatenate([np.zeros((BS, LAYERS, TOP_K), np.int64), np.ones((2 * BS, LAYERS, TOP_K), np.int64)]))
+def test_a_replayed_block_is_only_shared_under_the_same_forced_ids(first, second, faults):
+    """A prompt's blocks cached while it replayed `first` (or routed freely: None); the same prompt
+    replaying `second` hits exactly the leading blocks routed alike, as the oracle counts them."""
+    harness, prompt = Harness(8, faults), [4, 5, 6, 7, 8, 9, 1]
+    keys = []
+    for j, block in enumerate(harness.cache.allocate(3)):
+        forced = None if first is None else first[j * BS:(j + 1) * BS]
+        keys.append(harness.cache.key(keys[-1] if keys else None, prompt[j * BS:(j + 1) * BS], forced))
+        harness.cache.register(block, keys[-1], rows_for(prompt, j))
+    hit = harness.cache.lookup(prompt, second)
+    assert len(hit.blocks) == blocks_routed_alike(first, second, 3), \
+        f"{len(hit.blocks)} blocks hit; forced ids cached {None if first is None else first[:, 0, 0]}, " \
+        f"looked up {None if second is None else second[:, 0, 0]}"

@@ -12,12 +12,14 @@ the hit side did hit: equality on a workload that never hit proves nothing.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from test_routing_replay_engine import record
 
 from engine.__main__ import main as engine_main
 from engine.config import EngineConfig, GraphConfig
@@ -25,6 +27,7 @@ from engine.llm import LLM, Prompt
 from engine.routing_replay import model_identity
 from engine.routing_replay.reader import load_routing
 from engine.routing_replay.session import attach_routing
+from engine.routing_replay.store import RoutingStore
 from fixtures.pytest_fixtures import checkpoint_dir
 from verifier.compare import assert_close, assert_equal
 from verifier.tolerance import tolerance_for
@@ -38,24 +41,32 @@ PREFILL_SIZES, DECODE_SIZES = (4, 8, 32), (4,)
 VOCAB = 512
 
 
-def build(faults, mode: str = "eager", **engine) -> LLM:
+def build(faults, mode: str = "eager", model: str | Path | None = None, replay: Path | None = None, **engine) -> LLM:
+    """An engine with this file's blocks and capture sizes on `model` (default: the glm4_moe
+    fixture), replaying the routing recorded in `replay` when given."""
     budget = engine.get("max_num_batched_tokens", 8192)
     graph = GraphConfig(mode=mode, prefill_capture_sizes=tuple(s for s in PREFILL_SIZES if s <= budget),
                         decode_capture_sizes=DECODE_SIZES) if mode != "eager" else GraphConfig()
-    return LLM(checkpoint_dir(NAME), EngineConfig(block_size=BS, graph=graph, faults=faults, **engine))
+    return LLM(model or checkpoint_dir(NAME), EngineConfig(block_size=BS, graph=graph, faults=faults, **engine),
+               replay_routing_dir=replay)
+
+
+def engine_cache(faults):
+    """get(mode, model=None, **engine) -> a `build` engine, made once per (model, mode, config)."""
+    cache: dict = {}
+
+    def get(mode: str = "eager", model: str | None = None, **engine) -> LLM:
+        key = (model, mode, tuple(sorted(engine.items())))
+        if key not in cache:
+            cache[key] = build(faults, mode, model, **engine)
+        return cache[key]
+
+    return get
 
 
 @pytest.fixture(scope="module")
 def engines(faults):
-    cache: dict = {}
-
-    def get(mode: str = "eager", **engine) -> LLM:
-        key = (mode, tuple(sorted(engine.items())))
-        if key not in cache:
-            cache[key] = build(faults, mode, **engine)
-        return cache[key]
-
-    return get
+    return engine_cache(faults)
 
 
 def run(llm: LLM, workloads: list[list[Prompt]], reuse: bool, folder: Path) -> tuple[list, dict, int]:
@@ -79,23 +90,28 @@ def check_hit_equals_miss(llm: LLM, workloads: list[list[Prompt]], folder: Path,
     miss, miss_tables, miss_reused = run(miss_llm or llm, workloads, reuse=False, folder=folder / "miss")
     hit, hit_tables, reused = run(llm, workloads, reuse=True, folder=folder / "hit")
     assert miss_reused == 0, f"a request asking for every prompt logit reused {miss_reused} cached tokens"
-    layers = llm.model_config.moe_layers
     for prompt, h, m in zip(workloads[-1], hit, miss):
-        assert h.greedy == m.greedy, f"{prompt.name}: hit generated {h.greedy}, miss {m.greedy}"
-        assert_close(np.stack(h.greedy_logits), np.stack(m.greedy_logits), FLOAT32, name=f"{prompt.name} greedy logits")
-        for layer in layers:
-            assert_equal(h.topk_ids(layer), m.topk_ids(layer), name=f"{prompt.name} prompt experts, layer {layer}")
-            assert_equal(h.topk_ids(layer, True), m.topk_ids(layer, True), name=f"{prompt.name} decode experts, layer {layer}")
+        assert_same_request(prompt.name, h, m, llm.model_config.moe_layers, "hit", "miss")
         assert_equal(hit_tables[prompt.name], miss_tables[prompt.name], name=f"{prompt.name} R3 table")
     return reused
 
 
-def shared_prefix_workloads(prefix_len: int, tails: list[int], seed: int) -> list[list[Prompt]]:
+def assert_same_request(name: str, got, want, layers, got_is: str, want_is: str) -> None:
+    """Two RequestOutputs of one request: tokens and expert ids (prompt and decode) exactly, the
+    greedy logits within the float32 rule (the two ran other chunk shapes)."""
+    assert got.greedy == want.greedy, f"{name}: {got_is} generated {got.greedy}, {want_is} {want.greedy}"
+    assert_close(np.stack(got.greedy_logits), np.stack(want.greedy_logits), FLOAT32, name=f"{name} greedy logits")
+    for layer in layers:
+        assert_equal(got.topk_ids(layer), want.topk_ids(layer), name=f"{name} prompt experts, layer {layer}")
+        assert_equal(got.topk_ids(layer, True), want.topk_ids(layer, True), name=f"{name} decode experts, layer {layer}")
+
+
+def shared_prefix_workloads(prefix_len: int, tails: list[int], seed: int, vocab: int = VOCAB) -> list[list[Prompt]]:
     """A first request alone (it fills the cache), then it again with others that share its first
     `prefix_len` tokens and differ after (the second workload hits)."""
     rng = np.random.default_rng(seed)
-    prefix = rng.integers(0, VOCAB, prefix_len).tolist()
-    prompts = [Prompt(tuple(prefix + rng.integers(0, VOCAB, n).tolist()), f"r{i}") for i, n in enumerate(tails)]
+    prefix = rng.integers(0, vocab, prefix_len).tolist()
+    prompts = [Prompt(tuple(prefix + rng.integers(0, vocab, n).tolist()), f"r{i}") for i, n in enumerate(tails)]
     return [[prompts[0]], prompts]
 
 
@@ -217,14 +233,66 @@ def test_replaying_a_recording_under_hits_reproduces_the_run(engines, faults, tm
     too) generates what the recorded run did."""
     workloads = shared_prefix_workloads(2 * BS + 1, [2, 3], seed=4)
     recorded, _, reused = run(engines("eager", max_num_batched_tokens=8), workloads, True, tmp_path / "rec")
-    replayer = LLM(checkpoint_dir(NAME), EngineConfig(block_size=BS, max_num_batched_tokens=8, faults=faults),
-                   replay_routing_dir=tmp_path / "rec" / "1")  # the last workload's files name every prompt
+    replayer = build(faults, max_num_batched_tokens=8, replay=tmp_path / "rec" / "1")  # names every prompt
     for prompts in workloads:
         replayed = replayer.generate(prompts, MAX_NEW, record_prompt_logits=False)
     assert reused > 0 and replayer.prefix_stats.reused_tokens > 0
     for prompt, got, want in zip(workloads[-1], replayed, recorded):
         assert got.greedy == want.greedy, f"{prompt.name}: replay generated {got.greedy}, the run {want.greedy}"
         assert_close(np.stack(got.greedy_logits), np.stack(want.greedy_logits), FLOAT32, name=f"{prompt.name} logits")
+
+
+def moved_from(table, start: int, num_experts: int):
+    """`table` with every recorded id from token `start` on moved to the next expert (a bijection:
+    each row keeps k distinct ids)."""
+    ids = table.ids.astype(np.int64)
+    ids[start:] = (ids[start:] + 1) % num_experts
+    return replace(table, ids=ids.astype(table.ids.dtype))
+
+
+def same_leading_blocks(a: Prompt, b: Prompt, ids_a: np.ndarray, ids_b: np.ndarray) -> int:
+    """Full blocks before b's last prompt token in which a and b have the same tokens and the same
+    recorded ids, and every block before them too: what b may take from a's KV and no more."""
+    n = 0
+    while (n + 1) * BS <= min(len(a.input_ids), len(b.input_ids) - 1):
+        span = slice(0, (n + 1) * BS)
+        if a.input_ids[span] != b.input_ids[span] or not np.array_equal(ids_a[span], ids_b[span]):
+            break
+        n += 1
+    return n
+
+
+def check_replays_keep_their_own_routing(recorder: LLM, faults, folder: Path, model=None, vocab: int = VOCAB) -> int:
+    """Prompts "a" and "b" share 3 full blocks. Their runs on `recorder` are recorded, then b's
+    recording is moved to other experts from its third block on. One engine with the prefix cache
+    replays a, then b, then a again; each must equal, tokens and ids exactly and logits within
+    float32, what an engine without the cache makes of the same recording: b may reuse a's first
+    two blocks (same tokens, same ids) but not the third, whose KV a's routing computed. Returns
+    the tokens the repeat of a reused (a hit under the same ids)."""
+    rng = np.random.default_rng(21)
+    prefix = rng.integers(0, vocab, 3 * BS).tolist()
+    a, b = Prompt(tuple(prefix + [1]), "a"), Prompt(tuple(prefix + [2, 3]), "b")
+    _, tables, _, _ = record(recorder, [a, b], folder, MAX_NEW)
+    recorder.routing = recorder.runner.recorder = None
+    moved = moved_from(tables["b"], 2 * BS, recorder.model_config.num_experts)
+    RoutingStore(folder).save(moved)
+    cached, fresh = build(faults, model=model, replay=folder), build(faults, model=model, replay=folder, prefix_caching=False)
+    reused = {}
+    for name, prompt in (("a", a), ("b", b), ("a again", a)):
+        before = cached.prefix_stats.reused_tokens
+        (got,) = cached.generate([prompt], MAX_NEW, record_prompt_logits=False)
+        (want,) = fresh.generate([prompt], MAX_NEW, record_prompt_logits=False)
+        reused[name] = cached.prefix_stats.reused_tokens - before
+        assert_same_request(name, got, want, cached.model_config.moe_layers, "replay with the cache", "replay without")
+    shared = same_leading_blocks(a, b, tables["a"].ids, moved.ids) * BS
+    assert reused == {"a": 0, "b": shared, "a again": 3 * BS}, f"tokens reused {reused}; b shares {shared} with a"
+    return reused["a again"]
+
+
+def test_replays_of_other_recordings_share_only_blocks_routed_alike(engines, faults, tmp_path):
+    """A block computed while replaying one recording holds KV of that recording's routing: a
+    replay of another recording of the same prompt prefix must not reuse it (issue 24's R3 hole)."""
+    assert check_replays_keep_their_own_routing(engines("eager", prefix_caching=False), faults, tmp_path) > 0
 
 
 def test_prefix_caching_is_on_by_default_and_validated():

@@ -55,6 +55,7 @@ KNOWN: dict[str, str] = {
     "prefix.routing_rows_missing": "a hit hands the request zero-filled routed-expert rows for its cached tokens",
     "prefix.hit_covers_last_token": "a hit may cover the last prompt token, whose logits then are never computed",
     "prefix.ranks_disagree": "rank 1 never hits the prefix cache while the other ranks do",
+    "prefix.key_ignores_replay": "a replayed request's block keys omit the ids it routes by, so a replay of other ids hits its KV",
 }
 
 

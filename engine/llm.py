@@ -110,7 +110,7 @@ class LLM:
             # A request that wants every prompt position's logits computes them all (as vLLM does
             # for prompt logprobs); it still leaves its blocks in the prefix cache for others.
             scheduler.add(Request(i, prompt.input_ids, max_new_tokens, prompt.name,
-                                  reuse_prefix=not record_prompt_logits))
+                                  reuse_prefix=not record_prompt_logits, forced_routing=self._forced(i)))
             outputs[i] = RequestOutput(prompt.name, np.asarray(prompt.input_ids, np.int64), max_new_tokens)
         try:
             self._run(scheduler, outputs, record_prompt_logits)
@@ -122,6 +122,10 @@ class LLM:
         if self.routing is not None:  # R3: wait for every file; a failed write is an error naming it
             self.routing.close()
         return [outputs[i] for i in range(len(prompts))]
+
+    def _forced(self, request_id: int) -> np.ndarray | None:
+        """The expert ids request `request_id` replays (its blocks are cached under them), or None."""
+        return self.runner.replay.recorded_ids(request_id) if self.runner.replay is not None else None
 
     def _run(self, scheduler: Scheduler, outputs: dict[int, RequestOutput], record_prompt_logits: bool) -> None:
         steps = 0

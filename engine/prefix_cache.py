@@ -7,6 +7,12 @@ the same model, with the same cache shape. With each block the cache keeps, host
 expert ids its tokens got when they were computed ([block_size, moe_layers, top_k]): a request
 that reuses the block never routes those tokens, yet routing replay (R3) needs a row for each.
 
+A request that replays a recording routes by forced expert ids, so the KV of its blocks is the KV
+of that routing, not of the router's: its block keys also hash the ids its block's tokens were
+forced to (the parent chain carries those of earlier blocks). It therefore hits only blocks
+computed under the very same ids — a rollout's recording replayed again, or another recording
+whose prompt routed alike — and never a block a replay of other ids (or free routing) computed.
+
 Lifetime: a cached block is referenced by every running sequence whose block table holds it. When
 the last one ends, the block stays cached (least recently released last in line) and counts as
 free: the allocator takes it back, dropping its key and its rows, only when its free list cannot
@@ -97,22 +103,31 @@ class PrefixCache:
     def num_idle(self) -> int:
         return len(self._idle)
 
-    def key(self, parent: bytes | None, tokens: Sequence[int]) -> bytes:
-        """The chain key of a full block of `tokens` after the block keyed `parent` (None: first)."""
+    def key(self, parent: bytes | None, tokens: Sequence[int], forced: np.ndarray | None = None) -> bytes:
+        """The chain key of a full block of `tokens` after the block keyed `parent` (None: first).
+        `forced`: the expert ids [block_size, moe_layers, top_k] its tokens were made to route by
+        (routing replay), in the order replayed (it sets the weights' summation order); None when
+        the router chose."""
         digest = hashlib.sha256(self.identity.encode())
         if parent is not None and not self.faults.on("prefix.hash_no_parent"):
             digest.update(parent)
         digest.update(np.asarray(tokens, dtype="<i8").tobytes())
+        if forced is not None and not self.faults.on("prefix.key_ignores_replay"):
+            digest.update(b"replayed routing")  # no free-routing key can equal a replayed one
+            digest.update(np.ascontiguousarray(forced, dtype="<i8").tobytes())
         return digest.digest()
 
-    def lookup(self, prompt: Sequence[int]) -> Hit:
+    def lookup(self, prompt: Sequence[int], forced: np.ndarray | None = None) -> Hit:
         """The longest run of cached full blocks at the start of `prompt` that leaves its last token
-        to compute. The blocks found are referenced for the caller (release them with `release`)."""
+        to compute. `forced`: the ids the request replays, [at least len(prompt), moe_layers, top_k]
+        (None: it routes freely). The blocks found are referenced for the caller (release them with
+        `release`)."""
         limit = len(prompt) if self.faults.on("prefix.hit_covers_last_token") else len(prompt) - 1
         blocks, keys, parent = [], [], None
         skip = self.faults.on("prefix.ranks_disagree") and self.rank == 1
         for start in range(0, limit - self.block_size + 1 if not skip else 0, self.block_size):
-            parent = self.key(parent, prompt[start:start + self.block_size])
+            span = slice(start, start + self.block_size)
+            parent = self.key(parent, prompt[span], None if forced is None else forced[span])
             block = self._by_key.get(parent)
             if block not in self._entries:
                 break

@@ -11,7 +11,8 @@ is scheduled (not when it is queued, so a request that waits behind another with
 finds the blocks that one has computed meanwhile). A hit puts the cached blocks at the head of its
 block table and counts their tokens as computed; the batch carries the hit (`Batch.hits`) so the
 engine can hand the cached tokens' routed expert ids on. After every step the full blocks whose
-tokens are all computed enter the cache with their routed expert ids.
+tokens are all computed enter the cache with their routed expert ids; a replayed request's blocks
+are keyed with the ids it was forced to route by as well.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Request:
     max_new_tokens: int
     name: str = ""
     reuse_prefix: bool = True  # look the prompt up in the prefix cache (False: compute every token)
+    # Routing replay: the ids every token is forced to route by, [tokens, moe_layers, top_k] (None:
+    # the router chooses). Its blocks' prefix-cache keys include them (engine/prefix_cache.py).
+    forced_routing: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -163,7 +167,7 @@ class Scheduler:
         if seq.looked_up or self.prefix is None or not seq.request.reuse_prefix:
             return []
         seq.looked_up = True
-        hit = self.prefix.lookup(seq.request.prompt)
+        hit = self.prefix.lookup(seq.request.prompt, seq.request.forced_routing)
         if not hit.blocks:
             return []
         seq.block_table = list(hit.blocks)
@@ -207,9 +211,10 @@ class Scheduler:
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         """Offer the prefix cache every block of `seq` that became full and computed."""
-        bs = self.block_size
+        bs, forced = self.block_size, seq.request.forced_routing
         for index in range(len(seq.block_keys), seq.num_computed // bs):
-            tokens = seq.tokens[index * bs:(index + 1) * bs]
-            key = self.prefix.key(seq.block_keys[-1] if seq.block_keys else None, tokens)
+            span = slice(index * bs, (index + 1) * bs)
+            key = self.prefix.key(seq.block_keys[-1] if seq.block_keys else None, seq.tokens[span],
+                                  None if forced is None else forced[span])
             seq.block_keys.append(key)
             self.prefix.register(seq.block_table[index], key, seq.routed.rows(index * bs, (index + 1) * bs))

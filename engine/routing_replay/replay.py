@@ -44,6 +44,10 @@ class RoutingReplayer:
             tables[i] = table.ids.astype(np.int64)
         self._tables = tables
 
+    def recorded_ids(self, request_id: int) -> np.ndarray:
+        """[tokens, moe_layers, top_k] int64: what request `request_id` of the loaded workload routes by."""
+        return self._tables[request_id]
+
     def step_ids(self, batch) -> paddle.Tensor:
         """[T, moe_layers, top_k] int64: the recorded ids of the step's tokens, in batch row order."""
         rows = [self._tables[seg.seq.request.request_id][seg.start:seg.start + seg.num_tokens]
