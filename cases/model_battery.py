@@ -30,8 +30,6 @@ AREAS = {
     "capture lint": "capture lint",
     "goldens": "reference",
     "truth": "reference",
-    # Issue 24 (prefix caching: hit vs miss) joins here once the engine has it; until then the
-    # battery reports this area as not run, with the reason.
     "prefix cache": "reference",
 }
 PROMPT_LENGTHS = (5, 17, 33, 64)  # the fixtures' default prompt lengths: 119 tokens in 4 sequences

@@ -7,7 +7,7 @@ not "could not run"), and every case that did not pass must be a failed case of 
 report's per-model section. The capture lint has no failpoint: its case plants `nonzero` in the
 router (as test_capture_lint.py does) and calls the battery's lint case in this process.
 
-About 2 minutes on 2 cores: not part of the default gate (cases/conftest.py collects this file only
+About 2.5 minutes on 2 cores: not part of the default gate (cases/conftest.py collects this file only
 when it is named on the command line): `pytest cases/test_model_battery_selftest.py`.
 """
 
@@ -36,6 +36,8 @@ PLANTED = [
     ("config liveness", "qwen3_moe", "router.skip_renorm", "live and norm_topk_prob"),
     ("goldens", "qwen3_moe", "router.skip_renorm", "transformers"),
     ("truth", "qwen3_moe", "graph.stale_positions", "truth and piecewise and not full"),
+    ("prefix cache", "qwen3_moe", "prefix.routing_rows_missing", "prefix_cache_hit and eager and sparse"),
+    ("prefix cache", "qwen3_moe", "prefix.key_ignores_replay", "prefix_cache_keeps"),
 ]
 
 

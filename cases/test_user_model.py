@@ -63,6 +63,14 @@ from test_moe_forms import ENGINE as MOE_ENGINE
 from test_moe_forms import GRAPH as MOE_GRAPH
 from test_moe_forms import dump as moe_dump
 from test_parallel import LAYOUTS, one_rank, request, run_on_ranks
+from test_prefix_gate import BS as PREFIX_BS
+from test_prefix_gate import MAX_NEW as PREFIX_MAX_NEW
+from test_prefix_gate import (
+    check_hit_equals_miss,
+    check_replays_keep_their_own_routing,
+    engine_cache,
+    shared_prefix_workloads,
+)
 from test_routing_replay_engine import ENGINE as R3_ENGINE
 from test_routing_replay_engine import MAX_NEW as R3_MAX_NEW
 from test_routing_replay_engine import (
@@ -438,9 +446,34 @@ def test_graph_is_as_close_to_the_float64_truth_as_eager(engine_for, model_dir, 
     assert_truth(run(graph_llm(engine_for, model_dir, mode)), run(eager_llm(engine_for, model_dir)), truth)
 
 
-# ----------------------------------------------------------------------------- prefix cache (issue 24)
+# ----------------------------------------------------------------------------- prefix cache
+
+
+@pytest.fixture(scope="module")
+def prefix_engines(faults):
+    """prefix_engines(mode, dir, **config) -> test_prefix_gate.build's engine (blocks of 4 tokens, a
+    few capture sizes), cached per model, mode and config."""
+    return engine_cache(faults)
 
 
 @area("prefix cache")
-def test_prefix_cache_hit_matches_miss(model_dir):
-    pytest.skip("not run: this engine has no prefix caching yet (issue 24); its hit-vs-miss cases join here")
+@pytest.mark.parametrize("form,mode", [("sparse", "eager"), *(("sparse", m) for m in MODES), ("dense", "eager")])
+def test_prefix_cache_hit_matches_miss(prefix_engines, model_dir, form, mode, tmp_path):
+    """test_prefix_gate.py's hit vs miss: a prompt run alone, then again beside two that share its
+    first 9 tokens, in chunks of 8 (hits end mid-prompt, chunks start mid-block), against the same
+    requests computing every token: tokens, experts and R3 tables exactly, logits within float32,
+    after the counters show the repeat reused every full block before its last token."""
+    skip_beyond_positions(model_dir, 2 * PREFIX_BS + 1 + 5 + PREFIX_MAX_NEW)
+    llm = prefix_engines(mode, model_dir, max_num_batched_tokens=8, moe_form=form)
+    workloads = shared_prefix_workloads(2 * PREFIX_BS + 1, [2, 5], seed=2, vocab=model_config(model_dir).vocab_size)
+    reused = check_hit_equals_miss(llm, workloads, tmp_path)
+    assert reused >= (len(workloads[0][0].input_ids) - 1) // PREFIX_BS * PREFIX_BS > 0, f"{reused} tokens reused"
+
+
+@area("prefix cache")
+def test_prefix_cache_keeps_each_replays_routing(prefix_engines, faults, model_dir, tmp_path):
+    """test_prefix_gate.py's replay case: two recordings of one prompt prefix that differ from the
+    third block on, replayed by one engine with the cache, each equal to a replay without it."""
+    recorder = prefix_engines("eager", model_dir, prefix_caching=False)
+    assert check_replays_keep_their_own_routing(recorder, faults, tmp_path, model_dir,
+                                                model_config(model_dir).vocab_size) > 0
