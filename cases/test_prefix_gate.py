@@ -276,7 +276,8 @@ def check_replays_keep_their_own_routing(recorder: LLM, faults, folder: Path, mo
     recorder.routing = recorder.runner.recorder = None
     moved = moved_from(tables["b"], 2 * BS, recorder.model_config.num_experts)
     RoutingStore(folder).save(moved)
-    cached, fresh = build(faults, model=model, replay=folder), build(faults, model=model, replay=folder, prefix_caching=False)
+    cached = build(faults, model=model, replay=folder)
+    fresh = build(faults, model=model, replay=folder, prefix_caching=False)
     reused = {}
     for name, prompt in (("a", a), ("b", b), ("a again", a)):
         before = cached.prefix_stats.reused_tokens
