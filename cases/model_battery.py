@@ -29,8 +29,8 @@ AREAS = {
     "config liveness": "config",
     "capture lint": "capture lint",
     "goldens": "reference",
-    "truth": "reference",
-    "prefix cache": "reference",
+    "truth": "truth",
+    "prefix cache": "prefix cache",
 }
 PROMPT_LENGTHS = (5, 17, 33, 64)  # the fixtures' default prompt lengths: 119 tokens in 4 sequences
 RANKS = 4

@@ -71,8 +71,8 @@ PHASES = ("collection", "setup", "call", "teardown")
 CHECK_REACHED = ("passed", "xfailed", "xpassed")  # outcomes of a case whose check ran to its verdict
 XDIST_GROUP = re.compile(r"@[^\[\]:@]+$")  # `--dist loadgroup` appends "@group" to a nodeid; pytest rejects it
 # Areas in display order; a case outside them is "other".
-AREAS = ("graph vs eager", "ranks", "routing", "routing replay", "reference", "capture lint", "config", "verifier",
-         "other")
+AREAS = ("graph vs eager", "ranks", "routing", "routing replay", "prefix cache", "reference", "truth", "capture lint",
+         "config", "verifier", "other")
 # Case file stem -> area, for cases without a `gate_area` mark.
 AREA_OF_FILE = {
     "test_graph": "graph vs eager", "test_graph_toy": "graph vs eager", "test_pieces": "graph vs eager",
@@ -85,7 +85,8 @@ AREA_OF_FILE = {
     "test_threads": "config", "test_selftest": "verifier", "test_capture_lint": "capture lint", "test_layering": "verifier",
     "test_config": "config", "test_config_fields": "config", "test_cli": "config", "test_loader": "config",
 }
-AREA_OF_PREFIX = {"test_routing_replay": "routing replay"}  # a family of case files
+AREA_OF_PREFIX = {"test_routing_replay": "routing replay", "test_prefix": "prefix cache",  # families of case files
+                  "test_truth": "truth", "test_float64": "truth"}
 
 
 def area_of_file(stem: str) -> str:
