@@ -123,38 +123,12 @@ def goldens_missing() -> str | None:
     return None
 
 
-def has_correction_bias(model_dir: Path) -> bool:
-    """Whether any stored tensor is a router's e_score_correction_bias (absent: the engine uses 0)."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), "np") as f:
-            if any(name.endswith("e_score_correction_bias") for name in f.keys()):
-                return True
-    return False
-
-
 def transformers_goldens(model_dir: Path, cfg: ModelConfig, prompts: list[Prompt]) -> dict[str, np.ndarray]:
-    """The fixtures' golden arrays (fixtures/build_fixtures.py: transformers float32 logits, greedy
-    tokens, HF's routing with float64 deciding values) for this checkpoint and these prompts. The
-    builder's fixture-quality asserts (every expert used, greedy gaps) are left out: a user's model
-    owes them nothing; its per-prompt asserts (cache vs recompute, HF vs float64 routing) stay."""
-    import torch
+    """The fixtures' golden arrays for this checkpoint and these prompts, made by transformers
+    (fixtures/build_fixtures.py: user_checkpoint_goldens; imported here, at call time, because it
+    needs the `goldens` extra that the gate's own path never imports)."""
+    from fixtures import build_fixtures
 
-    from fixtures import build_fixtures as B
-    from verifier.dumps import GROUPING_KEY
-
-    torch.set_num_threads(1)
-    model = B.load_reference(Path(model_dir), zero_correction_bias=not has_correction_bias(model_dir))
     family = "glm" if cfg.architecture == "Glm4MoeForCausalLM" else "qwen"
-    fixture = B.Fixture(model_id(model_dir), family, model.config, list(cfg.moe_layers), cfg.top_k)
-    recorder = B.RouterRecorder(model, fixture.moe_layers)
-    biases = B.correction_biases(model, fixture.moe_layers)
-    arrays = {"meta_max_new_tokens": np.array(B.MAX_NEW_TOKENS, dtype=np.int64),
-              GROUPING_KEY: np.array(B.grouping(fixture), dtype=np.int64)}
-    try:
-        for i, prompt in enumerate(prompts):
-            arrays |= B.prompt_arrays(fixture, model, i, list(prompt.input_ids), recorder, biases, B.Tally())
-    finally:
-        recorder.close()
-    return arrays
+    return build_fixtures.user_checkpoint_goldens(Path(model_dir), model_id(model_dir), family, list(cfg.moe_layers),
+                                                  cfg.top_k, [list(p.input_ids) for p in prompts])
