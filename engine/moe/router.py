@@ -47,6 +47,7 @@ import paddle
 from engine.config import check_grouping
 from engine.errors import UserError
 from engine.failpoints import NO_FAULTS, Failpoints
+from engine.layers.indices import arange
 from engine.layers.scalars import operand
 
 # Added to the renormalisation denominator, as in the DeepSeek-V3 / GLM-4.5 reference, so that a
@@ -209,7 +210,7 @@ def _real_rows(num_tokens, num_real):
             raise ValueError(f"num_real={num_real!r} must lie in [0, {num_tokens}]")
     else:
         num_real = num_real.astype("int64").reshape([-1])  # [1]
-    return paddle.arange(num_tokens, dtype="int64") < num_real  # [T]
+    return arange(num_tokens) < num_real  # [T]
 
 
 # ---------------------------------------------------------------------------- non-finite logits
