@@ -122,6 +122,40 @@ def dispatch() -> dict:
     return out
 
 
+CHAIN_OPS = 100  # ops in `_chain`: 50 multiply-adds
+
+
+def _chain(x):
+    """50 multiply-adds of a small tensor: 100 ops whose kernels cost next to nothing."""
+    for _ in range(50):
+        x = x * 1.0001 + x
+    return x
+
+
+def static_dispatch() -> dict:
+    """Microseconds per op of `_chain` on [1, 512]: Paddle eager, the same function as one
+    `paddle.jit.to_static(full_graph=True)` program (what a whole-step decode graph replays), and
+    torch eager. Best of 3 loops of 300 calls each."""
+    import paddle
+    import torch
+
+    x, t = paddle.rand([1, 512]), torch.rand(1, 512)
+    program = paddle.jit.to_static(_chain, full_graph=True)
+    program(x)
+    sides = {"paddle_eager": lambda: _chain(x), "paddle_static": lambda: program(x), "torch_eager": lambda: _chain(t)}
+    best = {}
+    with torch.inference_mode():
+        for _ in range(3):
+            for side, fn in sides.items():
+                for _ in range(20):
+                    fn()
+                start = time.perf_counter()
+                for _ in range(300):
+                    fn()
+                best[side] = min(best.get(side, 1e9), (time.perf_counter() - start) / 300 / CHAIN_OPS)
+    return {f"{side}_us_per_op": round(v * 1e6, 2) for side, v in best.items()}
+
+
 def _c_calls(stats: pstats.Stats, steps: int, library: str) -> tuple[float, dict[str, float]]:
     """Calls per step of `library`'s built-in (C) functions and tensor methods, the Python -> C++
     dispatches (builtins such as isinstance are left out); the top ones by count."""
@@ -205,6 +239,8 @@ def main() -> None:
     for name, row in out["dispatch"].items():
         print(f"dispatch {name:32s} paddle {row['paddle_us']:6.2f} us  torch {row['torch_us']:6.2f} us  "
               f"ratio {row['paddle_over_torch']:.2f}", flush=True)
+    out["static_dispatch"] = static_dispatch()
+    print("ops of a 100-op chain on [1, 512], us per op:", out["static_dispatch"], flush=True)
     if not args.skip_ops:
         from bench.defaults_yardstick import PREFILL_TOKENS
         from bench.hf_yardstick import build_checkpoint, load_hf
