@@ -83,7 +83,8 @@ def gemm(reps: int) -> dict:
             for side, fn in (("paddle", lambda: paddle.matmul(pa, pb)), ("torch", lambda: torch.matmul(ta, tb)),
                              ("paddle", lambda: paddle.matmul(pa, pb)), ("torch", lambda: torch.matmul(ta, tb))):
                 time.sleep(SETTLE_S)
-                row.setdefault(side, []).append(_median_time(fn, reps))
+                # a small product takes microseconds: more calls for a steady median
+                row.setdefault(side, []).append(_median_time(fn, reps if flops > 1e8 else max(reps, 200)))
         row = {side: min(v) for side, v in row.items()}
         out[name] = {"paddle_gflops": round(flops / row["paddle"] / 1e9, 1),
                      "torch_gflops": round(flops / row["torch"] / 1e9, 1),
@@ -167,6 +168,11 @@ def _c_calls(stats: pstats.Stats, steps: int, library: str) -> tuple[float, dict
     return sum(per.values()), {k: round(v, 1) for k, v in top.items()}
 
 
+def _all_calls(stats: pstats.Stats) -> int:
+    """Every function call cProfile saw (Python and C): the interpreter work a step costs."""
+    return sum(ncalls for _, ncalls, *_rest in stats.stats.values())
+
+
 def op_counts(llm, hf, batch: int, steps: int = 4) -> dict:
     """Dispatches per decode step on both sides (context 128), cProfile and torch.profiler."""
     import torch
@@ -190,9 +196,8 @@ def op_counts(llm, hf, batch: int, steps: int = 4) -> dict:
     total_d, top_d = _c_calls(with_decode, 1, "paddle")
     total_p, top_p = _c_calls(prefill_only, 1, "paddle")
     result["engine_c_calls_per_step"] = round((total_d - total_p) / steps, 1)
+    result["engine_all_calls_per_step"] = round((_all_calls(with_decode) - _all_calls(prefill_only)) / steps)
     result["engine_top_calls_per_step"] = {k: round((v - top_p.get(k, 0)) / steps, 1) for k, v in top_d.items()}
-    start = time.perf_counter()
-    engine_steps(llm, ids, steps + 1)
     # transformers: one decode step after a prefill
     with torch.inference_mode():
         logits, cache = hf_prefill(hf, ids)
@@ -205,13 +210,13 @@ def op_counts(llm, hf, batch: int, steps: int = 4) -> dict:
         prof.disable()
         total, top = _c_calls(pstats.Stats(prof), steps, "torch")
         result["hf_c_calls_per_step"] = round(total, 1)
+        result["hf_all_calls_per_step"] = round(_all_calls(pstats.Stats(prof)) / steps)
         result["hf_top_calls_per_step"] = top
         with profile(activities=[ProfilerActivity.CPU]) as tp:
             hf(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         events = [e for e in tp.events() if e.name.startswith("aten::")]
         inner = {id(c) for e in events for c in e.cpu_children}
         result["hf_top_level_aten_ops_per_step"] = sum(1 for e in events if id(e) not in inner)
-    del start
     return result
 
 
@@ -221,6 +226,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--note", default="")
     parser.add_argument("--skip-ops", action="store_true", help="GEMM and dispatch only (no checkpoint)")
+    parser.add_argument("--ops-only", action="store_true",
+                        help="op counts only: deterministic, so meaningful on a loaded machine too")
     args = parser.parse_args()
     import torch
 
@@ -230,16 +237,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine.describe(args.threads),
            "torch": torch.__version__, "note": args.note}
-    out["gemm"] = gemm(args.reps)
+    out["gemm"] = {} if args.ops_only else gemm(args.reps)
     for name, row in out["gemm"].items():
         print(f"{name:42s} paddle {row['paddle_gflops']:7.1f} GFLOP/s ({row['paddle_us']:8.1f} us)  torch "
               f"{row['torch_gflops']:7.1f} ({row['torch_us']:8.1f} us)  paddle/torch time {row['paddle_over_torch_time']:.2f}",
               flush=True)
-    out["dispatch"] = dispatch()
+    out["dispatch"] = {} if args.ops_only else dispatch()
     for name, row in out["dispatch"].items():
         print(f"dispatch {name:32s} paddle {row['paddle_us']:6.2f} us  torch {row['torch_us']:6.2f} us  "
               f"ratio {row['paddle_over_torch']:.2f}", flush=True)
-    out["static_dispatch"] = static_dispatch()
+    out["static_dispatch"] = {} if args.ops_only else static_dispatch()
     print("ops of a 100-op chain on [1, 512], us per op:", out["static_dispatch"], flush=True)
     if not args.skip_ops:
         from bench.defaults_yardstick import PREFILL_TOKENS
