@@ -246,10 +246,25 @@ def test_engine_sparse_form_graph_matches_its_eager_run(engine_for, prompts, nam
 
 
 def test_the_loop_is_chosen_below_the_fill_threshold_and_the_padded_pass_from_it():
-    """Fill = assignments / (experts x longest bucket), against LOOP_BELOW_FILL = 0.85 (hand-made counts)."""
+    """Fill = assignments / (experts x longest bucket), against LOOP_BELOW_FILL = 0.85 (hand-made counts,
+    large enough that the per-expert call cost, tested below, does not decide)."""
     from engine.moe.experts import prefer_loop
 
-    assert prefer_loop(np.array([10, 10, 10, 2]))  # 32 / 40 = 0.80: loop
-    assert not prefer_loop(np.array([10, 10, 10, 4]))  # 34 / 40 = 0.85: padded pass
-    assert not prefer_loop(np.array([7, 7, 7, 7]))  # balanced, fill 1.0: padded pass
-    assert prefer_loop(np.array([40, 0, 0, 0]))  # one expert takes all, fill 0.25: loop
+    assert prefer_loop(np.array([1000, 1000, 1000, 200]))  # 3200 / 4000 = 0.80: loop
+    assert not prefer_loop(np.array([1000, 1000, 1000, 400]))  # 3400 / 4000 = 0.85: padded pass
+    assert not prefer_loop(np.array([700, 700, 700, 700]))  # balanced, fill 1.0: padded pass
+    assert prefer_loop(np.array([4000, 0, 0, 0]))  # one expert takes all, fill 0.25: loop
+
+
+def test_few_rows_over_many_experts_take_the_padded_pass():
+    """Decode-sized steps: the loop's cost per non-empty expert (48 rows' worth) against the pass's
+    padding plus reading every expert (13 rows' worth each), worked by hand for 64 experts."""
+    from engine.moe.experts import prefer_loop
+
+    one_row = np.zeros(64, dtype=np.int64)
+    one_row[:8] = 1  # batch 1, top-8: loop 8*48 + 8 = 392 < pass 64 * (1 + 13) = 896
+    assert prefer_loop(one_row)
+    sixteen_rows = np.zeros(64, dtype=np.int64)
+    sixteen_rows[:45] = 2
+    sixteen_rows[0] = 9  # 97 assignments, longest 9, fill 0.17: loop 45*48 + 97 = 2257 > pass 64 * 22 = 1408
+    assert not prefer_loop(sixteen_rows)

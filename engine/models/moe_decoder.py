@@ -205,16 +205,18 @@ class MoEDecoder:
     def _qkv(self, layer: int, x: paddle.Tensor, positions: paddle.Tensor) -> Named:
         cfg, w = self.cfg, self.layers[layer]
         qkv = linear(x, w.qkv, w.qkv_bias)  # [T, Q + 2 KV], this rank's heads
-        q_size, kv_size = self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
-        q, k, v = paddle.split(qkv, [q_size, kv_size, kv_size], axis=-1)
-        q = q.reshape([-1, self.heads, cfg.head_dim])  # [T, Hq, D]
-        k = k.reshape([-1, self.kv_heads, cfg.head_dim])  # [T, Hkv, D]
-        v = v.reshape([-1, self.kv_heads, cfg.head_dim])
-        if w.q_norm is not None:
-            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        heads, dim = (self.heads, self.kv_heads), cfg.head_dim
+        if w.q_norm is None:  # q and k side by side already: one [T, Hq + Hkv, D] tensor
+            qk, v = paddle.split(qkv, [qkv.shape[-1] - heads[1] * dim, heads[1] * dim], axis=-1)
+            qk = qk.reshape([-1, sum(heads), dim])
+        else:  # normalised apart (rsqrt's rounding depends on an element's place in the buffer), then joined
+            q, k, v = paddle.split(qkv, [heads[0] * dim, heads[1] * dim, heads[1] * dim], axis=-1)
+            qk = paddle.concat([rms_norm(q.reshape([-1, heads[0], dim]), w.q_norm, cfg.rms_norm_eps),
+                                rms_norm(k.reshape([-1, heads[1], dim]), w.k_norm, cfg.rms_norm_eps)], axis=1)
         cos, sin = paddle.gather(self.cos, positions), paddle.gather(self.sin, positions)  # [T, 1, rd/2]
-        return {"q": apply_rotary(q, cos, sin), "k": apply_rotary(k, cos, sin), "v": v}
+        # rotary once over q and k heads together (elementwise: the same bits as apart, half the ops)
+        q, k = paddle.split(apply_rotary(qk, cos, sin), list(heads), axis=1)  # [T, Hq, D], [T, Hkv, D]
+        return {"q": q, "k": k, "v": v.reshape([-1, heads[1], dim])}
 
     def _finish_layer(self, layer: int, attn_out: paddle.Tensor, residual: paddle.Tensor, num_real: paddle.Tensor,
                       forced: paddle.Tensor | None = None) -> tuple[paddle.Tensor, paddle.Tensor, Named]:

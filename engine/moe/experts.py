@@ -33,6 +33,8 @@ import paddle
 import paddle.nn.functional as F
 
 from engine.config import MoEForm
+from engine.layers.indices import arange
+
 CAPACITY_FACTOR = 1.25  # bucket size as a multiple of the balanced share T*k/E (the cost above useful FLOPs)
 MIN_CAPACITY = 16  # small steps: a bucket holds every row, so they can never overflow
 # Exact form: loop over experts unless a pass padded to the longest bucket would be at least this
@@ -42,6 +44,16 @@ MIN_CAPACITY = 16  # small steps: a bucket holds every row, so they can never ov
 # rule was being chosen: bench/results/moe-forms-20261129-1243.jsonl's `auto_picks_loop` column is
 # from an earlier threshold.
 LOOP_BELOW_FILL = 0.85
+# ... and unless the loop's per-expert cost outweighs the padding. Few rows (decode, short prefills)
+# spread over many experts make each expert's GEMM chain a handful of rows, and its cost is then the
+# five kernel calls from Python (about 45 us on the 2-core Intel Xeon) plus reading the expert's
+# weights; the padded pass makes a fixed number of calls and reads every expert's weights. In units
+# of one row's GEMM work in an expert (H 512, I 128: 0.4 MFLOP, about 1.3 us): a loop step costs
+# EXPERT_CALL_ROWS per non-empty expert, reading one expert's weights in the pass EXPERT_READ_ROWS.
+# Measured there (python -m bench.moe_forms --tokens 1,2,4,16,128): at 16 rows (57 of 64 experts
+# non-empty) the loop took about twice the pass's time, at 1 row (8 experts) half of it.
+EXPERT_CALL_ROWS = 48
+EXPERT_READ_ROWS = 13
 
 
 def expert_capacity(num_rows: int, top_k: int, num_experts: int) -> int:
@@ -79,7 +91,7 @@ def routed_experts(x: paddle.Tensor, ids: paddle.Tensor, weights: paddle.Tensor,
 
 def combine_matrix(ids: paddle.Tensor, weights: paddle.Tensor, num_experts: int) -> paddle.Tensor:
     """ids/weights [T, k] -> [T, E] with weights[t, j] at column ids[t, j]; id -1 matches no column."""
-    experts = paddle.arange(num_experts, dtype=ids.dtype)  # [E]
+    experts = arange(num_experts, ids.dtype)  # [E]
     hits = (ids.unsqueeze(-1) == experts).astype(weights.dtype)  # [T, k, E]
     return (hits * weights.unsqueeze(-1)).sum(axis=1)
 
@@ -132,8 +144,13 @@ def exact_routed_experts(x, ids, weights, num_experts, gate, up, down, loop: boo
 
 def prefer_loop(sizes: np.ndarray) -> bool:
     """Whether a loop over the non-empty experts beats one batched pass padded to the longest
-    bucket, for these per-expert assignment counts (see LOOP_BELOW_FILL)."""
-    return sizes.sum() < LOOP_BELOW_FILL * sizes.size * sizes.max()
+    bucket, for these per-expert assignment counts: the pass's buckets are well filled
+    (LOOP_BELOW_FILL), or the loop's calls cost more than the pass's padding (EXPERT_CALL_ROWS)."""
+    total, longest = sizes.sum(), sizes.max()
+    if total >= LOOP_BELOW_FILL * sizes.size * longest:
+        return False
+    loop_cost = np.count_nonzero(sizes) * EXPERT_CALL_ROWS + total
+    return loop_cost < sizes.size * (longest + EXPERT_READ_ROWS)
 
 
 def _segment_loop(x, plan, bounds: np.ndarray, gate, up, down) -> paddle.Tensor:
@@ -142,12 +159,14 @@ def _segment_loop(x, plan, bounds: np.ndarray, gate, up, down) -> paddle.Tensor:
     order = plan[0]
     a, routed, k = order.shape[0], int(bounds[-1]), order.shape[0] // x.shape[0]
     xs = paddle.index_select(x, order[:routed] // k)  # [R, H] source rows, sorted by expert
+    used = np.flatnonzero(bounds[1:] > bounds[:-1])
+    # one split for all experts' row runs (one call, not one slice per expert)
+    runs = paddle.split(xs, [int(n) for n in bounds[used + 1] - bounds[used]]) if len(used) > 1 else [xs]
     outs = []
-    for e in np.flatnonzero(bounds[1:] > bounds[:-1]):
-        xe = xs[int(bounds[e]):int(bounds[e + 1])]  # a view: expert e's rows
+    for e, xe in zip(used, runs):
         outs.append(paddle.matmul(F.silu(paddle.matmul(xe, gate[e])) * paddle.matmul(xe, up[e]), down[e]))
     outs.append(paddle.zeros([1, x.shape[1]], x.dtype))  # row R: "routed to no expert here"
-    sorted_slot = paddle.minimum(paddle.arange(a, dtype="int64"), paddle.full([a], routed, "int64"))
+    sorted_slot = paddle.minimum(arange(a), paddle.full([a], routed, "int64"))
     slot = paddle.scatter(paddle.zeros_like(sorted_slot), order, sorted_slot)  # [A] inverse of the sort
     return paddle.index_select(paddle.concat(outs), slot)
 
@@ -176,8 +195,8 @@ def _sort_by_expert(ids: paddle.Tensor, num_experts: int) -> tuple[paddle.Tensor
     key = paddle.where(routed, flat, paddle.full_like(flat, num_experts))
     order = paddle.argsort(key, stable=True)  # [A]
     sorted_key = paddle.gather(key, order)  # [A], non-decreasing
-    starts = paddle.searchsorted(sorted_key, paddle.arange(num_experts + 1, dtype="int64"))  # [E+1]
-    rank = paddle.arange(flat.shape[0], dtype="int64") - paddle.gather(starts, sorted_key)  # [A]
+    starts = paddle.searchsorted(sorted_key, arange(num_experts + 1))  # [E+1]
+    rank = arange(flat.shape[0]) - paddle.gather(starts, sorted_key)  # [A]
     return order, sorted_key, rank, starts
 
 
@@ -194,7 +213,7 @@ def _bucket_pass(x, plan, first: int, capacity: int, num_experts: int, gate, up,
     order, sorted_key, rank, starts = plan
     a, e, c = order.shape[0], num_experts, capacity
     k = a // x.shape[0]
-    pos = starts[:e].unsqueeze(1) + first + paddle.arange(c, dtype="int64").unsqueeze(0)  # [E, C] sorted index
+    pos = starts[:e].unsqueeze(1) + first + arange(c).unsqueeze(0)  # [E, C] sorted index
     pos = paddle.minimum(pos, paddle.full_like(pos, a - 1))  # slots past a bucket's end read any row; never gathered back
     token = paddle.index_select(order, pos.reshape([-1])) // k  # [E*C] source row of each slot
     xb = paddle.index_select(x, token).reshape([e, c, -1])  # [E, C, H]

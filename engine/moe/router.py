@@ -47,6 +47,7 @@ import paddle
 from engine.config import check_grouping
 from engine.errors import UserError
 from engine.failpoints import NO_FAULTS, Failpoints
+from engine.layers.indices import arange
 from engine.layers.scalars import operand
 
 # Added to the renormalisation denominator, as in the DeepSeek-V3 / GLM-4.5 reference, so that a
@@ -192,7 +193,7 @@ def _kept_experts(selection, n_group, topk_group, faults):
 
 def _mask_padding(ids, weights, num_real):
     """Padding rows (>= num_real) become id -1 / weight 0; real rows pass through bitwise."""
-    if num_real is None:
+    if num_real is None or _no_padding(ids.shape[0], num_real):
         return ids, weights
     # Broadcast here, once: `paddle.where` broadcasting a [T, 1] mask itself builds 17 ops per call.
     real = _real_rows(ids.shape[0], num_real).unsqueeze(-1).expand(ids.shape)  # [T, k]
@@ -201,15 +202,31 @@ def _mask_padding(ids, weights, num_real):
     return ids, weights
 
 
+def _no_padding(num_tokens, num_real) -> bool:
+    """Eagerly, whether all `num_tokens` rows are real (num_real read on the host, a [1] tensor or
+    an int, range-checked): the padding masks are then identities, and an eager decode step saved
+    their ten ops a MoE layer. A traced program cannot read num_real and always masks."""
+    if not paddle.in_dynamic_mode():
+        return False
+    if isinstance(num_real, (int, np.integer)):
+        _check_num_real(num_tokens, num_real)
+        return num_real == num_tokens
+    return num_real.size == 1 and int(num_real.item()) == num_tokens
+
+
+def _check_num_real(num_tokens, num_real) -> None:
+    if isinstance(num_real, bool) or not 0 <= num_real <= num_tokens:
+        raise ValueError(f"num_real={num_real!r} must lie in [0, {num_tokens}]")
+
+
 def _real_rows(num_tokens, num_real):
     """[T] bool, True for rows < num_real. An int is range-checked here; a tensor (the graph case)
     cannot be read on the host, so its range is the caller's contract."""
     if isinstance(num_real, (int, np.integer)):
-        if isinstance(num_real, bool) or not 0 <= num_real <= num_tokens:
-            raise ValueError(f"num_real={num_real!r} must lie in [0, {num_tokens}]")
+        _check_num_real(num_tokens, num_real)
     else:
         num_real = num_real.astype("int64").reshape([-1])  # [1]
-    return paddle.arange(num_tokens, dtype="int64") < num_real  # [T]
+    return arange(num_tokens) < num_real  # [T]
 
 
 # ---------------------------------------------------------------------------- non-finite logits
@@ -219,7 +236,7 @@ def nonfinite_rows(logits, num_real=None):
     """[T] bool, True for real rows whose router logits hold a NaN or an infinity (graph-safe).
     Padding rows are always False: their contents are undefined by design."""
     bad = paddle.logical_not(paddle.isfinite(logits).all(axis=-1))  # [T]
-    if num_real is None:
+    if num_real is None or _no_padding(bad.shape[0], num_real):
         return bad
     return paddle.logical_and(bad, _real_rows(bad.shape[0], num_real))
 
