@@ -7,7 +7,9 @@ cases/rank_programs/. Every test that launches also checks that no process of th
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,18 +84,25 @@ def test_the_collective_watchdog_ends_a_job_whose_rank_never_joins_and_says_who_
     assert job_pids(error.token) == []
 
 
-def test_two_concurrent_four_rank_jobs_all_reduce_on_their_own_ports(tmp_path):
+def test_two_concurrent_four_rank_jobs_all_reduce_on_the_start_ports_they_were_given(tmp_path):
+    """Two jobs at once, each told its own start port (the next 3 go to its other ranks), do not
+    collide, and every rank of each was pointed at its own job's store on that port."""
+    first = free_port(8)
+    ports = [first, first + 4]
+
     def job(index: int):
         out = tmp_path / f"out{index}"
         out.mkdir()
         return run_ranks([ALLREDUCE, str(out), "--scale", str(index + 1)], 4, timeout_s=BOUND_S,
-                         log_dir=tmp_path / f"logs{index}"), out
+                         log_dir=tmp_path / f"logs{index}", start_port=ports[index]), out
 
     with ThreadPoolExecutor(2) as executor:
         finished = list(executor.map(job, range(2)))
-    assert finished[0][0].port != finished[1][0].port
     for index, (result, out) in enumerate(finished):
-        assert result.returncode == 0
+        assert result.returncode == 0 and result.port == ports[index]
+        masters = {line for path in result.log_dir.glob("envlog.*") for line in path.read_text().splitlines()
+                   if line.startswith("PADDLE_MASTER=")}
+        assert masters == {f"PADDLE_MASTER=127.0.0.1:{ports[index]}"}, masters
         for value in rank_values(out, 4):  # every rank holds the sum over ranks of scale * (rank + 1)
             np.testing.assert_array_equal(value, np.full(3, (index + 1) * (1 + 2 + 3 + 4), np.float32))
         assert sorted(result.rank_logs) == [0, 1, 2, 3] and all(p.exists() for p in result.rank_logs.values())
@@ -155,6 +164,19 @@ def test_payloads_round_trip_without_pickle():
 def test_payloads_that_cannot_be_sent_are_refused(payload, message):
     with pytest.raises((TypeError, ValueError), match=message):
         encode(payload)
+
+
+def test_a_start_port_out_of_range_or_taken_is_refused_before_any_rank_starts(tmp_path, faults):
+    with pytest.raises(ValueError, match=re.escape("start_port must be an integer in [1024, 65532] (the first "
+                                                   "of 4 ports, one per rank on this host), got 65533")):
+        RankPool([POOL_SERVER], 4, failpoints=faults, log_dir=tmp_path / "pool", start_port=65533)
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ValueError, match=f"start_port {port}: that port is in use on this host"):
+            run_ranks([ALLREDUCE, str(tmp_path)], 2, timeout_s=BOUND_S, log_dir=tmp_path / "job", start_port=port)
+    assert not (tmp_path / "job" / "launcher.log").exists()  # refused before the launcher started
 
 
 def test_free_ports_avoid_the_ephemeral_range():
