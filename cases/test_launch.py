@@ -21,7 +21,7 @@ import pytest
 
 from engine.launch import RankJobError, free_port, job_pids, run_ranks
 from engine.launch.blame import HARD_DEATH, Evidence, first_failure
-from engine.launch.ports import ephemeral_range
+from engine.launch.ports import ephemeral_range, is_listening
 from engine.launch.processes import has_ended
 from engine.launch.wire import decode, encode
 from verifier.rank_pool import RankPool
@@ -181,6 +181,17 @@ def test_a_start_port_out_of_range_or_taken_is_refused_before_any_rank_starts(tm
         with pytest.raises(ValueError, match=f"start_port {port}: that port is in use on this host"):
             run_ranks([ALLREDUCE, str(tmp_path)], 2, timeout_s=BOUND_S, log_dir=tmp_path / "job", start_port=port)
     assert not (tmp_path / "job" / "launcher.log").exists()  # refused before the launcher started
+
+
+def test_a_listening_port_is_seen_without_connecting(tmp_path):
+    """rank_entry.wait_for_store's test: bound is not listening, listening is; unreadable: unknown."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        assert is_listening(port) is False
+        server.listen()
+        assert is_listening(port) is True
+    assert is_listening(port, tables=(tmp_path / "missing",)) is None
 
 
 def test_free_ports_avoid_the_ephemeral_range():

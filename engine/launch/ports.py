@@ -66,3 +66,18 @@ def check_free(port: int, name: str = "--start-port") -> None:
     store, or any other server, holds it): the job would otherwise fail later, less clearly."""
     if not _bindable(port):
         raise ValueError(f"{name} {port}: that port is in use on this host; choose another")
+
+
+def is_listening(port: int, tables: tuple[Path, ...] = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))) -> bool | None:
+    """Whether a socket of this host (network namespace) listens on TCP `port`, read from the
+    kernel's tables without connecting (a server sees nothing); None where they cannot be read."""
+    rows = []
+    for table in tables:
+        try:
+            rows += table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+    if not rows:
+        return None
+    # fields: sl local_address rem_address st ...; the port is hex after the colon, LISTEN is 0A
+    return any(len(f) > 3 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port for f in map(str.split, rows))
