@@ -123,14 +123,14 @@ def from_flags(nnodes: int, ips: str | None) -> Nodes:
         raise ValueError(f"--ips lists {len(listed)} addresses but --nnodes is {nnodes}")
     if nnodes == 1:
         return Nodes(listed)
-    mine = [i for i, address in enumerate(listed) if _is_local(address)]
+    mine = [i for i, address in enumerate(listed) if is_local_address(address)]
     if len(mine) != 1:
         found = "none" if not mine else ", ".join(listed[i] for i in mine)
         raise ValueError(f"--ips {ips}: exactly one address must belong to this host, found {found}")
     return Nodes(listed, mine[0])
 
 
-def _is_local(address: str) -> bool:
+def is_local_address(address: str) -> bool:
     """True when this host holds `address` (it can bind a socket to it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:

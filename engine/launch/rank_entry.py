@@ -23,7 +23,6 @@ import json
 import os
 import runpy
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import Any, Callable, Mapping
 
 from engine.failpoints import Failpoints
 from engine.launch import wire
+from engine.launch.nodes import is_local_address
 from engine.launch.ports import is_listening
 from engine.threads import prepare_process
 
@@ -94,20 +94,11 @@ def wait_for_store() -> None:
     connection); returns at once outside a launched job, on rank 0, for a store on another host,
     where the tables cannot be read, and after _STORE_WAIT_S in any case."""
     host, _, port = os.environ.get(_MASTER_ENV, "").rpartition(":")
-    if os.environ.get(RANK_ENV, "0") == "0" or not port.isdigit() or not _is_this_host(host):
+    if os.environ.get(RANK_ENV, "0") == "0" or not port.isdigit() or not is_local_address(host):
         return
     deadline = time.monotonic() + _STORE_WAIT_S
     while is_listening(int(port)) is False and time.monotonic() < deadline:
         time.sleep(_STORE_POLL_S)
-
-
-def _is_this_host(address: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((address, 0))
-        except OSError:
-            return False
-    return True
 
 
 def serve(handler: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
