@@ -7,7 +7,8 @@ plus `--host` = this host's address. The launcher finds its node by `--host`'s p
 name and, when that guess is not in the list, silently takes node 0's ranks on every host. So this
 module finds the host's own address in the list (the one address it can bind) and refuses when it
 finds none or several. Rank 0 (on the first address) serves the TCP store on port P, so P must be
-the same on every host: multi-node jobs use START_PORT, not a port drawn at random.
+the same on every host: multi-node jobs use START_PORT (or the caller's --start-port), not a
+port drawn at random.
 """
 
 from __future__ import annotations
