@@ -13,8 +13,7 @@ What this relies on in Paddle 3.3.1's launcher (measured on CPU; the same flags 
     `collectives.R.json` (where each rank was: the blame's message quotes it).
   - Several nodes (nodes.py): one launcher per host, each with `--nnodes N --ips A,B,... --host
     <its address> --start_port P` (P: nodes.START_PORT unless the caller chose one); a host's
-    workers are `workerlog.0..K-1` by local
-    index, but PADDLE_TRAINER_ID (the exit records, the watchdog's files) and the blame use global
+    workers are `workerlog.0..K-1` by local index, but PADDLE_TRAINER_ID (the exit records, the watchdog's files) and the blame use global
     ranks, and the launcher's "Container rank R" is local too (blame.Evidence.rank_offset). This
     side sees only its own host's ranks: a peer host's failure reaches it as its own ranks' failing
     collectives.
