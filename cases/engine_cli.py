@@ -7,6 +7,8 @@ cases/test_failpoint_reach.py checks that no case file spells the command outsid
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -20,6 +22,20 @@ def engine_run(faults: Failpoints, model: str | Path, *args) -> list[str]:
     With --tp N the CLI passes the same arguments, failpoints included, to each of its ranks."""
     return [sys.executable, "-m", "engine", "run", "--model", str(model), "--failpoints", faults.names,
             *map(str, args)]
+
+
+def engine_main(faults: Failpoints, model: str | Path, *args) -> tuple[int, str, str]:
+    """`engine_run`'s command run in this process through engine.__main__.main: the same arguments,
+    failpoints included, without a new interpreter paying Paddle's import (2-3 s). For one-rank runs
+    whose case is about what the CLI does, not about the process around it. Returns (exit code,
+    stdout, stderr)."""
+    from engine.__main__ import main
+
+    command = engine_run(faults, model, *args)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(command[command.index("run"):])  # the arguments after `python -m engine`
+    return code, out.getvalue(), err.getvalue()
 
 
 def engine_env() -> dict[str, str]:

@@ -263,7 +263,8 @@ def check_step(graph: ModelRunner, eager: ModelRunner, composition: Composition,
                sizes: dict[str, tuple[int, ...]] = SIZES) -> None:
     """Stage one composition on both runners and run it once on each: the graph step's padding,
     results vs eager, padded routing, counters and cache writes. Raises AssertionError."""
-    with staged(graph, composition) as graph_batch, staged(eager, composition) as eager_batch:
+    with staged(eager, composition) as eager_batch, \
+            staged(graph, composition, prefixes_from=(eager, eager_batch)) as graph_batch:
         stats, cache = graph.stats.snapshot(), cache_snapshot(graph)
         record, _ = run_step(graph, graph_batch)
         reference, _ = run_step(eager, eager_batch)
@@ -292,7 +293,8 @@ def check_replays(graph: ModelRunner, first: Composition, second: Composition) -
 
 def check_backends_agree(static: ModelRunner, uncompiled: ModelRunner, composition: Composition) -> None:
     """Backend `static` and backend `uncompiled` give bitwise the same step, padded rows included."""
-    with staged(static, composition) as static_batch, staged(uncompiled, composition) as plain_batch:
+    with staged(uncompiled, composition) as plain_batch, \
+            staged(static, composition, prefixes_from=(uncompiled, plain_batch)) as static_batch:
         compiled, _ = run_step(static, static_batch)
         plain, _ = run_step(uncompiled, plain_batch)
     raise_problems(replay_problems(plain, compiled), composition.describe())

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from four_ranks import start_pool
+from four_ranks import ROOT, SERVER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -169,10 +169,13 @@ def test_rank_that_disagrees_is_an_error_not_a_hang(pool, prompts, planted):
 
 
 def test_dead_rank_is_named_within_the_time_bound(prompts, faults):
-    pool = start_pool(faults, start_timeout_s=180, request_timeout_s=60)
+    """Its own pool, which the death ends: 2 ranks of the engine server (a TP2 run), half the
+    start-up of 4; rank 0 waits in the engine's first collective for the rank that died."""
+    pool = RankPool([SERVER], 2, failpoints=faults, env={"PYTHONPATH": str(ROOT)}, start_timeout_s=180,
+                    request_timeout_s=60)
     started = time.monotonic()
     with pytest.raises(RankJobError) as failure:
-        pool.request(request("glm4_moe", "tp4", "eager", prompts, "", exit=2))
-    assert failure.value.ranks == (2,)
+        pool.request({**request("glm4_moe", "tp4", "eager", prompts, "", exit=1), "tp": 2})
+    assert failure.value.ranks == (1,)
     assert time.monotonic() - started < 60
     assert job_pids(pool.token) == []

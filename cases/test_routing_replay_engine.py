@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from engine_cli import ROOT, engine_env, engine_run
+from engine_cli import engine_main
 from strategies import prompt_sets, scaled_examples
 
 from engine.config import EngineConfig, GraphConfig
@@ -235,10 +235,12 @@ def test_failed_workload_leaves_no_file(faults, prompts, tmp_path, monkeypatch):
 
 
 def cli(faults, *args: str) -> subprocess.CompletedProcess:
-    """`python -m engine run` on the fixture prompts of NAME, with the run's failpoints and `args`."""
-    return subprocess.run(engine_run(faults, checkpoint_dir(NAME), "--prompts", PROMPTS, "--max-num-batched-tokens",
-                                     32, *args),
-                          capture_output=True, text=True, cwd=ROOT, env=engine_env(), timeout=300)
+    """`python -m engine run` on the fixture prompts of NAME, with the run's failpoints and `args`,
+    in this process (engine_cli.engine_main: no interpreter start and Paddle import per run; the
+    CLI as a process is test_cli.py's)."""
+    command = ["--prompts", PROMPTS, "--max-num-batched-tokens", 32, *args]
+    code, out, err = engine_main(faults, checkpoint_dir(NAME), *command)
+    return subprocess.CompletedProcess(command, code, out, err)
 
 
 def test_cli_records_and_lists_the_files(tmp_path, faults):

@@ -57,3 +57,12 @@ def test_large_blocks_are_kept_on_glibc_unless_the_user_chose(monkeypatch):
         assert threads.keep_large_blocks() is True
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert threads.keep_large_blocks() is False
+
+
+def test_gate_workers_keep_one_kernel_thread():
+    """fixtures/pytest_fixtures.py's `one_kernel_thread` pinned this worker before its first engine
+    (it skips only synthetic gates outside the repository, which run no kernel)."""
+    from engine.threads import prepare_engine
+
+    setup = prepare_engine()
+    assert (setup.threads, setup.threads_source) == (1, "set_threads(1)"), setup.describe()

@@ -5,11 +5,14 @@ Two network namespaces joined by a veth pair (cases/netns.py) stand in for two h
 Checked: the dumps of TP4 and TP4+EP4 equal the single-node 4-rank job's bitwise (every rank's);
 a rank killed on the second node is the rank that node's CLI names, and both nodes end within
 the bound; the collective watchdog names a stuck collective on both nodes; a second node that
-never starts is named by the first within the start-up bound (--start-timeout). Without the
-privilege to make namespaces the cases skip, saying why. Each case costs one 2-node job (the
-last one node's half): one prompt, two tokens, so that start-up is the main cost. The single-node
-reference is the warm 4-rank pool of the xdist group "four_ranks" (cases/conftest.py), which the
-dump cases join; the others form the group "two_nodes", so no two of them share the cores.
+never starts is named by the first within the start-up bound (--start-timeout); a 2-node RankPool (one per host, as a
+user's harness would make it) answers TP4 and TP4+EP4 requests bitwise as the 1-node pool does.
+Without the privilege to make namespaces the cases skip, saying why. Each case costs one 2-node job
+(the last one node's half): one prompt, two tokens, so that start-up is the main cost. The
+single-node reference is the warm 4-rank pool of the xdist group "four_ranks" (cases/conftest.py),
+which the dump and pool cases join; the others form the group "two_nodes", so no two of them share
+the cores. One namespace pair serves a worker's cases (module scope); each case's job serves its
+store on its own --start-port, so a job never meets the previous one's sockets.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +34,7 @@ import netns
 from engine_cli import engine_env, engine_run
 
 from engine.dump import read_dump
-from engine.launch import blame
+from engine.launch import blame, wire
 from engine.launch.nodes import Nodes, from_flags
 from fixtures.pytest_fixtures import checkpoint_dir
 from test_cli_ranks import alive, processes_below, wait_for_step
@@ -48,6 +53,18 @@ pytestmark = [pytest.mark.skipif(netns.unavailable() is not None, reason=str(net
               pytest.mark.xdist_group("two_nodes")]
 
 
+# Each case's own --start-port (rank 0's store; the launcher assigns the next port to the other rank).
+PORTS = {"dump": 6170, "kill": 6270, "watchdog": 6370, "never_starts": 6470, "pool": 6570}
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """One namespace pair for this worker's cases of the module (making one costs ~0.1 s of `ip`
+    calls, but a pair per case also meant a pair per failure to clean up)."""
+    with netns.two_hosts() as pair:
+        yield pair
+
+
 def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"prompts": [{"name": "p0", "input_ids": PROMPT}]}))
@@ -60,9 +77,9 @@ def host_env(host: netns.Host) -> dict[str, str]:
     return {**engine_env(), "GLOO_SOCKET_IFNAME": host.interface}
 
 
-def start_node(hosts: netns.Hosts, host: netns.Host, faults, args: list, logs: Path) -> subprocess.Popen:
+def start_node(hosts: netns.Hosts, host: netns.Host, faults, args: list, logs: Path, port: int) -> subprocess.Popen:
     command = engine_run(faults, checkpoint_dir("glm4_moe"), *args, "--tp", 4, "--nnodes", 2, "--ips", hosts.ips,
-                         "--log-dir", logs)
+                         "--log-dir", logs, "--start-port", port)
     return subprocess.Popen(host.command(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env=host_env(host))
 
@@ -87,11 +104,10 @@ def finish(procs: list[subprocess.Popen], timeout_s: float = BOUND_S) -> list[tu
     return results
 
 
-def two_node_run(tmp_path: Path, faults, args: list) -> list[tuple[int, str, str]]:
-    with netns.two_hosts() as hosts:
-        procs = [start_node(hosts, host, faults, args, tmp_path / f"logs{i}")
-                 for i, host in enumerate((hosts.first, hosts.second))]
-        return finish(procs)
+def two_node_run(hosts: netns.Hosts, tmp_path: Path, faults, args: list, port: int) -> list[tuple[int, str, str]]:
+    procs = [start_node(hosts, host, faults, args, tmp_path / f"logs{i}", port)
+             for i, host in enumerate((hosts.first, hosts.second))]
+    return finish(procs)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -101,41 +117,86 @@ def error_lines(stderr: str) -> list[str]:
 PROMPT = [501, 500, 505, 194, 87, 3, 14]
 
 
+def request(ep: int) -> dict:
+    """The 4-rank engine-server request that matches the CLI's defaults (eager, sparse MoE form)."""
+    return {"checkpoint": "glm4_moe", "tp": 4, "ep": ep, "moe_form": "sparse", "prompts": [PROMPT],
+            "max_new_tokens": TOKENS}
+
+
+def outputs(reply: dict) -> dict:
+    return {k: v for k, v in reply.items() if k not in ("rank", "stats", "failpoints")}
+
+
+def assert_bitwise(single: dict, double: dict, name: str) -> None:
+    assert sorted(single) == sorted(double), name
+    differ = [k for k in single if not np.array_equal(single[k], double[k])]
+    assert differ == [], f"{name}: {differ} differ between one node and two"
+
+
+def masters(log_dir: Path) -> set[str]:
+    """PADDLE_MASTER (rank 0's store address) as the launcher gave it to this host's ranks."""
+    return {line.split("=", 1)[1] for path in log_dir.glob("envlog.*")
+            for line in path.read_text().splitlines() if line.startswith("PADDLE_MASTER=")}
+
+
 @pytest.mark.xdist_group("four_ranks")  # the reference comes from that group's warm 4-rank pool
-@pytest.mark.parametrize("ep", [1, 4], ids=["tp4", "tp4_ep4"])
-def test_two_nodes_dump_what_one_node_dumps_bitwise(tmp_path, faults, four_rank_pool, ep):
-    """The single-node 4-rank reference is the warm pool's run of the same engine configuration
-    (the CLI's defaults: eager, sparse MoE form), so no single-node job is started here."""
-    args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", TOKENS, "--ep", ep, "--dump-all-ranks"]
-    one = four_rank_pool.request({"checkpoint": "glm4_moe", "tp": 4, "ep": ep, "moe_form": "sparse",
-                                  "prompts": [PROMPT], "max_new_tokens": TOKENS})
-    results = two_node_run(tmp_path, faults, [*args, "--dump", tmp_path / "out.npz"])
+def test_two_nodes_dump_what_one_node_dumps_bitwise(hosts, tmp_path, faults, four_rank_pool):
+    """The single-node 4-rank reference is the warm pool's run of the same engine configuration,
+    so no single-node job is started here. TP4 only: TP4+EP4 over two nodes is the pool case's
+    (the CLI passes --ep to the same engine). --start-port reaches both hosts' ranks."""
+    args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", TOKENS, "--dump-all-ranks"]
+    one = four_rank_pool.request(request(ep=1))
+    results = two_node_run(hosts, tmp_path, faults, [*args, "--dump", tmp_path / "out.npz"], PORTS["dump"])
     for node, (code, out, err) in enumerate(results):
         assert code == 0, f"node {node}: {err[-3000:]}"
         assert out == f"p0: {' '.join(map(str, one[0]['greedy_p0']))}\n", f"node {node} printed other tokens"
+        assert masters(tmp_path / f"logs{node}") == {f"{hosts.first.address}:{PORTS['dump']}"}, node
     for name, reference in [("out.npz", one[0]), *((f"out.rank{r}.npz", one[r]) for r in range(4))]:
-        double = read_dump(tmp_path / name)
-        single = {k: v for k, v in reference.items() if k not in ("rank", "stats", "failpoints")}
-        assert sorted(single) == sorted(double), name
-        differ = [k for k in single if not np.array_equal(single[k], double[k])]
-        assert differ == [], f"{name}: {differ} differ between one node and two"
+        assert_bitwise(outputs(reference), read_dump(tmp_path / name), name)
 
 
-def test_a_rank_killed_on_the_second_node_is_named_there(tmp_path, faults):
+@pytest.mark.xdist_group("four_ranks")  # the reference comes from that group's warm 4-rank pool
+def test_a_two_node_rank_pool_answers_what_the_one_node_pool_answers_bitwise(hosts, tmp_path, faults,
+                                                                             four_rank_pool):
+    """RankPool(nodes=...) on each host (cases/rank_programs/pool_node.py, in its namespace) with
+    the same arguments: one start, then a TP4 and a TP4+EP4 request, each rank's reply equal to
+    the warm 1-node pool's for the same request."""
+    requests = [request(ep=1), request(ep=4)]
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    procs = []
+    for node, host in enumerate((hosts.first, hosts.second)):
+        (tmp_path / f"out{node}").mkdir()
+        command = [sys.executable, str(ROOT / "cases" / "rank_programs" / "pool_node.py"), hosts.ips, str(PORTS["pool"]),
+                   str(tmp_path / "requests.json"), str(tmp_path / f"out{node}"), str(tmp_path / f"logs{node}"),
+                   faults.names]
+        procs.append(subprocess.Popen(host.command(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, cwd=ROOT, env=host_env(host)))
+    for node, (code, _, err) in enumerate(finish(procs)):
+        assert code == 0, f"node {node}: {err[-3000:]}"
+    for number, payload in enumerate(requests):
+        one = four_rank_pool.request(payload)
+        for rank in range(4):
+            name = f"request{number}.rank{rank}.npz"
+            double = wire.decode((tmp_path / f"out{rank // 2}" / name).read_bytes())
+            assert (double["rank"], double["failpoints"]) == (rank, one[rank]["failpoints"]), name
+            assert_bitwise(outputs(one[rank]), outputs(double), name)
+
+
+def test_a_rank_killed_on_the_second_node_is_named_there(hosts, tmp_path, faults):
     args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", 400, "-v"]
-    with netns.two_hosts() as hosts:
-        logs = [tmp_path / "logs0", tmp_path / "logs1"]
-        procs = [start_node(hosts, host, faults, args, log) for host, log in zip((hosts.first, hosts.second), logs)]
-        try:
-            victim = wait_for_step(procs[1], rank=3, log=logs[1] / "workerlog.1", step=2)
-        except BaseException:
-            finish(procs, timeout_s=0.1)  # kills both nodes' CLIs
-            raise
-        job = {**processes_below(procs[0].pid), **processes_below(procs[1].pid)}
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        results = finish(procs)
-        ended_s = time.monotonic() - killed
+    logs = [tmp_path / "logs0", tmp_path / "logs1"]
+    procs = [start_node(hosts, host, faults, args, log, PORTS["kill"])
+             for host, log in zip((hosts.first, hosts.second), logs)]
+    try:
+        victim = wait_for_step(procs[1], rank=3, log=logs[1] / "workerlog.1", step=2)
+    except BaseException:
+        finish(procs, timeout_s=0.1)  # kills both nodes' CLIs
+        raise
+    job = {**processes_below(procs[0].pid), **processes_below(procs[1].pid)}
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    results = finish(procs)
+    ended_s = time.monotonic() - killed
     (code_a, _, err_a), (code_b, _, err_b) = results
     # "killed by signal 9" when the launcher's report came first, else "died without a Python exit".
     assert code_b == 1 and error_lines(err_b)[0].startswith("error: the 4-rank job failed: rank 3: "), err_b
@@ -145,13 +206,13 @@ def test_a_rank_killed_on_the_second_node_is_named_there(tmp_path, faults):
     assert [pid for pid in job if alive(pid)] == []
 
 
-def test_the_watchdog_names_a_stuck_collective_on_both_nodes(tmp_path, faults):
+def test_the_watchdog_names_a_stuck_collective_on_both_nodes(hosts, tmp_path, faults):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([list(range(1, 9))]))
     planted = faults.with_(type(faults).parse("dist.rank_disagrees,dist.skip_agreement_check"))
     args = ["--prompts", prompts, "--max-new-tokens", TOKENS, "--graph", "piecewise", "--capture-sizes", 8,
             "--decode-capture-sizes", 1, "--collective-timeout", 3]
-    results = two_node_run(tmp_path, planted, args)
+    results = two_node_run(hosts, tmp_path, planted, args, PORTS["watchdog"])
     stuck = re.compile(r"rank (\d)(?:: | \()stuck in ((all_reduce|all_gather|capture|replay) #\d+ \([^)]+\)) "
                        r"at step 1 for [\d.]+ s \(collective timeout 3 s\)")
     lines = []
@@ -168,18 +229,17 @@ def test_the_watchdog_names_a_stuck_collective_on_both_nodes(tmp_path, faults):
                                where[1]), lines
 
 
-def test_a_second_node_that_never_starts_is_named_within_the_start_up_bound(tmp_path, faults):
+def test_a_second_node_that_never_starts_is_named_within_the_start_up_bound(hosts, tmp_path, faults):
     """Only node 0's command runs: its ranks wait in init_parallel_env for ranks 2 and 3, which
     never come. The CLI must end with one error naming this node and the missing peer's address,
     soon after the start-up bound, and leave no process behind (not wait until the case's deadline)."""
     args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", TOKENS, "--start-timeout", START_BOUND_S]
-    with netns.two_hosts() as hosts:
-        started = time.monotonic()
-        proc = start_node(hosts, hosts.first, faults, args, tmp_path / "logs0")
-        job = wait_for_ranks(proc, tmp_path / "logs0", count=2, until=started + START_DEADLINE_S)
-        [(code, _, err)] = finish([proc], timeout_s=max(0.1, started + START_DEADLINE_S - time.monotonic()))
-        ended_s = time.monotonic() - started
-        first, second = hosts.first.address, hosts.second.address
+    started = time.monotonic()
+    proc = start_node(hosts, hosts.first, faults, args, tmp_path / "logs0", PORTS["never_starts"])
+    job = wait_for_ranks(proc, tmp_path / "logs0", count=2, until=started + START_DEADLINE_S)
+    [(code, _, err)] = finish([proc], timeout_s=max(0.1, started + START_DEADLINE_S - time.monotonic()))
+    ended_s = time.monotonic() - started
+    first, second = hosts.first.address, hosts.second.address
     errors = error_lines(err)
     assert code == 1 and len(errors) == 1, err[-3000:]
     assert errors[0].startswith(
@@ -271,3 +331,21 @@ def test_a_negative_start_up_bound_is_refused_before_any_rank_starts(capsys):
     code = main(["run", "--model", "m", "--prompts", "p.json", "--tp", "4", "--nnodes", "2",
                  "--ips", "127.0.0.1,10.255.255.254", "--start-timeout", "-1"])
     assert (code, capsys.readouterr().err) == (2, "error: --start-timeout must be >= 0 seconds (0: no bound), got -1\n")
+
+
+def test_a_start_port_out_of_range_or_taken_is_refused_before_any_rank_starts(capsys):
+    from engine.__main__ import main
+
+    two_nodes = ["--tp", "4", "--nnodes", "2", "--ips", "127.0.0.1,10.255.255.254"]
+    for port, per_node in [("80", 2), ("65535", 2)]:  # 2 ranks per node need P and P+1
+        code = main(["run", "--model", "m", "--prompts", "p.json", *two_nodes, "--start-port", port])
+        assert (code, capsys.readouterr().err) == (2, f"error: --start-port must be an integer in [1024, "
+                                                      f"{65536 - per_node}] (the first of {per_node} ports, one "
+                                                      f"per rank on this host), got {port}\n")
+    with socket.socket() as held:  # another server on the port rank 0 would serve its store on
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = main(["run", "--model", "m", "--prompts", "p.json", "--tp", "2", "--start-port", str(port)])
+        assert (code, capsys.readouterr().err) == (
+            2, f"error: --start-port {port}: that port is in use on this host; choose another\n")

@@ -19,7 +19,8 @@ import warnings
 from engine.config import CaptureTiming, GraphBackend, GraphMode, MoEForm, ParallelConfig
 from engine.errors import ConfigError, UserError
 from engine.launch import cli_job
-from engine.launch.nodes import from_flags
+from engine.launch.nodes import START_PORT, from_flags
+from engine.launch.ports import check_free, check_start_port
 from engine.threads import set_threads
 
 
@@ -70,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "(experts placed on ranks) (default 1)")
     run.add_argument("--nnodes", type=int, default=1, metavar="N",
                      help="hosts the --tp ranks are spread over, evenly; run the same command on each host "
-                          "(paddle.distributed.launch --nnodes; rank 0's host serves port 6070) (default 1)")
+                          "(paddle.distributed.launch --nnodes; rank 0's host serves --start-port) (default 1)")
     run.add_argument("--ips", metavar="A,B,...",
                      help="with --nnodes N: the N hosts' addresses, rank 0's host first; this host must hold "
                           "exactly one of them (paddle.distributed.launch --ips)")
+    run.add_argument("--start-port", type=int, metavar="P", default=None,
+                     help="with --tp N > 1: rank 0 serves the job's store on port P and the launcher assigns "
+                          "the next ones to this host's other ranks; the same P on every host (default: a free "
+                          f"port drawn at random on one node, {START_PORT} over several)")
     run.add_argument("--dump-all-ranks", action="store_true",
                      help="with --dump OUT.npz, also write OUT.rank{R}.npz from every rank")
     run.add_argument("--routing-replay-dir", metavar="DIR",
@@ -219,7 +224,11 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     try:
         nodes = from_flags(args.nnodes, args.ips)
-        nodes.per_node(args.tp)
+        per_node = nodes.per_node(args.tp)
+        if args.start_port is not None:
+            check_start_port(args.start_port, per_node)
+            if nodes.this == 0:  # the host that serves the store
+                check_free(args.start_port)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -229,7 +238,8 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"error: --start-timeout must be >= 0 seconds (0: no bound), got {start_s:g}", file=sys.stderr)
         return 2
     return cli_job.relaunch(argv, args.tp, args.log_dir, engine.faults, nodes,
-                            start_timeout_s=start_s if nodes.multi and start_s > 0 else None)
+                            start_timeout_s=start_s if nodes.multi and start_s > 0 else None,
+                            start_port=args.start_port)
 
 
 def _run_as_rank(args: argparse.Namespace) -> int:

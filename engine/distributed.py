@@ -182,6 +182,7 @@ def init_parallel(parallel: ParallelConfig) -> tuple[Partition, Collectives]:
         raise ParallelError(f"tp={parallel.tp} needs {parallel.tp} ranks, but this job has {world}; start it with "
                             f"`python -m paddle.distributed.launch --nproc_per_node {parallel.tp}`")
     if not dist.is_initialized():
+        rank_entry.wait_for_store()  # skips Paddle's 3 s retry when rank 0's store is not up yet
         dist.init_parallel_env()
     rank_entry.record_joined()  # the parent's start-up bound waits for every rank's
     partition = Partition(dist.get_rank(), world, expert_parallel=parallel.ep > 1)

@@ -49,11 +49,16 @@ class RankPool:
     its own pool with the same arguments; it starts, serves and stops that host's ranks (`ranks`)
     and `request` returns their replies in rank order.
 
+    `start_port`: the port rank 0 serves the job's store on, the same on every host (None: a free
+    one on one node, engine.launch.nodes.START_PORT over several); ValueError before any rank
+    starts when it is out of range or taken here.
+
     `start_s`: seconds from the launch until every rank was serving."""
 
     def __init__(self, argv: Sequence[str], nproc: int, *, failpoints: Failpoints | str, start_timeout_s: float = 120.0,
                  request_timeout_s: float = 60.0, error_grace_s: float = 3.0,
-                 log_dir: Path | None = None, env: Mapping[str, str] | None = None, nodes: Nodes = Nodes()):
+                 log_dir: Path | None = None, env: Mapping[str, str] | None = None, nodes: Nodes = Nodes(),
+                 start_port: int | None = None):
         for name, value in [("start_timeout_s", start_timeout_s),
                             ("request_timeout_s", request_timeout_s), ("error_grace_s", error_grace_s)]:
             check_positive(name, value)
@@ -65,7 +70,7 @@ class RankPool:
         planted = failpoints if isinstance(failpoints, Failpoints) else Failpoints.parse(failpoints)
         self.failpoints = planted
         self._job = Launch(argv, nproc, log_dir, {**(env or {}), POOL_DIR_ENV: str(self.pool_dir),
-                                                  POOL_FAILPOINTS_ENV: planted.names}, nodes)
+                                                  POOL_FAILPOINTS_ENV: planted.names}, nodes, start_port)
         self._requests = itertools.count()
         self._closed_because: str | None = None
         try:

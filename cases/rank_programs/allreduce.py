@@ -23,6 +23,7 @@ import paddle.distributed as dist
 
 from engine.distributed import Collectives
 from engine.launch import watchdog
+from engine.launch.rank_entry import wait_for_store
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -39,6 +40,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
+    wait_for_store()  # engine/launch/rank_entry.py: no 3 s retry at the start
     dist.init_parallel_env()
     rank = dist.get_rank()
     if rank == args.exit_rank:

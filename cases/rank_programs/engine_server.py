@@ -24,7 +24,7 @@ from engine.failpoints import Failpoints
 from engine.llm import LLM, Prompt
 from fixtures.pytest_fixtures import checkpoint_dir
 from engine.launch import serve
-from engine.launch.rank_entry import pool_failpoints
+from engine.launch.rank_entry import pool_failpoints, wait_for_store
 
 ENGINES: dict[tuple, LLM] = {}
 
@@ -84,5 +84,6 @@ def prefix_reply(llm: LLM, request: dict) -> dict:
 
 
 if __name__ == "__main__":
+    wait_for_store()  # engine/launch/rank_entry.py: no 3 s retry at the start
     dist.init_parallel_env()
     serve(handle)

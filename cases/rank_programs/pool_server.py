@@ -12,7 +12,7 @@ import paddle
 import paddle.distributed as dist
 
 from engine.launch import serve
-from engine.launch.rank_entry import pool_failpoints
+from engine.launch.rank_entry import pool_failpoints, wait_for_store
 
 
 def handle(request: dict) -> dict:
@@ -25,5 +25,6 @@ def handle(request: dict) -> dict:
 
 
 if __name__ == "__main__":
+    wait_for_store()  # engine/launch/rank_entry.py: no 3 s retry at the start
     dist.init_parallel_env()
     serve(handle)

@@ -21,6 +21,7 @@ from batches import Composition, Part, staged
 from engine_server import engine_for
 
 from engine.launch import serve
+from engine.launch.rank_entry import wait_for_store
 from verifier.probes import probe_forward, to_arrays
 
 
@@ -33,5 +34,6 @@ def handle(request: dict) -> dict:
 
 
 if __name__ == "__main__":
+    wait_for_store()  # engine/launch/rank_entry.py: no 3 s retry at the start
     dist.init_parallel_env()
     serve(handle)

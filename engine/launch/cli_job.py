@@ -31,12 +31,13 @@ START_TIMEOUT_PER_COLLECTIVE_TIMEOUT = 24.0
 
 
 def relaunch(argv: list[str], nproc: int, log_dir: str | None, faults: Failpoints, nodes: Nodes = Nodes(),
-             start_timeout_s: float | None = None) -> int:
+             start_timeout_s: float | None = None, start_port: int | None = None) -> int:
     """Run `argv` (the CLI's own arguments) as an nproc-rank job; returns the CLI's exit code.
     `log_dir` (the CLI's --log-dir) must be missing or empty; None: a new temporary folder.
     `faults` (parsed from argv) are announced here; each rank announces its own in its log.
     `nodes`: the hosts of the job (--nnodes/--ips); this call starts this host's ranks.
-    `start_timeout_s` (--start-timeout): how long this host's ranks may take to join (None: no bound)."""
+    `start_timeout_s` (--start-timeout): how long this host's ranks may take to join (None: no bound).
+    `start_port` (--start-port, checked by the caller): rank 0's store port (None: the launcher's choice)."""
     try:
         logs = fresh_dir(Path(log_dir) if log_dir else None)
     except ValueError as err:
@@ -50,7 +51,8 @@ def relaunch(argv: list[str], nproc: int, log_dir: str | None, faults: Failpoint
     with tempfile.TemporaryDirectory(prefix="engine-reports-") as reports:
         try:
             run_ranks(["-m", "engine", *argv, "--report-dir", reports], nproc, timeout_s=None, log_dir=logs,
-                      nodes=nodes, start_timeout_s=start_timeout_s)
+                      nodes=nodes, start_timeout_s=start_timeout_s, start_port=start_port,
+                      port_name="--start-port")
         except RankJobError as err:
             return _report_failure(Path(reports), nproc, err)
         return _report_success(Path(reports), local[0])

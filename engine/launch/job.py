@@ -38,7 +38,8 @@ class JobResult:
 
 def run_ranks(argv: Sequence[str], nproc: int, *, timeout_s: float | None, log_dir: Path | None = None,
               env: Mapping[str, str] | None = None, nodes: Nodes = Nodes(),
-              start_timeout_s: float | None = None) -> JobResult:
+              start_timeout_s: float | None = None, start_port: int | None = None,
+              port_name: str = "start_port") -> JobResult:
     """Run the Python program `argv` on `nproc` ranks and wait for all of them.
 
     `timeout_s` bounds the whole job including start-up (a trivial 4-rank job takes 10-20 s on two
@@ -48,12 +49,13 @@ def run_ranks(argv: Sequence[str], nproc: int, *, timeout_s: float | None, log_d
     `nodes` the same call runs on every host and starts and waits for that host's ranks only.
     `start_timeout_s` bounds the time until every rank of this host has joined the job (program
     ranks join in engine.distributed.init_parallel; None: no bound): a peer host that never
-    starts is named instead of waited for (Launch.start_error).
+    starts is named instead of waited for (Launch.start_error). `start_port`: the port rank 0
+    serves its store on (None: Launch's choice); checked before any rank starts (ValueError).
     Raises RankJobError if a rank fails or the job times out; no process is left either way."""
     for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
         if value is not None:
             check_positive(name, value)
-    job = Launch(argv, nproc, fresh_dir(log_dir), env or {}, nodes)
+    job = Launch(argv, nproc, fresh_dir(log_dir), env or {}, nodes, start_port, port_name)
     try:
         returncode = job.wait(timeout_s, start_timeout_s)
     except BaseException:

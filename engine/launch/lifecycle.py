@@ -12,8 +12,8 @@ What this relies on in Paddle 3.3.1's launcher (measured on CPU; the same flags 
     `launcher.log`; rank_entry adds `exit.R.json`, the collective watchdog (watchdog.py)
     `collectives.R.json` (where each rank was: the blame's message quotes it).
   - Several nodes (nodes.py): one launcher per host, each with `--nnodes N --ips A,B,... --host
-    <its address> --start_port nodes.START_PORT`; a host's workers are `workerlog.0..K-1` by local
-    index, but PADDLE_TRAINER_ID (the exit records, the watchdog's files) and the blame use global
+    <its address> --start_port P` (P: nodes.START_PORT unless the caller chose one); a host's
+    workers are `workerlog.0..K-1` by local index, but PADDLE_TRAINER_ID (the exit records, the watchdog's files) and the blame use global
     ranks, and the launcher's "Container rank R" is local too (blame.Evidence.rank_offset). This
     side sees only its own host's ranks: a peer host's failure reaches it as its own ranks' failing
     collectives.
@@ -48,7 +48,7 @@ from typing import Any, Mapping, Sequence
 
 from engine.launch import blame, processes, rank_logs, watchdog
 from engine.launch.nodes import START_PORT, Nodes
-from engine.launch.ports import free_port
+from engine.launch.ports import check_free, check_start_port, free_port
 from engine.launch.rank_entry import ENTRY_CODE, PARENT_ENV, TOKEN_ENV, joined_path
 
 _log = logging.getLogger(__name__)
@@ -63,10 +63,12 @@ class Launch:
     """A job started through `python -m paddle.distributed.launch`: `argv` (['-m', module, *args]
     or [script, *args]) on `nproc` ranks, logs in `log_dir` (fresh), `env` added to this process's
     environment for the ranks. Processes carry a new token; a thread notes each rank's death.
-    Over several `nodes` this object starts and watches this host's share, `ranks` (global)."""
+    Over several `nodes` this object starts and watches this host's share, `ranks` (global).
+    `start_port` (name it `port_name` in errors): the port rank 0 serves its store on; None: a
+    free one drawn at random on one node, START_PORT over several (every host must agree)."""
 
     def __init__(self, argv: Sequence[str], nproc: int, log_dir: Path, env: Mapping[str, str],
-                 nodes: Nodes = Nodes()):
+                 nodes: Nodes = Nodes(), start_port: int | None = None, port_name: str = "start_port"):
         self.argv = _check_argv(argv)
         if not (isinstance(nproc, int) and nproc >= 1):
             raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
@@ -76,7 +78,7 @@ class Launch:
         self.log_dir = log_dir
         self.rank_logs = {r: self.log_dir / f"workerlog.{i}" for i, r in enumerate(self.ranks)}
         self.token = uuid.uuid4().hex
-        self.port = START_PORT if nodes.multi else free_port(len(self.ranks))
+        self.port = _job_port(nodes, len(self.ranks), start_port, port_name)
         self.deaths: dict[int, float] = {}  # rank -> time.time() its process was seen to end
         self._watched_pids: dict[int, int] = {}  # rank -> pid, once _watch_deaths found it
         self._stopping_since: float | None = None
@@ -252,6 +254,17 @@ class Launch:
         return blame.error_with_tails(ranks, reason, self.log_dir, self.token, self.rank_logs,
                                       self.log_dir / LAUNCHER_LOG, lines, dumps)
 
+
+
+def _job_port(nodes: Nodes, count: int, start_port: int | None, name: str) -> int:
+    """The first of this host's `count` ports. A port the caller named is checked (range; free
+    here, on the host that serves the store) so that a clash is named before any rank starts."""
+    if start_port is None:
+        return START_PORT if nodes.multi else free_port(count)
+    check_start_port(start_port, count, name)
+    if nodes.this == 0:
+        check_free(start_port, name)
+    return start_port
 
 
 def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:

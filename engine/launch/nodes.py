@@ -7,7 +7,8 @@ plus `--host` = this host's address. The launcher finds its node by `--host`'s p
 name and, when that guess is not in the list, silently takes node 0's ranks on every host. So this
 module finds the host's own address in the list (the one address it can bind) and refuses when it
 finds none or several. Rank 0 (on the first address) serves the TCP store on port P, so P must be
-the same on every host: multi-node jobs use START_PORT, not a port drawn at random.
+the same on every host: multi-node jobs use START_PORT (or the caller's --start-port), not a
+port drawn at random.
 """
 
 from __future__ import annotations
@@ -123,14 +124,14 @@ def from_flags(nnodes: int, ips: str | None) -> Nodes:
         raise ValueError(f"--ips lists {len(listed)} addresses but --nnodes is {nnodes}")
     if nnodes == 1:
         return Nodes(listed)
-    mine = [i for i, address in enumerate(listed) if _is_local(address)]
+    mine = [i for i, address in enumerate(listed) if is_local_address(address)]
     if len(mine) != 1:
         found = "none" if not mine else ", ".join(listed[i] for i in mine)
         raise ValueError(f"--ips {ips}: exactly one address must belong to this host, found {found}")
     return Nodes(listed, mine[0])
 
 
-def _is_local(address: str) -> bool:
+def is_local_address(address: str) -> bool:
     """True when this host holds `address` (it can bind a socket to it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:

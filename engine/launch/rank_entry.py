@@ -32,6 +32,8 @@ from typing import Any, Callable, Mapping
 
 from engine.failpoints import Failpoints
 from engine.launch import wire
+from engine.launch.nodes import is_local_address
+from engine.launch.ports import is_listening
 from engine.threads import prepare_process
 
 TOKEN_ENV = "GRAPHGATE_JOB_TOKEN"
@@ -40,6 +42,9 @@ POOL_DIR_ENV = "GRAPHGATE_POOL_DIR"
 POOL_FAILPOINTS_ENV = "GRAPHGATE_POOL_FAILPOINTS"
 RANK_ENV = "PADDLE_TRAINER_ID"
 _LOG_DIR_ENV = "PADDLE_LOG_DIR"
+_MASTER_ENV = "PADDLE_MASTER"  # host:port of rank 0's TCP store, set by the launcher
+_STORE_WAIT_S = 60.0  # then join anyway: Paddle's own retries and the start-up bound take over
+_STORE_POLL_S = 0.01
 _PARENT_GONE_EXIT = 70  # EX_SOFTWARE: a rank whose launcher vanished
 _CHECKOUT = Path(__file__).resolve().parents[2]
 # `python -c` code that starts a rank: the ranks import this checkout's packages, like the parent
@@ -78,6 +83,22 @@ def main() -> None:
         raise
     finally:
         record_exit(code, error)
+
+
+def wait_for_store() -> None:
+    """Call right before `paddle.distributed.init_parallel_env()`: a rank other than 0 whose rank 0
+    runs on this host waits until rank 0's TCP store listens. Paddle's client, finding the port
+    closed, sleeps 3 s before it tries again (tcp_utils.cc), and ranks reach it milliseconds before
+    rank 0 opens it in two thirds of the jobs of a gate run (their logs: "Retry to connect ... not
+    yet listening"): every such job started 3 s late. Reads the kernel's socket tables (no
+    connection); returns at once outside a launched job, on rank 0, for a store on another host,
+    where the tables cannot be read, and after _STORE_WAIT_S in any case."""
+    host, _, port = os.environ.get(_MASTER_ENV, "").rpartition(":")
+    if os.environ.get(RANK_ENV, "0") == "0" or not port.isdigit() or not is_local_address(host):
+        return
+    deadline = time.monotonic() + _STORE_WAIT_S
+    while is_listening(int(port)) is False and time.monotonic() < deadline:
+        time.sleep(_STORE_POLL_S)
 
 
 def serve(handler: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
