@@ -43,10 +43,11 @@ CENSUS_FILES: dict[str, tuple[str, ...]] = {
                "test_config_fields.py"),
     "moe": _GRAPH,
     "attention": (*_ENGINES, "test_user_model.py"),
-    "rotary": (*_ENGINES, "test_user_model.py"),
+    "rotary": (*_ENGINES, "test_user_model.py", "test_truth_positions.py", "test_float64.py"),
     "kv": (*_ENGINES, "test_user_model.py", "test_verifier_cli.py"),
     "graph": _GRAPH,
     "dist": ("test_parallel.py", "test_cli_ranks.py", "test_routing_replay_ranks.py", "test_watchdog.py"),
+    "norm": ("test_truth_modes.py", "test_graph.py", "test_moe_forms.py"),
     "r3": ("test_routing_replay_recorder.py", "test_routing_replay_store.py", "test_routing_replay_engine.py",
            "test_probes_replay.py", "test_routing_replay_ranks.py"),
 }
