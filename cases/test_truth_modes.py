@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import scaled_examples
 
 from engine.config import EngineConfig, GraphConfig
 from engine.dump import dump_arrays
@@ -33,6 +34,7 @@ from engine.prompts import Prompt
 from engine.routing_replay.session import attach_routing
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES, checkpoint_dir
 from fixtures.reference64 import golden_arrays, read_golden
+from verifier.tolerance import TRUTH_FLOOR
 from verifier.truth import assert_truth
 
 NIGHTLY = settings.default.max_examples >= 100  # the `nightly` hypothesis profile (conftest.py)
@@ -73,9 +75,13 @@ def golden_truth(name: str) -> dict:
 
 
 def judged(actual: dict, reference: dict, truth: dict, prompts) -> None:
-    """assert_truth, and that it judged every prompt's two float keys (a verdict over nothing is no check)."""
+    """assert_truth, that it judged every prompt's two float keys (a verdict over nothing is no check),
+    and that B itself is an honest float32 run: within TRUTH_FLOOR of T on every key. The ratio rule
+    alone passes a bug A and B share (dist.double_scale planted in both: A's error = B's = 0.5)."""
     verdict = assert_truth(actual, reference, truth)
     assert len(verdict.floats) == 2 * len(prompts), [v.key for v in verdict.floats]
+    far = [f"{v.key}: {v.reference_error:.2g}" for v in verdict.floats if not v.reference_error <= TRUTH_FLOOR]
+    assert not far, f"B is farther from the truth than an honest float32 run ({TRUTH_FLOOR:.2g}): {far[:4]}"
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +183,7 @@ def reference_truth(name: str, prompts) -> dict:
 
 @NIGHTLY_ONLY
 @pytest.mark.parametrize("name, pair", pair_params(ALL_PAIRS))
-@settings(max_examples=20)
+@settings(max_examples=scaled_examples(0.01))  # nightly 20 batches per pair (dev 2): 2 runs + the reference each
 @given(drawn=batches())
 def test_truth_on_drawn_batches(engine_for, name, pair, drawn):
     _, a_config, b_config = PAIRS[pair]
@@ -189,7 +195,7 @@ def test_truth_on_drawn_batches(engine_for, name, pair, drawn):
 @NIGHTLY_ONLY
 @pytest.mark.gate_area("routing replay")
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)
-@settings(max_examples=10)
+@settings(max_examples=scaled_examples(0.005))  # nightly 10 (dev 2)
 @given(drawn=batches())
 def test_truth_replay_vs_recording_on_drawn_batches(faults, tmp_path_factory, name, drawn):
     folder = tmp_path_factory.mktemp("truth-replay")
