@@ -141,14 +141,20 @@ def test_truth_four_ranks_vs_one(four_rank_pool, faults, default_run, prompts, n
     judged(four, default_run(name, {"moe_form": form}), golden_truth(name), prompts)
 
 
-def replay_pair(name: str, prompts, folder, faults) -> tuple[dict, dict]:
-    """(replayed, recorded): a recording made eagerly, replayed in full_and_piecewise (the whole-step
-    decode graph routes by the recorded ids). Own engines: a recorder rewires its runner."""
+# How the replays run: ci replays the dense eager recording in the sparse form eagerly (as a trainer
+# replays an inference engine's routing with other kernels; no capture cost); nightly replays it in
+# full_and_piecewise (the whole-step decode graph routes by the recorded ids).
+REPLAY_CI = {"moe_form": "sparse"}
+REPLAY_NIGHTLY = {"moe_form": "dense", "graph": "full_and_piecewise"}
+
+
+def replay_pair(name: str, prompts, folder, faults, replaying: dict) -> tuple[dict, dict]:
+    """(replayed, recorded): a recording made eagerly in the dense form, replayed by an engine of
+    config `replaying`. Own engines: a recorder rewires its runner."""
     recorder = LLM(checkpoint_dir(name), EngineConfig(moe_form="dense", faults=faults, **STEPS))
     attach_routing(recorder, folder, faults)
     recorded = outputs_dump(recorder, prompts)
-    replayer = LLM(checkpoint_dir(name), EngineConfig(moe_form="dense", faults=faults, **STEPS,
-                                                      **engine_config({"graph": "full_and_piecewise"})),
+    replayer = LLM(checkpoint_dir(name), EngineConfig(faults=faults, **STEPS, **engine_config(replaying)),
                    replay_routing_dir=folder)
     return outputs_dump(replayer, prompts), recorded
 
@@ -157,7 +163,7 @@ def replay_pair(name: str, prompts, folder, faults) -> tuple[dict, dict]:
 def test_truth_replay_vs_recording(faults, prompts, tmp_path):
     """T is the golden: the eager recording routes as the float64 reference does (test_golden.py,
     outside near-ties), so the replay routes by T's own choices too."""
-    replayed, recorded = replay_pair("glm4_moe", prompts, tmp_path, faults)
+    replayed, recorded = replay_pair("glm4_moe", prompts, tmp_path, faults, REPLAY_CI)
     judged(replayed, recorded, golden_truth("glm4_moe"), prompts)
 
 
@@ -199,7 +205,7 @@ def test_truth_on_drawn_batches(engine_for, name, pair, drawn):
 @given(drawn=batches())
 def test_truth_replay_vs_recording_on_drawn_batches(faults, tmp_path_factory, name, drawn):
     folder = tmp_path_factory.mktemp("truth-replay")
-    replayed, recorded = replay_pair(name, drawn, folder, faults)
+    replayed, recorded = replay_pair(name, drawn, folder, faults, REPLAY_NIGHTLY)
     exact = LLM(checkpoint_dir(name), EngineConfig(dtype="float64", faults=NO_FAULTS, **STEPS),
                 replay_routing_dir=folder)
     judged(replayed, recorded, outputs_dump(exact, drawn), drawn)
