@@ -21,13 +21,7 @@ import pytest
 from engine.layers.rotary import apply_rotary
 from fixtures.pytest_fixtures import CHECKPOINT_NAMES
 from fixtures.reference64 import rotary
-
-# Measured (the three fixtures, positions 0..511, a standard normal vector): the float64 engine is
-# bitwise the reference (0: the same float64 formula, evaluated in the same order). Angles computed in
-# float32 (failpoint rotary.float32_angles) land at 5.5e-7 (GLM) and 7.6e-6 (Qwen) near position 480,
-# 7.8e-8 and 8.9e-7 within the default prompts' positions. 1e-11 leaves float64 rounding room (a
-# reordered formula: ~1e-13) and sits 4 orders below the smallest float32-angle error.
-F64_MAX_ROTARY_ERROR = 1e-11
+from verifier.tolerance import F64_MAX_ROTARY_ERROR
 
 
 def rotated_everywhere(llm) -> tuple[np.ndarray, np.ndarray]:

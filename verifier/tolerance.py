@@ -262,6 +262,15 @@ TRUTH_RATIO = 4.0
 # a case on such a model compares against a float32 B (the ratio decides), not against T alone.
 TRUTH_FLOOR = 16 * FLOAT32_EPS
 
+# The float64 engine's rotary embedding at every position to max_position_embeddings, against the
+# float64 reference's formula (cases/test_truth_positions.py), max abs error of a rotated vector.
+# Measured (the three fixtures, positions 0..511, a standard normal vector): the float64 engine is
+# bitwise the reference (0: the same float64 formula, evaluated in the same order). Angles computed in
+# float32 (failpoint rotary.float32_angles) land at 5.5e-7 (GLM) and 7.6e-6 (Qwen) near position 480,
+# 7.8e-8 and 8.9e-7 within the default prompts' positions. 1e-11 leaves float64 rounding room (a
+# reordered formula: ~1e-13) and sits 4 orders below the smallest float32-angle error.
+F64_MAX_ROTARY_ERROR = 1e-11
+
 # A token flip (A and B choose different greedy tokens) is noise when both choices are near-tied
 # on T's logits at that step: no token beats a side's choice by more than atol + rtol * |logit|.
 # Measured (same runs): a float32 run's top-2 logits are at most 5.7e-6 absolute and 1.2e-6 of
