@@ -47,6 +47,9 @@ KNOWN: dict[str, str] = {
     "r3.every_rank_writes": "every rank writes each routing file, not rank 0 alone",
     "r3.rank_skews_ids": "rank 1 records every expert id one higher than the other ranks do",
     "r3.replay_layer_off_by_one": "routing replay routes the last MoE layer by the previous MoE layer's recorded ids",
+    # Precision (engine/models/moe_decoder.py): within the float32 row, caught against a float64 truth
+    "norm.eps_outside_sqrt": "the captured pieces of the sparse form apply the final RMSNorm with the epsilon added outside the square root",
+    "rotary.float32_angles": "a float64 engine computes its rotary angles as float32 position times float32 inverse frequency",
     # Rank agreement (engine/runner.py)
     "dist.skip_agreement_check": "ranks do not compare their step plans before running the step",
     # Prefix cache (engine/prefix_cache.py, engine/scheduler.py)

@@ -55,10 +55,11 @@ AREA_FIRST: dict[str, tuple[str, ...]] = {
     "router": ("test_router.py", "test_seed_regression.py"),
     "moe": ("test_graph.py", "test_seed_regression.py"),
     "attention": ("test_batching.py", "test_golden.py"),
-    "rotary": ("test_batching.py", "test_graph.py"),
+    "rotary": ("test_truth_positions.py", "test_batching.py", "test_graph.py"),
     "kv": ("test_batching.py", "test_graph.py"),
     "graph": ("test_graph_toy.py", "test_graph.py"),
     "dist": ("test_parallel.py", "test_watchdog.py"),
+    "norm": ("test_truth_modes.py", "test_second_graph_reference.py"),  # precision, seen against the truths
     "r3": ("test_routing_replay_recorder.py", "test_routing_replay_store.py", "test_routing_replay_engine.py",
            "test_probes_replay.py", "test_routing_replay_ranks.py"),
     "prefix": ("test_prefix_cache.py", "test_prefix_gate.py"),

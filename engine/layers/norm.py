@@ -23,6 +23,14 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tens
     return weight * (x * paddle.rsqrt(variance + operand(eps, variance)))
 
 
+def rms_norm_eps_outside(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+    """Failpoint norm.eps_outside_sqrt: x / (sqrt(mean(x^2)) + eps) * weight, the epsilon added
+    outside the square root (a fused-kernel slip; within float32 rounding of the right formula's
+    neighbour runs, 5-10x the rounding error against a float64 truth)."""
+    root = paddle.sqrt((x * x).mean(axis=-1, keepdim=True))  # [..., 1]
+    return weight * (x / (root + operand(eps, root)))
+
+
 def all_reduce_add_rms_norm(partial: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float,
                             all_reduce: Callable[[paddle.Tensor], paddle.Tensor], world: int,
                             max_token_num: int) -> tuple[paddle.Tensor, paddle.Tensor]:

@@ -31,7 +31,7 @@ import numpy as np
 import paddle
 
 from engine.checkpoint import hub_schema as hub
-from engine.config import ModelConfig, RouterKind
+from engine.config import ModelConfig, MoEForm, RouterKind
 from engine.distributed import Collectives, Partition
 from engine.failpoints import NO_FAULTS, Failpoints
 from engine.kv_cache import KVCache
@@ -43,7 +43,7 @@ from engine.layers.attention import (
 )
 from engine.layers.embedding import lm_head, vocab_parallel_embed
 from engine.layers.linear import frozen, linear
-from engine.layers.norm import all_reduce_add_rms_norm, rms_norm
+from engine.layers.norm import all_reduce_add_rms_norm, rms_norm, rms_norm_eps_outside
 from engine.layers.rotary import apply_rotary, rope_table
 from engine.models.weights import LayerWeights, MoEWeights, layer_weights, map_fields
 from engine.moe import router
@@ -90,7 +90,10 @@ class MoEDecoder:
         self.final_norm = frozen(tensors[hub.FINAL_NORM])
         local = self.partition.experts(cfg) if cfg.moe_layers else range(0)
         self.layers = [layer_weights(cfg, tensors, i, local, partition.rank) for i in range(cfg.num_layers)]
-        cos, sin = rope_table(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.dtype)
+        # rotary.float32_angles: the table's angles in float32 (transformers' way, even in float64), widened
+        angles_dtype = "float32" if faults.on("rotary.float32_angles") else cfg.dtype
+        cos, sin = (t.astype(cfg.dtype) for t in rope_table(cfg.rotary_dim, cfg.rope_theta,
+                                                            cfg.max_position_embeddings, angles_dtype))
         self.cos, self.sin = frozen(cos[:, None, :]), frozen(sin[:, None, :])  # [P, 1, rd/2]: broadcast over heads
         self.scale = cfg.head_dim ** -0.5
 
@@ -182,9 +185,16 @@ class MoEDecoder:
         norm = self.final_norm if last else self.layers[index].input_norm
         ffn = "moe" if self.cfg.is_moe_layer(index - 1) else "mlp"
         normed, residual = self._reduce_add_norm(partial, residual, norm, f"{ffn}, layer {index - 1}")
+        if last and self._planted_in_sparse_pieces("norm.eps_outside_sqrt"):
+            normed = rms_norm_eps_outside(residual, norm, self.cfg.rms_norm_eps)
         if last:
             return {"hidden": normed, **routing}
         return {**self._qkv(index, normed, positions), "residual": residual, **routing}
+
+    def _planted_in_sparse_pieces(self, name: str) -> bool:
+        """Failpoint `name` is planted and this is a captured piece of the sparse form: the slip lives
+        in one mode's fast path, as it would in a fused kernel, so comparing modes can see it."""
+        return self.fixed_shapes and self.cfg.moe_form == MoEForm.SPARSE and self.faults.on(name)
 
     def _forced_ids(self, layer: int, inputs: Named) -> paddle.Tensor | None:
         """The recorded ids [T, k] a replaying view routes MoE `layer` by; None otherwise."""
