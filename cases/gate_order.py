@@ -42,6 +42,8 @@ FIRST_FILES = (  # tier 1, by failpoints detected per second (idle gate seconds 
     "test_seed_regression.py", "test_golden.py", "test_second_copy_outputs.py", "test_batching.py",  # [0.5, 4, 4, 4]
     "test_routing_replay_store.py::test_sigkill_mid_write", "test_routing_replay_store.py::test_exactly_one_rank_writes",
     "test_watchdog.py::test_a_disagreeing_rank_is_named_by_the_agreement_check",  # dist.skip_agreement_check
+    "test_prefix_cache.py",  # [~1] every prefix.* class, against a brute-force oracle
+    "test_truth_positions.py",  # [0.1] rotary.float32_angles
 )
 GROUPS_FIRST = ("routing_replay", "graph-glm4_moe", "graph-glm4_moe_nobias", "graph-qwen3_moe")
 LEAD_DETECTORS = (  # inside a group: the case that detects the most failpoints runs first
