@@ -84,6 +84,7 @@ def test_row_scale_skips_non_finite_expected_values() -> None:
     expected = np.array([np.inf, 0.0, 0.0, 0.0])
     actual = np.array([np.inf, 2e-5, 0.0, 0.0])
     assert compare(actual, expected, F32).first_mismatch_index == (1,)
+    assert compare(np.array([np.inf, 0.9e-5, np.nan]), np.array([np.inf, 0.0, np.nan]), F32, equal_nan=True).passed
     huge = np.array([1e300, -1e300, 0.0, 0.0])  # squares overflow float64; RMS is 1e300 / sqrt(2)
     result = compare(huge + np.array([0.0, 0.0, 1e294, 0.0]), huge, F32)
     assert result.passed and math.isclose(result.max_abs_atol, 1e-5 * 1e300 / math.sqrt(2))
