@@ -54,6 +54,69 @@ def test_tolerance_rejects_negative_or_nan(rtol: float, atol: float, field: str)
         Tolerance(rtol, atol)
 
 
+# --- the row-scaled atol (verifier/tolerance.py ROW_UNIT): hand-worked answers -------------------
+
+
+def test_table_atol_is_per_unit_of_the_expected_rows_rms() -> None:
+    """Row 0 = [3, 4, 0, 0] has RMS sqrt(25 / 4) = 2.5: atol 2.5e-5 at its zero elements. Row 1 has
+    RMS 0.25 < 1: atol stays 1e-5 (the floor). Scale per row of the last axis, not per array or
+    column (column 2 is all zero: a column scale would allow only 1e-5 at (0, 2))."""
+    expected = np.array([[3.0, 4.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    actual = expected.copy()
+    actual[0, 2] = 2.4e-5  # 0.96 of its row's atol
+    actual[1, 2] = 0.9e-5
+    assert compare(actual, expected, F32).passed
+    actual[0, 2] = 2.6e-5  # 1.04 of it
+    assert compare(actual, expected, F32).first_mismatch_index == (0, 2)
+    actual[0, 2], actual[1, 2] = 0.0, 1.1e-5  # 1.1x the floor, in the small row of a large array
+    assert compare(actual, expected, F32).first_mismatch_index == (1, 2)  # whole array's RMS 1.78 would pass it
+
+
+def test_row_scale_comes_from_expected_not_actual() -> None:
+    expected = np.array([0.0, 0.0, 0.0, 0.0])
+    actual = np.array([0.0, 1e-4, 40.0, 0.0])  # actual's row RMS 20 would allow 2e-4 at element 1
+    assert compare(actual, expected, F32).first_mismatch_index == (1,)
+    assert not compare(np.array([0.0, 1.1e-5]), np.array([0.0, 0.0]), F32).passed
+
+
+def test_row_scale_skips_non_finite_expected_values() -> None:
+    """An inf in the expected row would make its RMS (and so every bound in the row) infinite."""
+    expected = np.array([np.inf, 0.0, 0.0, 0.0])
+    actual = np.array([np.inf, 2e-5, 0.0, 0.0])
+    assert compare(actual, expected, F32).first_mismatch_index == (1,)
+    assert compare(np.array([np.inf, 0.9e-5, np.nan]), np.array([np.inf, 0.0, np.nan]), F32, equal_nan=True).passed
+    huge = np.array([1e300, -1e300, 0.0, 0.0])  # squares overflow float64; RMS is 1e300 / sqrt(2)
+    result = compare(huge + np.array([0.0, 0.0, 1e294, 0.0]), huge, F32)
+    assert result.passed and math.isclose(result.max_abs_atol, 1e-5 * 1e300 / math.sqrt(2))
+    assert not compare(huge + np.array([0.0, 0.0, 1e296, 0.0]), huge, F32).passed
+
+
+def test_override_pairs_are_absolute_unless_they_name_a_unit() -> None:
+    expected = np.array([3.0, 4.0, 0.0, 0.0])  # RMS 2.5
+    actual = expected + np.array([0.0, 0.0, 2e-5, 0.0])
+    assert compare(actual, expected, F32).passed
+    assert not compare(actual, expected, tolerance_for("float32", rtol=1e-5, atol=1e-5)).passed
+    assert compare(actual, expected, tolerance_for("float32", rtol=1e-5, atol=1e-5, unit=1.0)).passed
+    assert not compare(actual, expected, Tolerance(1e-5, 1e-5, unit=2.0)).passed  # atol 1.25e-5
+    with pytest.raises(ValueError, match="unit"):
+        tolerance_for("float32", unit=2.0)
+    for unit in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="unit"):
+            Tolerance(1e-5, 1e-5, unit)
+
+
+def test_the_rule_is_printed_as_it_is() -> None:
+    assert str(F32) == "rtol=1e-05, atol=1e-05 x max(1, row RMS)"
+    assert str(Tolerance(1e-5, 1e-5)) == "rtol=1e-05, atol=1e-05"
+    assert str(Tolerance(1e-3, 2e-3, 4.0)) == "rtol=0.001, atol=0.002 x max(1, row RMS / 4)"
+    assert str(Tolerance(0.0, 0.0, 1.0)) == "exact"
+    result = compare(np.array([3.0, 4.0, 1e-4, 0.0]), np.array([3.0, 4.0, 0.0, 0.0]), F32)
+    assert result.message().splitlines()[2] == (
+        "Greatest absolute difference: 0.0001 at index (2,) (up to 2.5e-05 allowed: atol 1e-05 x row RMS 2.5)")
+    small = compare(np.array([1.0, 1e-4]), np.array([1.0, 0.0]), F32)
+    assert small.message().splitlines()[2].endswith("(up to 1e-05 allowed)")
+
+
 # --- compare: known answers --------------------------------------------------------------------
 
 
@@ -242,7 +305,7 @@ def test_to_dict_is_strict_json() -> None:
     actual = np.array([[np.nan, 1.0], [np.inf, 0.0]], dtype=np.float32)
     data = json.loads(json.dumps(compare(actual, np.zeros((2, 2), np.float32)).to_dict(), allow_nan=False))
     assert data["passed"] is False and data["shape"] == [2, 2] and data["max_abs_index"] == [0, 0]
-    assert data["max_abs_err"] == "nan" and data["tol"] == {"rtol": F32.rtol, "atol": F32.atol}
+    assert data["max_abs_err"] == "nan" and data["tol"] == {"rtol": F32.rtol, "atol": F32.atol, "unit": 1.0}
 
 
 def test_rel_l2_function() -> None:
@@ -299,13 +362,13 @@ def test_empty_arrays_compare_to_zero_error() -> None:
 def test_message_lines() -> None:
     c = compare(np.array([1.0, np.nan], np.float32), np.array([1.0, 2.0], np.float32), name="x")
     lines = c.message().split("\n")
-    assert lines[0] == "Not close (float32, shape (2,), rtol=1e-05, atol=1e-05)"
+    assert lines[0] == "Not close (float32, shape (2,), rtol=1e-05, atol=1e-05 x max(1, row RMS))"
     assert lines[1] == "Mismatched elements: 1 / 2 (50.0%)"
     assert lines[4] == "rel L2: nan, max ULP: 0"
     assert lines[5] == "NaN: actual 1, expected 0; Inf: actual 0, expected 0"
     assert compare(np.zeros(2, np.int64), np.zeros(2, np.int64)).message().splitlines()[4] == "rel L2: 0"
     passed = compare(np.ones((1, 3)), np.ones((1, 3)))
-    assert passed.message().splitlines()[0] == "Close (float64, shape (1, 3), rtol=1e-12, atol=1e-12)"
+    assert passed.message().splitlines()[0] == "Close (float64, shape (1, 3), rtol=1e-12, atol=1e-12 x max(1, row RMS))"
     assert passed.message().splitlines()[-1] == "argmax agreement: 100.0%"  # last axis < topk: no top-k text
     assert passed.to_dict()["name"] == ""
     with pytest.raises(ValueError, match=r"^shape mismatch: .* not a numerical difference$"):
@@ -340,7 +403,9 @@ def test_self_comparison_always_passes_with_zero_error(x: np.ndarray) -> None:
 def test_one_perturbation_beyond_tolerance_fails_and_is_named(x: np.ndarray, data: st.DataObject) -> None:
     index = tuple(data.draw(st.integers(0, side - 1)) for side in x.shape)
     actual = x.copy()
-    actual[index] += np.float32(10 * (F32.atol + F32.rtol * abs(float(x[index]))))
+    row = x[index[:-1]].astype(np.float64)  # the float32 row's atol is per unit of this row's RMS, at least 1
+    row_atol = F32.atol * max(1.0, math.sqrt(float(np.mean(row * row))))
+    actual[index] += np.float32(10 * (row_atol + F32.rtol * abs(float(x[index]))))
     c = compare(actual, x)
     assert c.mismatches == 1 and c.first_mismatch_index == index == c.max_abs_index
 

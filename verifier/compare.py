@@ -35,8 +35,11 @@ _ULP_BITS: dict[str, tuple[type, int]] = {
 class Comparison:
     """The outcome of one comparison. Errors are measured in float64 over the flattened arrays.
 
-    An element is close when |a - e| <= atol + rtol * |e| for finite a and e, or when a == e
-    (equal infinities, +0 and -0), or when both are NaN and the comparison allowed equal_nan.
+    An element is close when |a - e| <= atol * max(1, rms(e's row) / unit) + rtol * |e| for finite
+    a and e (verifier/tolerance.py: a row is a slice along the last axis of the expected array, its
+    RMS over its finite elements; unit inf makes atol absolute), or when a == e (equal infinities,
+    +0 and -0), or when both are NaN and the comparison allowed equal_nan. max_abs_atol is the atol
+    in force in the row of the greatest absolute error (0.0 for exact and empty comparisons).
     Error maxima and their indices prefer NaN errors (a NaN against a number), so the index points
     at the NaN; indices are None for empty arrays. max_ulp skips positions where either side is NaN.
     """
@@ -61,6 +64,7 @@ class Comparison:
     topk: int
     topk_agreement: float | None
     first_mismatch_index: Index | None
+    max_abs_atol: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -91,10 +95,17 @@ class Comparison:
     def _worst_lines(self) -> list[str]:
         return [
             f"Greatest absolute difference: {self.max_abs_err:.6g} at index {self.max_abs_index} "
-            f"(up to {self.tol.atol:g} allowed)",
+            f"(up to {self.max_abs_atol:g} allowed{self._scaled_text()})",
             f"Greatest relative difference: {self.max_rel_err:.6g} at index {self.max_rel_index} "
             f"(up to {self.tol.rtol:g} allowed)",
         ]
+
+    def _scaled_text(self) -> str:
+        """How the worst row's atol came from the table's, when its RMS scaled it."""
+        if self.max_abs_atol <= self.tol.atol:
+            return ""
+        per = "" if self.tol.unit == 1 else f" / {self.tol.unit:g}"
+        return f": atol {self.tol.atol:g} x row RMS{per} {self.max_abs_atol / self.tol.atol:.4g}"
 
     def _extra_lines(self) -> list[str]:
         ulp = "" if self.max_ulp is None else f", max ULP: {self.max_ulp}"
@@ -145,7 +156,8 @@ def compare(
     same = _same(a.ravel(), e.ravel(), equal_nan)
     abs_err = _abs_errors(af, ef, same) if _is_float(e_dtype) else _int_abs_errors(a.ravel(), e.ravel(), same)
     rel_err = _rel_errors(abs_err, ef)
-    close = _close(af, ef, abs_err, same, tol)
+    bounds = None if tol.exact else tol.bounds(e).ravel()  # rows of the expected array, before ravel
+    close = _close(af, ef, abs_err, same, bounds)
     max_abs_err, max_abs_index = _worst(abs_err, e.shape)
     max_rel_err, max_rel_index = _worst(rel_err, e.shape)
     return note(Comparison(  # the gate's report records it (verifier/recording.py)
@@ -169,6 +181,7 @@ def compare(
         topk=topk,
         topk_agreement=_topk_agreement(a, e, topk),
         first_mismatch_index=_first_index(~close, e.shape),
+        max_abs_atol=_row_atol(tol, e, max_abs_index),
     ))
 
 
@@ -270,13 +283,21 @@ def _rel_errors(abs_err: np.ndarray, ef: np.ndarray) -> np.ndarray:
     return rel
 
 
-def _close(af: np.ndarray, ef: np.ndarray, abs_err: np.ndarray, same: np.ndarray, tol: Tolerance) -> np.ndarray:
-    """The pass mask: `same`, or finite on both sides and within atol + rtol * |e|."""
-    if tol.exact:
+def _close(af: np.ndarray, ef: np.ndarray, abs_err: np.ndarray, same: np.ndarray, bounds: np.ndarray | None) -> np.ndarray:
+    """The pass mask: `same`, or finite on both sides and within the element's bound (None: exact)."""
+    if bounds is None:
         return same
     finite = np.isfinite(af) & np.isfinite(ef)
     with np.errstate(invalid="ignore"):
-        return same | (finite & (abs_err <= tol.atol + tol.rtol * np.abs(ef)))
+        return same | (finite & (abs_err <= bounds))
+
+
+def _row_atol(tol: Tolerance, e: np.ndarray, index: Index | None) -> float:
+    """The atol in force in the row (last axis) of `e` holding `index`; 0.0 when exact or empty."""
+    if tol.exact or index is None:
+        return 0.0
+    row = e[index[:-1]] if e.ndim else e
+    return float(tol.row_atol(row[np.newaxis] if np.ndim(row) else row).ravel()[0])
 
 
 def _worst(err: np.ndarray, shape: Index) -> tuple[float, Index | None]:
