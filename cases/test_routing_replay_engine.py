@@ -88,6 +88,21 @@ def record(llm: LLM, prompts: list[Prompt], directory: Path, max_new: int = MAX_
     return outputs, tables, session.recorder.steps, counters
 
 
+@pytest.fixture(scope="module")
+def eager_tables(engines, tmp_path_factory):
+    """eager_tables(prompts) -> the tables the eager engine records for `prompts` (MAX_NEW tokens),
+    recorded once per module: the reference that several cases compare their graph runs with."""
+    cache: dict = {}
+
+    def get(prompts: list[Prompt]) -> dict:
+        key = tuple((p.name, tuple(p.input_ids)) for p in prompts)
+        if key not in cache:
+            _, cache[key], _, _ = record(engines(), prompts, tmp_path_factory.mktemp("eager"))
+        return cache[key]
+
+    return get
+
+
 def named(prompts) -> list[Prompt]:
     return [Prompt(tuple(p), f"q{i}_len{len(p)}") for i, p in enumerate(prompts)]
 
@@ -161,9 +176,9 @@ def test_eager_recording_matches_outputs_and_goldens(engines, prompts, golden, t
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_graph_recording_equals_eager_recording(engines, prompts, golden, tmp_path, mode):
+def test_graph_recording_equals_eager_recording(engines, eager_tables, prompts, golden, tmp_path, mode):
     """Every size captured at start-up: graph steps replay (or fall back above the largest size)."""
-    _, reference, _, _ = record(engines(), prompts, tmp_path / "eager")
+    reference = eager_tables(prompts)
     outputs, tables, kinds, counters = record(engines(mode=mode), prompts, tmp_path / mode)
     cfg = engines().model_config
     assert check_same_tables(tables, reference, mode) == []
@@ -173,13 +188,13 @@ def test_graph_recording_equals_eager_recording(engines, prompts, golden, tmp_pa
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_first_step_that_captures_is_recorded(engines, faults, prompts, tmp_path, mode):
+def test_first_step_that_captures_is_recorded(eager_tables, faults, prompts, tmp_path, mode):
     """A fresh lazy engine: the first step of its first request captures size 16, and later
     workloads capture 32 and the decode size on first use. Captured steps are recorded too."""
     first = [Prompt(tuple(prompts[1].input_ids[:12]), "first12")]
     llm = build(faults, mode=mode, capture="lazy")
     for i, workload in enumerate((first, prompts)):
-        _, reference, _, _ = record(engines(), workload, tmp_path / f"eager{i}")
+        reference = eager_tables(workload)
         _, tables, kinds, counters = record(llm, workload, tmp_path / f"{mode}{i}")
         assert check_same_tables(tables, reference, mode) == []
         assert kinds[CAPTURED] == counters["captures"] > 0
@@ -215,8 +230,8 @@ def planted_engine(faults) -> LLM:
 
 
 @pytest.mark.parametrize("fault", ["r3.skip_in_graph", "r3.trace_time_only", "r3.record_padding"])
-def test_planted_recording_fault_is_caught(engines, planted_engine, prompts, tmp_path, fault):
-    _, reference, _, _ = record(engines(), prompts, tmp_path / "eager")
+def test_planted_recording_fault_is_caught(eager_tables, planted_engine, prompts, tmp_path, fault):
+    reference = eager_tables(prompts)
     try:
         _, tables, _, _ = record(planted_engine, prompts, tmp_path / "graph", faults=fault)
     except RoutingRecordError:
