@@ -394,13 +394,32 @@ def test_eager_capture_captures_every_size_once_up_front(faults, name):
 # ---------------------------------------------------------------------------- end to end
 
 
-def generate_problems(graph: LLM, eager: LLM, prompts: list[Prompt], max_new_tokens: int) -> list[str]:
+@pytest.fixture(scope="module")
+def eager_dumps():
+    """eager_dumps(eager, prompts, max_new_tokens) -> the eager engine's dump of that workload,
+    generated once per module: both graph modes (and the logit-scale case) compare with the same
+    eager run, which is the reference, not the code under test."""
+    cache: dict = {}
+
+    def get(eager: LLM, prompts: list[Prompt], max_new_tokens: int) -> dict[str, np.ndarray]:
+        key = (id(eager), tuple(tuple(p.input_ids) for p in prompts), max_new_tokens)
+        if key not in cache:
+            cache[key] = (eager, dump_arrays(eager.generate(prompts, max_new_tokens), eager.model_config.moe_layers))
+        return cache[key][1]  # the engine is kept with its dump so that its id stays its own
+
+    return get
+
+
+def generate_problems(graph: LLM, eager: LLM, prompts: list[Prompt], max_new_tokens: int,
+                      expected: dict[str, np.ndarray] | None = None) -> list[str]:
     """Whole workloads (chunked prefill, mixed and decode steps): tokens and expert ids exact,
-    logits within float32 tolerance; every step replayed a graph."""
+    logits within float32 tolerance; every step replayed a graph. `expected`: the eager engine's
+    dump of this workload if already made (eager_dumps), else `eager` generates it."""
     before = graph.runner.stats.snapshot()
     layers = eager.model_config.moe_layers
     actual = dump_arrays(graph.generate(prompts, max_new_tokens), layers)
-    expected = dump_arrays(eager.generate(prompts, max_new_tokens), layers)
+    if expected is None:
+        expected = dump_arrays(eager.generate(prompts, max_new_tokens), layers)
     problems = compare_dumps(actual, expected, logits_tol=FLOAT32).failures()
     gained = graph.runner.stats.since(before)
     replays = {phase: sum(n for (p, _), n in gained["replays"].items() if p == phase) for phase in ("prefill", "decode")}
@@ -412,13 +431,14 @@ def generate_problems(graph: LLM, eager: LLM, prompts: list[Prompt], max_new_tok
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", NAMES)
-def test_generate_matches_eager_on_the_default_prompts(engine_for, prompts, name, mode):
+def test_generate_matches_eager_on_the_default_prompts(engine_for, eager_dumps, prompts, name, mode):
     graph, eager = graph_llm(engine_for, name, mode), eager_llm(engine_for, name)
-    raise_problems(generate_problems(graph, eager, prompts, 6), "default prompts")
+    expected = eager_dumps(eager, prompts, 6)
+    raise_problems(generate_problems(graph, eager, prompts, 6, expected), "default prompts")
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_float32_row_holds_graph_vs_eager_at_larger_logit_scales(engine_for, prompts, name):
+def test_float32_row_holds_graph_vs_eager_at_larger_logit_scales(engine_for, eager_dumps, prompts, name):
     """Guards the class "an element rule that does not follow the logits' scale": a false alarm on
     real checkpoints, whose logits have RMS ~10 where the fixtures' have 0.7 to 2.6. Honest graph vs
     eager logits, both scaled by 4 and 16 (a power of two: exact, and what a checkpoint whose final
@@ -427,7 +447,7 @@ def test_float32_row_holds_graph_vs_eager_at_larger_logit_scales(engine_for, pro
     graph, eager = graph_llm(engine_for, name), eager_llm(engine_for, name)
     layers = eager.model_config.moe_layers
     actual = dump_arrays(graph.generate(prompts, 6), layers)
-    expected = dump_arrays(eager.generate(prompts, 6), layers)
+    expected = eager_dumps(eager, prompts, 6)
     keys = sorted(k for k in expected if k.startswith(("logits_p", "greedy_logits_p")))
     failed = [f"x{factor} {key}: {result.message()}" for factor in (1, 4, 16) for key in keys
               if not (result := compare(np.float32(factor) * actual[key], np.float32(factor) * expected[key],
@@ -439,11 +459,12 @@ def test_float32_row_holds_graph_vs_eager_at_larger_logit_scales(engine_for, pro
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=FEW)
 @given(data=st.data())
-def test_generate_matches_eager_on_drawn_prompts(engine_for, name, mode, data):
+def test_generate_matches_eager_on_drawn_prompts(engine_for, eager_dumps, name, mode, data):
     graph, eager = graph_llm(engine_for, name, mode), eager_llm(engine_for, name)
     prompts = [Prompt(ids) for ids in data.draw(prompt_sets(eager.model_config.vocab_size, max_len=48))]
     new_tokens = data.draw(st.integers(2, 5))
-    raise_problems(generate_problems(graph, eager, prompts, new_tokens), f"{[len(p.input_ids) for p in prompts]}")
+    expected = eager_dumps(eager, prompts, new_tokens)
+    raise_problems(generate_problems(graph, eager, prompts, new_tokens, expected), f"{[len(p.input_ids) for p in prompts]}")
 
 
 # ---------------------------------------------------------------------------- planted faults

@@ -88,6 +88,21 @@ def record(llm: LLM, prompts: list[Prompt], directory: Path, max_new: int = MAX_
     return outputs, tables, session.recorder.steps, counters
 
 
+@pytest.fixture(scope="module")
+def eager_tables(engines, tmp_path_factory):
+    """eager_tables(prompts) -> the tables the eager engine records for `prompts` (MAX_NEW tokens),
+    recorded once per module: the reference that several cases compare their graph runs with."""
+    cache: dict = {}
+
+    def get(prompts: list[Prompt]) -> dict:
+        key = tuple((p.name, tuple(p.input_ids)) for p in prompts)
+        if key not in cache:
+            _, cache[key], _, _ = record(engines(), prompts, tmp_path_factory.mktemp("eager"))
+        return cache[key]
+
+    return get
+
+
 def named(prompts) -> list[Prompt]:
     return [Prompt(tuple(p), f"q{i}_len{len(p)}") for i, p in enumerate(prompts)]
 
@@ -161,9 +176,9 @@ def test_eager_recording_matches_outputs_and_goldens(engines, prompts, golden, t
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_graph_recording_equals_eager_recording(engines, prompts, golden, tmp_path, mode):
+def test_graph_recording_equals_eager_recording(engines, eager_tables, prompts, golden, tmp_path, mode):
     """Every size captured at start-up: graph steps replay (or fall back above the largest size)."""
-    _, reference, _, _ = record(engines(), prompts, tmp_path / "eager")
+    reference = eager_tables(prompts)
     outputs, tables, kinds, counters = record(engines(mode=mode), prompts, tmp_path / mode)
     cfg = engines().model_config
     assert check_same_tables(tables, reference, mode) == []
@@ -173,13 +188,13 @@ def test_graph_recording_equals_eager_recording(engines, prompts, golden, tmp_pa
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_first_step_that_captures_is_recorded(engines, faults, prompts, tmp_path, mode):
+def test_first_step_that_captures_is_recorded(eager_tables, faults, prompts, tmp_path, mode):
     """A fresh lazy engine: the first step of its first request captures size 16, and later
     workloads capture 32 and the decode size on first use. Captured steps are recorded too."""
     first = [Prompt(tuple(prompts[1].input_ids[:12]), "first12")]
     llm = build(faults, mode=mode, capture="lazy")
     for i, workload in enumerate((first, prompts)):
-        _, reference, _, _ = record(engines(), workload, tmp_path / f"eager{i}")
+        reference = eager_tables(workload)
         _, tables, kinds, counters = record(llm, workload, tmp_path / f"{mode}{i}")
         assert check_same_tables(tables, reference, mode) == []
         assert kinds[CAPTURED] == counters["captures"] > 0
@@ -204,14 +219,21 @@ def test_drawn_workloads_record_the_same_tables_in_every_mode(engines, tmp_path_
         assert check_same_tables(tables, reference, mode) == []
 
 
+@pytest.fixture(scope="module")
+def planted_engine(faults) -> LLM:
+    """A lazy piecewise engine for the planted recorder faults alone, not `engines`: a workload that
+    fails mid-way keeps its KV blocks (16 of 256 after all three faults here, measured), which must
+    not leak into other cases. The faults live in the recording session, not the engine, so the
+    three cases share it and pay its captures once; the first captures, the later ones replay, and
+    each fault is caught either way (seen on an engine that captured every size up front)."""
+    return build(faults, mode="piecewise", capture="lazy")
+
+
 @pytest.mark.parametrize("fault", ["r3.skip_in_graph", "r3.trace_time_only", "r3.record_padding"])
-def test_planted_recording_fault_is_caught(engines, faults, prompts, tmp_path, fault):
-    """A fresh engine: a workload that fails mid-way keeps its KV blocks, so a shared one would
-    leak them into later cases."""
-    _, reference, _, _ = record(engines(), prompts, tmp_path / "eager")
+def test_planted_recording_fault_is_caught(eager_tables, planted_engine, prompts, tmp_path, fault):
+    reference = eager_tables(prompts)
     try:
-        _, tables, _, _ = record(build(faults, mode="piecewise", capture="lazy"), prompts, tmp_path / "graph",
-                                 faults=fault)
+        _, tables, _, _ = record(planted_engine, prompts, tmp_path / "graph", faults=fault)
     except RoutingRecordError:
         return  # the recorder's own checks refused the step or the table
     assert check_same_tables(tables, reference, fault) != []

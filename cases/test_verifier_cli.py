@@ -122,6 +122,9 @@ def test_the_module_entry_point_exits_2_on_bad_arguments():
 
 # A graph fault planted through the gate: padded input rows keep the previous step's values, which
 # the replay check (two runs of the same batch must agree bitwise, padded rows included) sees.
+# Its twin runs the same check on an engine built without the fault, in the same gate run (one
+# subprocess, one Paddle import and one checkpoint read for both): it must pass, so the failure is
+# the fault's, not the synthetic case's. The gate's exit 0 is test_shards_gate.py's.
 PLANTED = '''
 import pytest
 from test_graph import FULLER, PADDED, check_replays, fresh_llm
@@ -129,6 +132,10 @@ from test_graph import FULLER, PADDED, check_replays, fresh_llm
 @pytest.mark.gate_area("graph vs eager")
 def test_replay_repeats(faults):
     check_replays(fresh_llm("glm4_moe", faults.active).runner, PADDED, FULLER)
+
+@pytest.mark.gate_area("graph vs eager")
+def test_replay_repeats_unplanted():
+    check_replays(fresh_llm("glm4_moe").runner, PADDED, FULLER)
 '''
 
 
@@ -154,35 +161,40 @@ def case_file(folder: Path, text: str) -> Path:
     return folder / "test_synthetic.py"
 
 
-@pytest.fixture(scope="module")
-def planted_case(tmp_path_factory) -> Path:
-    return case_file(tmp_path_factory.mktemp("planted"), PLANTED)
-
-
 def gate(case: Path, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "verifier", "gate", "-n", "0", "--cases", str(case), *argv],
                           capture_output=True, text=True, cwd=case.parent, timeout=600,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1"))
 
 
-def test_a_planted_graph_fault_fails_the_gate_and_the_report_names_it(planted_case):
-    report = planted_case.parent / "report.json"
-    html = planted_case.parent / "report.html"
-    done = gate(planted_case, "--failpoints", "graph.stale_padding", "--json", str(report), "--html", str(html))
+@pytest.fixture(scope="module")
+def planted_gate(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict[str, dict], str]:
+    """One gate run of PLANTED with graph.stale_padding: (the process, report cases by function
+    name, the HTML report's text)."""
+    case = case_file(tmp_path_factory.mktemp("planted"), PLANTED)
+    report, html = case.parent / "report.json", case.parent / "report.html"
+    done = gate(case, "--failpoints", "graph.stale_padding", "--json", str(report), "--html", str(html))
+    cases = {c["nodeid"].rsplit("::", 1)[-1]: c for c in json.loads(report.read_text())["cases"]} \
+        if report.exists() else {}
+    return done, cases, html.read_text() if html.exists() else ""
+
+
+def test_a_planted_graph_fault_fails_the_gate_and_the_report_names_it(planted_gate):
+    done, cases, html = planted_gate
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    [case] = json.loads(report.read_text())["cases"]
+    case = cases["test_replay_repeats"]
     names = [failure["name"] for failure in case["comparisons"]["failures"]]
     assert case["outcome"] == "failed" and case["area"] == "graph vs eager" and "hidden (all rows)" in names
     assert "--failpoints graph.stale_padding" in case["reproduce"]
     assert "failpoints: graph.stale_padding" in done.stdout and "hidden (all rows)" in done.stdout
     assert "test_synthetic.py::test_replay_repeats" in done.stdout and "\x1b[" not in done.stdout
-    assert "hidden (all rows)" in html.read_text()
+    assert "hidden (all rows)" in html
 
 
-def test_the_same_case_passes_the_gate_without_the_fault(planted_case):
-    done = gate(planted_case)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "PASS" in done.stdout
+def test_the_same_case_passes_the_gate_without_the_fault(planted_gate):
+    done, cases, _ = planted_gate
+    assert cases["test_replay_repeats_unplanted"]["outcome"] == "passed", done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 failed, 1 passed" in done.stdout, done.stdout[-3000:]  # pytest's own summary line
 
 
 def test_a_case_that_cannot_start_makes_the_gate_exit_2(tmp_path):
