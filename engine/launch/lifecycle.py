@@ -19,8 +19,9 @@ What this relies on in Paddle 3.3.1's launcher (measured on CPU; the same flags 
     collectives.
   - Every worker is started with `setsid` (see processes.py for why that needs the token).
   - The launcher polls its workers every second, so it sees a rank end about 1 s after the
-    process is gone (Paddle's interpreter tear-down takes another 1-3 s after the program's last
-    line). On a failure it logs `Container rank R status failed cmd [...] code C log ...`,
+    process is gone (rank_entry skips Paddle's interpreter tear-down, 1-3 s, after a program that
+    returned). A one-node job whose ranks all recorded exit code 0 and are gone is ended here
+    without waiting for that poll (Launch.wait). On a failure it logs `Container rank R status failed cmd [...] code C log ...`,
     SIGTERMs the others and exits with the first non-zero code in rank order (blame.py).
   - Worker processes get a Paddle SIGTERM handler ("FatalError: `Termination signal` is detected").
   - A rank that tries the TCP store before rank 0 listens logs "Retry to connect ... not yet
@@ -119,10 +120,20 @@ class Launch:
             records = self.exit_records()
             if any(rec["code"] for rec in records.values()) or died - set(records):
                 raise self.exit_error()
+            if self._all_ranks_done(died, records):
+                self.stop(signal.SIGKILL)  # the launcher's SIGTERM handler only adds log noise
+                return 0
             if time.monotonic() > deadline:
                 raise self.timeout_error(f"timeout after {timeout_s:g} s")
             if time.monotonic() > joined_by and self.not_joined():
                 raise self.start_error(start_timeout_s)
+
+    def _all_ranks_done(self, died: set[int], records: Mapping[int, Any]) -> bool:
+        """Every rank of this one-node job recorded exit code 0 and its process is gone: the job
+        succeeded, and waiting for the launcher would only add its next poll of its workers (up to
+        1 s) and its own interpreter tear-down (1-2 s). Over several nodes the launcher of node 0
+        also serves the launchers' rendezvous, so each host's launcher is left to end by itself."""
+        return not self.nodes.multi and died >= set(self.ranks) and set(records) >= set(self.ranks)
 
     def _watch_deaths(self) -> None:
         """Thread: note when each rank's process ends (pidfd), the only witness of a rank that
@@ -197,7 +208,7 @@ class Launch:
         blamed = sorted(running if suspects is None else suspects)
         reason = f"{reason}; still running: {where or 'no rank'}{self._positions()}"
         error = self.error(blamed, reason, lines=15, dumps=dumps)
-        self.stop()
+        self.stop(signal.SIGKILL)  # the dumps are taken: Paddle's SIGTERM handler would only add 1-2 s
         return error
 
     def not_joined(self) -> list[int]:
@@ -234,8 +245,10 @@ class Launch:
 
     def exit_error(self, any_exit_fails: bool = False) -> blame.RankJobError:
         """Stop the job and blame the rank that failed first (with `any_exit_fails`, the first
-        rank that exited at all)."""
-        self.stop()
+        rank that exited at all). SIGKILL at once: the evidence is the records, the deaths before
+        the stop and what the launcher logged so far; Paddle's SIGTERM handler in every rank would
+        only add its stack printout to the tails and 1.5-3 s (loaded) to the stop."""
+        self.stop(signal.SIGKILL)
         evidence = blame.Evidence(self.exit_records(), dict(self.deaths),  # copy: the watcher adds
                                   (self.log_dir / LAUNCHER_LOG).read_text(errors="replace"),
                                   self._stopping_since, self.proc.returncode, self.ranks.start)

@@ -17,9 +17,11 @@ exit when the launching process is gone (so a killed test run or CLI leaves no r
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import itertools
 import json
+import logging
 import os
 import runpy
 import signal
@@ -83,6 +85,20 @@ def main() -> None:
         raise
     finally:
         record_exit(code, error)
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """End a rank whose program returned: flush what it printed and leave through os._exit.
+    Paddle's interpreter tear-down takes 1-3 s of wall time (0.3-0.5 s of CPU) after the last line
+    and does nothing a finished rank needs (its files are closed, its peers are done with it), and
+    the launcher notices a rank's end only at its next poll after that. Failures keep the normal
+    exit: Python prints their traceback on the way out."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def wait_for_store() -> None:
