@@ -132,7 +132,10 @@ def test_fused_bound_is_inclusive_on_both_sides(pool, prompts, planted):
         assert not np.array_equal(at_bound[key][rest], above[key][rest]), f"{key}: decode steps took one path"
 
 
-@settings(max_examples=max(3, settings().max_examples // 5))
+# ci (25 examples): 2 drawn workloads, each a request to the serial four_ranks group (no failpoint has
+# this case as one of its only detectors: bench/results/detector-census-*.json); other profiles keep
+# 1/5 of theirs (nightly 400).
+@settings(max_examples=2 if settings().max_examples <= 25 else settings().max_examples // 5)
 @given(lengths=st.lists(st.integers(1, 120), min_size=1, max_size=5), budget=st.sampled_from([48, 256]),
        seed=st.integers(0, 2**16))
 def test_drawn_batches_on_four_ranks(pool, engine_for, planted, lengths, budget, seed):

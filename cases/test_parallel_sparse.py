@@ -90,7 +90,10 @@ def test_sparse_four_ranks_match_one_rank(four_rank_pool, one_rank, prompts, gol
         assert stats[0]["fallbacks"] > 0, "the overflowing prefill step was not redone eagerly on the ranks"
 
 
-@settings(max_examples=max(3, settings().max_examples // 8))
+# ci (25 examples): 2 drawn workloads, each a request to the serial four_ranks group (no failpoint has
+# this case as one of its only detectors: bench/results/detector-census-*.json); other profiles keep
+# 1/8 of theirs (nightly 250).
+@settings(max_examples=2 if settings().max_examples <= 25 else settings().max_examples // 8)
 @given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=5), layout=st.sampled_from(sorted(LAYOUTS)),
        seed=st.integers(0, 2**16))
 def test_drawn_sparse_batches_on_four_ranks(four_rank_pool, one_rank, planted, lengths, layout, seed):

@@ -2,7 +2,11 @@
 file holding every MoE layer's full top-k, and the ids match the goldens' expert sets. Every rank
 checks each step that all ranks recorded the same ids (a disagreement is a ParallelError).
 
-Runs the CLI as a real 4-rank job, on the worker of the other 4-rank cases (never two jobs at once).
+One layout runs the CLI as a real 4-rank job (the writer path a user runs: flags, launcher, rank 0's
+files); the other layout and the planted disagreement run on the warm 4-rank pool of the group
+(cases/conftest.py `four_rank_pool`), which builds a fresh engine writing to the case's folder, so
+they pay no launch and no Paddle import per rank. All on the worker of the other 4-rank cases
+(never two jobs at once).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from engine_cli import ROOT, engine_env, engine_run
 from test_routing_replay_engine import MAX_NEW, NAME, check_goldens, check_tables
 
 from engine.failpoints import Failpoints
+from engine.launch import RankJobError
 from engine.routing_replay.reader import load_routing
 from fixtures.pytest_fixtures import PROMPTS, checkpoint_dir
 
@@ -29,34 +34,54 @@ def run_job(faults: Failpoints, args: list[str], tmp_path: Path) -> subprocess.C
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=engine_env())
 
 
-# Inside the capture guard, as in the seed's 4-card run: TP4 piecewise with lazy capture (the first
-# step, a 119-token prefill, captures size 128 before it replays), TP4+EP4 full_and_piecewise with
-# every size captured at start-up (decode steps replay the whole-step graph).
+# Inside the capture guard, as in the seed's 4-card run: TP4+EP4 full_and_piecewise with every size
+# captured at start-up (decode steps replay the whole-step graph) as a CLI job; TP4 piecewise with lazy
+# capture (the first step, a 119-token prefill, captures size 128 before it replays) on the pool.
 GRAPHS = ["--capture-sizes", "16,128", "--decode-capture-sizes", "4"]
-LAYOUTS = {"tp4_piecewise_lazy": ["--tp", "4", "--graph", "piecewise", *GRAPHS],
-           "tp4_ep4_full_eager": ["--tp", "4", "--ep", "4", "--graph", "full_and_piecewise", "--capture", "eager", *GRAPHS]}
+CLI_LAYOUT = ["--tp", "4", "--ep", "4", "--graph", "full_and_piecewise", "--capture", "eager", *GRAPHS]
+POOL_LAYOUT = {"tp": 4, "ep": 1, "mode": "piecewise", "capture_sizes": [16, 128], "decode_capture_sizes": [4]}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_four_ranks_write_one_complete_file_per_request(faults, prompts, golden, tmp_path, layout):
-    folder = tmp_path / "r3"
-    job = run_job(faults, [*layout, "--routing-replay-dir", str(folder)], tmp_path)
-    assert job.returncode == 0, job.stderr
+def pool_run(pool, faults: Failpoints, prompts, folder: Path, **layout) -> list[dict]:
+    """One run of the default prompts on the warm ranks, rank 0 writing routing files to `folder`;
+    `faults` (the run's failpoints, plus any the case plants) reach every rank's engine."""
+    return pool.request({"checkpoint": NAME, **layout, "prompts": [list(p.input_ids) for p in prompts],
+                         "names": [p.name for p in prompts], "max_new_tokens": MAX_NEW,
+                         "failpoints": ",".join(sorted(faults.active)), "routing_replay_dir": str(folder)})
+
+
+def check_folder(folder: Path, prompts, greedy: dict, golden: dict) -> None:
+    """One complete file per request, its rows the goldens' expert sets."""
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{p.name}.safetensors" for p in prompts)
     tables = {p.name: load_routing(folder / f"{p.name}.safetensors") for p in prompts}
-    greedy = dict(line.split(": ") for line in job.stdout.splitlines() if ": " in line)
-    outputs = [SimpleNamespace(greedy=[int(t) for t in greedy[p.name].split()]) for p in prompts]
+    outputs = [SimpleNamespace(greedy=[int(t) for t in greedy[p.name]]) for p in prompts]
     cfg = SimpleNamespace(moe_layers=tables[prompts[0].name].moe_layers, top_k=tables[prompts[0].name].top_k)
     assert check_tables(tables, prompts, MAX_NEW, cfg.moe_layers, cfg.top_k) == []
-    assert check_goldens(tables, prompts, outputs, golden(NAME), cfg.moe_layers) == []
+    assert check_goldens(tables, prompts, outputs, golden, cfg.moe_layers) == []
 
 
-def test_ranks_that_record_different_ids_are_an_error(tmp_path, faults):
+def test_four_ranks_write_one_complete_file_per_request(faults, prompts, golden, tmp_path):
+    """The CLI job (TP4+EP4, whole-step graphs captured at start-up)."""
+    folder = tmp_path / "r3"
+    job = run_job(faults, [*CLI_LAYOUT, "--routing-replay-dir", str(folder)], tmp_path)
+    assert job.returncode == 0, job.stderr
+    greedy = dict(line.split(": ") for line in job.stdout.splitlines() if ": " in line)
+    check_folder(folder, prompts, {name: tokens.split() for name, tokens in greedy.items()}, golden(NAME))
+
+
+def test_pool_ranks_write_one_complete_file_per_request(four_rank_pool, faults, prompts, golden, tmp_path):
+    """TP4 piecewise with lazy capture, on the warm ranks: only rank 0 writes, so the folder holds
+    one file per request whichever rank's dump is read."""
+    folder = tmp_path / "r3"
+    replies = pool_run(four_rank_pool, faults, prompts, folder, **POOL_LAYOUT)
+    check_folder(folder, prompts, {p.name: replies[0][f"greedy_p{i}"] for i, p in enumerate(prompts)}, golden(NAME))
+
+
+def test_ranks_that_record_different_ids_are_an_error(four_rank_pool, tmp_path, faults, prompts):
     """Planted: rank 1 records other ids (and the run's failpoints reach every rank too). The
     per-step check names the disagreement; no file is left."""
     folder = tmp_path / "r3"
-    job = run_job(faults.with_(Failpoints.parse("r3.rank_skews_ids")), ["--tp", "4", "--routing-replay-dir", str(folder)],
-                  tmp_path)
-    assert job.returncode != 0
-    assert "ranks disagree on the step's routed expert ids" in job.stderr
+    with pytest.raises(RankJobError, match="ranks disagree on the step's routed expert ids"):
+        pool_run(four_rank_pool, faults.with_(Failpoints.parse("r3.rank_skews_ids")), prompts, folder,
+                 tp=4, ep=1, mode="eager")
     assert not folder.exists() or list(folder.iterdir()) == []

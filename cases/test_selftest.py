@@ -64,19 +64,36 @@ def selftest(cases: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict
     return proc, json.loads(out.read_text()) if out.exists() else {}
 
 
-def test_selftest_names_the_case_that_catches_and_flags_a_survivor(tmp_path):
-    proc, doc = selftest(stand_in_gate(tmp_path), "--only", "router.skip_renorm", "graph.round_down")
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # graph.round_down survives the stand-in gate
+# The two cases below read one selftest of the stand-in with test_phases.py beside it (one clean
+# run, four planted runs), on one xdist worker so that it runs once.
+ON_ONE_WORKER = pytest.mark.xdist_group("selftest-stand-in")
+
+
+@pytest.fixture(scope="module")
+def four_faults(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    """router.skip_renorm (a failed check: caught), kv.stale_block_table (nothing reacts: survives),
+    graph.round_down (a set-up error: no catch), kv.slot_off_by_one (a failed check, then a teardown
+    error: caught) on the stand-in gate plus PHASE_CASES."""
+    cases = stand_in_gate(tmp_path_factory.mktemp("selftest"))
+    (cases / "test_phases.py").write_text(textwrap.dedent(PHASE_CASES))
+    return selftest(cases, "--only", "router.skip_renorm", "kv.stale_block_table", "graph.round_down",
+                    "kv.slot_off_by_one")
+
+
+@ON_ONE_WORKER
+def test_selftest_names_the_case_that_catches_and_flags_a_survivor(four_faults):
+    proc, doc = four_faults
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # kv.stale_block_table survives the stand-in gate
     found = {entry["failpoint"]: entry for entry in doc["failpoints"]}
     renorm = found["router.skip_renorm"]
     assert renorm["caught"] and renorm["caught_by"].endswith("test_router.py::test_weights_sum_to_one")
     assert renorm["example"].startswith("test_weights_sum_to_one(") and "x=10" in renorm["example"]  # shrunk
     assert renorm["reproduce"] == f"python -m pytest '{renorm['caught_by']}' --failpoints router.skip_renorm"
-    assert not found["graph.round_down"]["caught"]
-    assert found["graph.round_down"]["note"].startswith("no check failed with the fault planted; log ")
+    assert not found["kv.stale_block_table"]["caught"]
+    assert found["kv.stale_block_table"]["note"].startswith("no check failed with the fault planted; log ")
     assert doc["clean_run"]["note"] == "clean gate passed"
-    assert doc["summary"]["caught"] == 1 and doc["summary"]["planted"] == 2
-    assert proc.stdout.splitlines()[-1] == "selftest: 1 passed, 1 failed"
+    assert doc["summary"]["caught"] == 2 and doc["summary"]["planted"] == 4
+    assert proc.stdout.splitlines()[-1] == "selftest: 2 passed, 2 failed"
 
 
 def test_selftest_stops_on_a_false_alarm(tmp_path):
@@ -207,11 +224,9 @@ def test_uses_engine(engine, request):
 """
 
 
-def test_a_set_up_error_is_named_and_no_catch_while_a_failed_check_is_one_whatever_teardown_did(tmp_path):
-    cases = stand_in_gate(tmp_path)
-    (cases / "test_phases.py").write_text(textwrap.dedent(PHASE_CASES))
-    proc, doc = selftest(cases, "--only", "graph.round_down", "kv.slot_off_by_one", "--files", "test_phases.py")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+@ON_ONE_WORKER
+def test_a_set_up_error_is_named_and_no_catch_while_a_failed_check_is_one_whatever_teardown_did(four_faults):
+    _, doc = four_faults
     found = {entry["failpoint"]: entry for entry in doc["failpoints"]}
     setup = found["graph.round_down"]
     assert not setup["caught"] and "not catches: set-up error in cases/test_phases.py::test_uses_engine" in setup["note"]

@@ -3,11 +3,12 @@
 Request: {"checkpoint": name, "tp": N, "ep": N, "mode": graph mode, "capture_sizes": [...],
 "decode_capture_sizes": [...], "max_num_batched_tokens": T, "prompts": [[ids], ...],
 "max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T, "moe_form": "dense" | "sparse",
-"dtype": "float32" | "float64"}; or
+"dtype": "float32" | "float64", "names": [prompt names], "routing_replay_dir": DIR}; or
 {"hang": rank} / {"exit": rank} to plant a hung or dead rank. Reply: the run's dump arrays
 (engine/dump.py keys) plus "rank", "stats" and "failpoints" (the names planted in the engine that
 ran: the pool's, i.e. the gate run's, plus the request's). Engines are cached per configuration,
-so a module's examples reuse loaded weights and captured graphs.
+so a module's examples reuse loaded weights and captured graphs; a run with "routing_replay_dir"
+builds its own engine (the directory is the engine's, and the writer closes when the run ends).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ENGINES: dict[tuple, LLM] = {}
 
 
 def engine_for(request: dict) -> LLM:
+    """The cached engine of the request's configuration; a fresh one for a routing-replay run."""
     graph = GraphConfig(mode=request.get("mode", "eager"), backend="static",
                         prefill_capture_sizes=tuple(request.get("capture_sizes") or ()) or None,
                         decode_capture_sizes=tuple(request.get("decode_capture_sizes") or ()) or None)
@@ -38,6 +40,8 @@ def engine_for(request: dict) -> LLM:
                                                   fused_allreduce_max_tokens=request.get("fused_max_tokens", 2048)),
                           faults=pool_failpoints().with_(Failpoints.parse(request.get("failpoints", ""))),
                           moe_form=request.get("moe_form", "dense"), dtype=request.get("dtype", "float32"))
+    if request.get("routing_replay_dir"):
+        return LLM(checkpoint_dir(request["checkpoint"]), config, routing_replay_dir=request["routing_replay_dir"])
     key = (request["checkpoint"], config)
     if key not in ENGINES:
         ENGINES[key] = LLM(checkpoint_dir(request["checkpoint"]), config)
@@ -58,7 +62,8 @@ def handle(request: dict) -> dict:
     llm = engine_for(request)
     if "prefix_workloads" in request:
         return prefix_reply(llm, request)
-    prompts = [Prompt(tuple(ids), f"p{i}") for i, ids in enumerate(request["prompts"])]
+    names = request.get("names") or [f"p{i}" for i in range(len(request["prompts"]))]
+    prompts = [Prompt(tuple(ids), name) for ids, name in zip(request["prompts"], names, strict=True)]
     outputs = llm.generate(prompts, request.get("max_new_tokens", 4))
     stats = llm.runner.stats.summary()
     return {**dump_arrays(outputs, llm.model_config.moe_layers), "rank": dist.get_rank(), "stats": stats,
