@@ -38,6 +38,24 @@ FAILED_LINE = re.compile(r"\[(gw\d+)\] \[\s*\d+%\] (FAILED|ERROR) (\S+)")
 STARTED_LINE = re.compile(r"\[(gw\d+)\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ")
 
 
+def stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM the run's session, then SIGKILL whatever of it is left after `grace_s`: an xdist
+    worker (execnet's `exec(eval(...))` bootstrap) has been seen outliving SIGTERM and running cases
+    on, which loaded every later run of the bench."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    threading.Timer(grace_s, _kill_session, args=(proc.pid,)).start()
+
+
+def _kill_session(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_one(failpoint: str, order: str, workers: int, timeout_s: float, log: Path, keep_going: bool) -> dict:
     """One whole-gate run with `failpoint` planted; return when it failed first and how it ended."""
     command = [sys.executable, "-m", "pytest", "-n", str(workers), "-x", "-v", "cases/", "--failpoints", failpoint,
@@ -48,7 +66,7 @@ def run_one(failpoint: str, order: str, workers: int, timeout_s: float, log: Pat
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
                             start_new_session=True)  # unbuffered: each line is timed when printed
-    timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGTERM))  # our own session only
+    timer = threading.Timer(timeout_s, stop, args=(proc,))  # our own session only
     timer.start()
     try:
         with log.open("w") as out:
@@ -61,7 +79,7 @@ def run_one(failpoint: str, order: str, workers: int, timeout_s: float, log: Pat
                     first = {"seconds": round(time.monotonic() - started, 1), "case": failed.group(3),
                              "worker": failed.group(1), "cases_finished_before": finished_cases - 1}
                     if not keep_going:  # -x would still let a worker finish its xdist group (minutes)
-                        os.killpg(proc.pid, signal.SIGTERM)
+                        stop(proc)
                         # Stop reading: a process of the run may outlive the signal and hold the
                         # pipe open (seen once: an xdist worker, execnet's `exec(eval(...))`
                         # bootstrap, reparented to init), and the loop would wait for an end of

@@ -29,6 +29,8 @@ HEAD_GROUPS = ("four_ranks",)
 FIRST_FILES = (  # tier 1, by failpoints detected per second (idle gate seconds of the file in brackets);
     # of the larger files only the census' detectors: the rest of them runs in tier 4
     "test_routing_replay_recorder.py",  # [0.5] r3.skip_in_graph, trace_time_only, record_padding, rank_skews_ids
+    "test_prefix_cache.py",  # [1] every prefix.* class, against a brute-force oracle (40-46 s when last in tier 1)
+    "test_truth_positions.py",  # [0.1] rotary.float32_angles (35 s when last in tier 1)
     "test_second_mask_fill.py", "test_second_route_padding.py",  # [0.1 each] router.mask_fill_zero, moe.route_padding
     "test_second_every_rank_writes.py", "test_second_write_in_place.py",  # [0.1 each] r3.every_rank_writes, write_in_place
     "test_router.py::test_noaux_tc_matches_reference", "test_router.py::test_softmax_topk_matches_reference",
@@ -42,8 +44,6 @@ FIRST_FILES = (  # tier 1, by failpoints detected per second (idle gate seconds 
     "test_seed_regression.py", "test_golden.py", "test_second_copy_outputs.py", "test_batching.py",  # [0.5, 4, 4, 4]
     "test_routing_replay_store.py::test_sigkill_mid_write", "test_routing_replay_store.py::test_exactly_one_rank_writes",
     "test_watchdog.py::test_a_disagreeing_rank_is_named_by_the_agreement_check",  # dist.skip_agreement_check
-    "test_prefix_cache.py",  # [~1] every prefix.* class, against a brute-force oracle
-    "test_truth_positions.py",  # [0.1] rotary.float32_angles
 )
 GROUPS_FIRST = ("routing_replay", "graph-glm4_moe", "graph-glm4_moe_nobias", "graph-qwen3_moe")
 LEAD_DETECTORS = (  # inside a group: the case that detects the most failpoints runs first
