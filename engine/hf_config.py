@@ -38,7 +38,7 @@ _HUB_KEYS_BY_ARCH = {
 def read_model_config(model_dir: str | Path) -> ModelConfig:
     """Read `model_dir/config.json`; errors name the file and the Hub key."""
     path = Path(model_dir) / "config.json"
-    raw = _read_json(path)
+    raw = read_config_json(path)
     try:
         return parse(raw)
     except ConfigError as err:
@@ -62,7 +62,8 @@ def _in_hub_terms(err: ConfigError, raw: dict[str, Any]) -> str:
     return f"field '{key}': {err}" if key else str(err)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.json as a dict, or a ConfigError naming the file and what is wrong."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (a Hugging Face checkpoint directory has config.json)")
     try:

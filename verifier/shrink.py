@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 from engine.checkpoint.hub_schema import expected_tensors, optional_tensors
 from engine.checkpoint.loader import INDEX_FILE, SINGLE_FILE
 from engine.errors import UserError
+from engine.hf_config import read_config_json
 from verifier.router_spread import router_spread
 from verifier.shrink_plan import Options, ShrinkError, ShrinkPlan, make_plan
 from verifier.shrink_tensors import Cut, cut_for
@@ -54,7 +55,7 @@ def shrink(big_dir: str | Path, out_dir: str | Path, options: Options = Options(
     """Write the shrunk checkpoint of `big_dir` into `out_dir` (absent or empty)."""
     big_dir, out_dir = Path(big_dir), Path(out_dir)
     _check_out(out_dir)
-    plan = make_plan(_read_config(big_dir / "config.json"), big_dir / "config.json", options)
+    plan = make_plan(read_config_json(big_dir / "config.json"), big_dir / "config.json", options)
     reader = TensorReader(big_dir)
     tensors = _cut_all(reader, plan, random_seed)
     _check_complete(tensors, plan, big_dir)
@@ -70,18 +71,6 @@ def shrink(big_dir: str | Path, out_dir: str | Path, options: Options = Options(
 def _check_out(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ShrinkError(f"--out {out_dir}: exists and is not an empty directory (shrink never overwrites)")
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise ShrinkError(f"{path}: no such file (a Hugging Face checkpoint directory has config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShrinkError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise ShrinkError(f"{path}: expected a JSON object at the top level")
-    return raw
 
 
 def _cut_all(reader: TensorReader, plan: ShrinkPlan, random_seed: int | None) -> dict[str, np.ndarray]:
