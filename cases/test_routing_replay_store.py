@@ -238,11 +238,16 @@ def _big_table(version: int) -> RoutingTable:
 
 def _writer_child(directory, versions, store_faults: Failpoints, ready_w: int) -> None:
     """Forked child: write the same request's file over and over (each version a different table)
-    until killed. Never returns."""
-    os.write(ready_w, b"x")
+    until killed. Never returns. It says it is ready only after its first whole write: from then on
+    it is inside its write loop, so a kill at any moment lands in a write (or between two) even when
+    a loaded machine does not run the child for a while after the fork. (Ready before the first write
+    let all 60 kills of a loaded gate run land before the writer had started, and the planted
+    in-place writer survived once.)"""
     for version in itertools.count():
         store = RoutingStore(directory, faults=store_faults)  # a fresh run each time: the name is reused
         store.save(versions[version % len(versions)])
+        if version == 0:
+            os.write(ready_w, b"x")
 
 
 def check_crash_safety(directory, faults: Failpoints, trials: int, seed: int) -> list[str]:
