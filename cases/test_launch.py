@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from engine.launch import RankJobError, free_port, job_pids, run_ranks
-from engine.launch.blame import HARD_DEATH, Evidence, first_failure
+from engine.launch.blame import HARD_DEATH, Evidence, first_failure, terminated_by
 from engine.launch.ports import ephemeral_range, is_listening
 from engine.launch.processes import has_ended
 from engine.launch.wire import decode, encode
@@ -218,9 +218,28 @@ def test_bad_arguments_are_refused_before_launching(tmp_path):
 # ----------------------------------------------------------------------------- blame, as data
 
 
-def evidence(records=None, deaths=None, launcher_log="", stopping_since=None) -> Evidence:
+def evidence(records=None, deaths=None, launcher_log="", stopping_since=None, terminated=()) -> Evidence:
     records = {r: {"code": code, "time": t, "error": ""} for r, (code, t) in (records or {}).items()}
-    return Evidence(records, deaths or {}, launcher_log, stopping_since, launcher_code=1)
+    return Evidence(records, deaths or {}, launcher_log, stopping_since, launcher_code=1,
+                    terminated_by_launcher=frozenset(terminated))
+
+
+def test_a_rank_the_launcher_terminated_is_not_blamed_before_the_failure_that_made_it_do_so():
+    """Rank 0's watchdog ended it (exit 124); the launcher then SIGTERMed rank 1, whose death was seen
+    0.1 s later, within HARD_DEATH_LEAD_S (seen in a loaded gate run: rank 1 was blamed)."""
+    ranks, reason = first_failure(evidence(records={0: (124, 100.0)}, deaths={1: 100.1}, terminated={1}))
+    assert ranks == [0] and reason.startswith("stuck") is False and "exit code 124" in reason
+    # Killed by anyone else (a case's own kill), the death is still blamed first.
+    assert first_failure(evidence(records={0: (124, 100.0)}, deaths={1: 100.1}))[0] == [1]
+    # With no other failure, a terminated rank is still the one named.
+    assert first_failure(evidence(deaths={1: 100.1}, terminated={1}))[0] == [1]
+
+
+def test_the_sender_of_a_sigterm_is_read_from_paddles_signal_report():
+    line = "  [SignalInfo: *** SIGTERM (@0x61f7) received by PID 25158 (TID 0x7fe21860cb80) from PID 25079 ***]"
+    assert terminated_by(f"some log\n{line}\n") == 25079
+    assert terminated_by(line.replace("SIGTERM", "SIGSEGV")) is None
+    assert terminated_by("") is None
 
 
 @pytest.mark.parametrize("noticed_after_peer_s", [0.0, 0.3])

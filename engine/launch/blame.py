@@ -27,6 +27,14 @@ HARD_DEATH_LEAD_S = 0.5
 HARD_DEATH = "died without a Python exit (signal, os._exit, crash)"
 # Paddle's launcher reports a failed worker as this line in its own log.
 _FAILED_LINE = re.compile(r"Container rank (\d+) status failed cmd .* code (-?\d+) log ")
+# Paddle's signal handler in a rank writes where a SIGTERM came from to the rank's log.
+_TERM_FROM = re.compile(r"SIGTERM \(@0x[0-9a-f]+\) received by PID \d+ \(TID 0x[0-9a-f]+\) from PID (\d+)")
+
+
+def terminated_by(log_text: str) -> int | None:
+    """The pid that sent the SIGTERM a rank's log reports (Paddle's signal handler), or None."""
+    found = _TERM_FROM.search(log_text)
+    return int(found[1]) if found else None
 
 
 class RankJobError(RuntimeError):
@@ -61,6 +69,7 @@ class Evidence:
     stopping_since: float | None
     launcher_code: int | None
     rank_offset: int = 0
+    terminated_by_launcher: frozenset[int] = frozenset()
 
 
 def first_failure(evidence: Evidence, any_exit_fails: bool = False) -> tuple[list[int], str]:
@@ -74,6 +83,12 @@ def first_failure(evidence: Evidence, any_exit_fails: bool = False) -> tuple[lis
                 if rec["code"] != 0 or any_exit_fails}
     failures |= {r: (died, named.get(r, HARD_DEATH)) for r, died in evidence.deaths.items()
                  if r not in records and died <= (evidence.stopping_since or math.inf)}
+    # The launcher SIGTERMs the other ranks after one failed: such a death is a consequence, never the
+    # first failure, however soon after that failure the parent saw it (under load a peer's own
+    # watchdog may fire after the launcher's SIGTERM, so the death can come first in time).
+    victims = {r for r in failures if r not in records and r in evidence.terminated_by_launcher}
+    if failures.keys() - victims:
+        failures = {r: failure for r, failure in failures.items() if r not in victims}
     if not failures and named:
         [(rank, text)] = named.items()
         return [rank], text

@@ -249,9 +249,11 @@ class Launch:
         the stop and what the launcher logged so far; Paddle's SIGTERM handler in every rank would
         only add its stack printout to the tails and 1.5-3 s (loaded) to the stop."""
         self.stop(signal.SIGKILL)
-        evidence = blame.Evidence(self.exit_records(), dict(self.deaths),  # copy: the watcher adds
-                                  (self.log_dir / LAUNCHER_LOG).read_text(errors="replace"),
-                                  self._stopping_since, self.proc.returncode, self.ranks.start)
+        records, deaths = self.exit_records(), dict(self.deaths)  # copy: the watcher adds
+        terminated = frozenset(r for r in deaths if r not in records
+                               and blame.terminated_by(rank_logs.tail(self.rank_logs[r], 80)) == self.proc.pid)
+        evidence = blame.Evidence(records, deaths, (self.log_dir / LAUNCHER_LOG).read_text(errors="replace"),
+                                  self._stopping_since, self.proc.returncode, self.ranks.start, terminated)
         ranks, reason = blame.first_failure(evidence, any_exit_fails)
         return self.error(ranks, reason + self._positions(), lines=30)
 
