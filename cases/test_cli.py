@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
-from engine_cli import engine_run
+from engine_cli import engine_main
 from safetensors.numpy import load_file, save_file
 
 from engine.__main__ import build_parser, main
@@ -99,17 +98,6 @@ def test_unknown_failpoint_is_named(capsys):
     assert code == 2 and "router.no_such_fault" in err
 
 
-def test_module_entry_point(faults):
-    """The real `python -m engine` process: exit code 0 and a line per prompt. A user error's exit
-    code 2 without a traceback through a real process is test_drifted_grouping_through_the_real_process's
-    (one Paddle-importing process fewer); a folder without config.json is test_model_setup.py's, a broken
-    one test_bad_checkpoint_is_one_clear_line's, in this process."""
-    ok = subprocess.run(engine_run(faults, checkpoint_dir("glm4_moe"), "--prompts", PROMPTS, "--max-new-tokens", 2),
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert len(ok.stdout.splitlines()) == 4
-
-
 # Invalid configurations through the CLI: one `error:` line naming the field and its value, exit 2.
 # (checkpoint whose config.json is changed, or None for the bundled glm4_moe; extra CLI arguments)
 CONFIG_REFUSALS = [
@@ -167,13 +155,16 @@ def test_dump_path_is_one_clear_line(capsys, tmp_path):
     assert code == 2 and err.splitlines()[-1] == f"error: dump path {tmp_path / 'out.txt'} must end in .npz"
 
 
-def test_drifted_grouping_through_the_real_process(copy_checkpoint, faults):
-    """The grouping the config once accepted and the router then refused mid-run, with a traceback."""
+def test_drifted_grouping_is_one_clear_line(copy_checkpoint, faults):
+    """The grouping the config once accepted and the router then refused mid-run, with a traceback.
+    Run through engine_main (the CLI's main in this process, the run's failpoints passed): an
+    exception escaping main would fail the case here. The real `python -m engine run` process
+    (exit code, a line per prompt) is test_failpoint_reach.py's one-rank case's."""
     model = copy_checkpoint("glm4_moe")
     rewrite_config(model, n_group=16, topk_group=4)
-    bad = subprocess.run(engine_run(faults, model, "--prompts", PROMPTS), capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    code, out, err = engine_main(faults, model, "--prompts", PROMPTS)
+    assert code == 2 and out == "" and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {model / 'config.json'}: n_group=16 splits the 16 routed experts into groups of 1; "
                       "a group's score (the sum of its top-2 scores) needs at least 2 per group"]
 

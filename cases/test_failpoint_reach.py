@@ -19,7 +19,6 @@ cases/engine_cli.py (which always passes --failpoints).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 from engine_cli import ROOT, engine_env, engine_run
 
-from fixtures.pytest_fixtures import checkpoint_dir
+from fixtures.pytest_fixtures import PROMPTS, checkpoint_dir
 
 pytestmark = pytest.mark.gate_area("verifier")
 
@@ -48,12 +47,15 @@ def rank_logs(log_dir: Path, nproc: int) -> dict[int, list[str]]:
     return {rank: announced((log_dir / f"workerlog.{rank}").read_text(errors="replace")) for rank in range(nproc)}
 
 
-def test_a_one_rank_cli_process_announces_the_runs_failpoints(tmp_path, faults, expected):
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([[1, 2, 3]]))
-    done = subprocess.run(engine_run(faults, checkpoint_dir("glm4_moe"), "--prompts", prompts, "--max-new-tokens", 1),
+def test_a_one_rank_cli_process_announces_the_runs_failpoints(faults, expected):
+    """Also the one case of the gate that runs `python -m engine run` as a real 1-rank process
+    (test_cli.py runs the CLI's main in its own process): the module entry point ends with exit
+    code 0 and prints one line per prompt, whatever fault is planted (none stops a 1-rank run)."""
+    done = subprocess.run(engine_run(faults, checkpoint_dir("glm4_moe"), "--prompts", PROMPTS, "--max-new-tokens", 1),
                           capture_output=True, text=True, cwd=ROOT, env=engine_env(), timeout=300)
     assert announced(done.stderr) == [expected], done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["p0_len5", "p1_len17", "p2_len33", "p3_len64"]
 
 
 @pytest.mark.xdist_group("two_rank_cli")

@@ -1,8 +1,9 @@
 """engine.launch: N-rank jobs through paddle.distributed.launch, and verifier.rank_pool's RankPool.
 
-Each launched test costs one start of 2 or 3 ranks (the fewest that ask its question; 5-12 s on
-two cores); the rank programs live in
-cases/rank_programs/. Every test that launches also checks that no process of the job is left.
+Each launched test costs one start of 2 or 3 ranks (the fewest that ask its question: every
+process is a Python that imports Paddle, ~1.5 s of CPU, plus the launcher's own); the rank
+programs live in cases/rank_programs/. Every test that launches also checks that no process of
+the job is left. Six jobs, 13 ranks in all: one pool serves both pool cases' questions in turn.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def rank_values(out_dir: Path, nproc: int) -> list[np.ndarray]:
     return [np.load(out_dir / f"rank{r}.npz")["value"] for r in range(nproc)]
 
 
-@pytest.mark.parametrize("rank, code, how", [(2, 3, "sys.exit"), (0, 7, "os._exit")])
+@pytest.mark.parametrize("rank, code, how", [(1, 3, "sys.exit"), (0, 7, "os._exit")])
 def test_a_failing_rank_is_named_with_its_log_tail(tmp_path, rank, code, how):
-    """3 ranks: a failing rank with two peers left in the all_reduce (blamed: neither peer),
-    one rank fewer to start than a 4-rank job."""
+    """2 ranks: a failing rank with its peer left in the all_reduce (blamed: not the peer, which
+    then fails too). A rank other than 0 exits cleanly, rank 0 (the store's host) dies hard."""
     hard = ["--hard"] if how == "os._exit" else []
     with pytest.raises(RankJobError) as caught:
-        run_ranks([ALLREDUCE, str(tmp_path), "--exit-rank", str(rank), "--exit-code", str(code), *hard], 3,
+        run_ranks([ALLREDUCE, str(tmp_path), "--exit-rank", str(rank), "--exit-code", str(code), *hard], 2,
                   timeout_s=BOUND_S, log_dir=tmp_path / "logs")
     error = caught.value
     # The peers then fail on the broken all_reduce (within milliseconds of an os._exit, which leaves
@@ -75,18 +76,19 @@ def test_a_hanging_rank_times_out_with_stack_dumps_and_leaves_nothing(tmp_path):
 
 
 def test_the_collective_watchdog_ends_a_job_whose_rank_never_joins_and_says_who_is_elsewhere(tmp_path):
-    """3 ranks: two that wait (grouped in the positions) and the one that never joins."""
+    """2 ranks: one that waits and the one that never joins. The grouping of several ranks at one
+    position is test_watchdog.py's (blame.group_by_position) and test_two_nodes.py's (ranks 2, 3)."""
     with pytest.raises(RankJobError) as caught:
-        run_ranks([ALLREDUCE, str(tmp_path), "--hang-rank", "2", "--watchdog", "2"], 3, timeout_s=BOUND_S,
+        run_ranks([ALLREDUCE, str(tmp_path), "--hang-rank", "1", "--watchdog", "2"], 2, timeout_s=BOUND_S,
                   log_dir=tmp_path / "logs")
     error = caught.value
-    # Ranks 0 and 1 wait in the sum; the first whose watchdog fires is blamed, and the positions
-    # read from the ranks' state files single out rank 2, which never entered a collective.
-    assert len(error.ranks) == 1 and error.ranks[0] in (0, 1)
+    # Rank 0 waits in the sum and its watchdog fires: it is blamed, and the positions read from the
+    # ranks' state files single out rank 1, which never entered a collective.
+    assert error.ranks == (0,)
     assert error.reason.startswith("stuck in all_reduce #1 (the program's sum) at step 1 for "), error.reason
     assert "(exit code 124: the collective watchdog)" in error.reason
-    assert error.reason.endswith("; collectives: rank 2 no collective watchdog state; ranks 0, 1 in "
-                                 "all_reduce #1 (the program's sum) at step 1"), error.reason
+    assert error.reason.endswith("; collectives: rank 0 in all_reduce #1 (the program's sum) at step 1; "
+                                 "rank 1 no collective watchdog state"), error.reason
     assert job_pids(error.token) == []
 
 
@@ -115,9 +117,13 @@ def test_two_concurrent_jobs_all_reduce_on_the_start_ports_they_were_given(tmp_p
         assert job_pids(result.token) == []
 
 
-def test_pool_answers_several_requests_and_closes_cleanly(tmp_path, faults):
-    """3 ranks: the sum over (rank + 1) is 6, and the replies come back in rank order."""
-    with RankPool([POOL_SERVER], 3, failpoints=faults, start_timeout_s=BOUND_S, log_dir=tmp_path) as pool:
+def test_pool_answers_requests_then_names_the_rank_whose_handler_raised_and_stops(tmp_path, faults):
+    """One 3-rank pool asked both questions in turn (one start instead of two): several requests
+    answered in rank order (the sum over (rank + 1) is 6) and a failure on every rank that leaves
+    the ranks in step, then a failure on rank 2 alone with two silent peers stuck in the
+    collective, named together, which stops the pool."""
+    pool = RankPool([POOL_SERVER], 3, failpoints=faults, start_timeout_s=BOUND_S, log_dir=tmp_path)
+    try:
         for seed in range(3):
             x = np.random.default_rng(seed).standard_normal(5 + seed).astype(np.float32)
             replies = pool.request({"x": x})
@@ -131,16 +137,9 @@ def test_pool_answers_several_requests_and_closes_cleanly(tmp_path, faults):
         assert "planted failure on rank 2" in str(caught.value)
         # Every rank raised before the collective, so the ranks are still in step: the pool serves on.
         np.testing.assert_allclose(pool.request({"x": x})[2]["sum"], x * 6, rtol=1e-6)
-    assert job_pids(pool.token) == []
 
-
-def test_pool_names_the_rank_whose_handler_raised_and_stops(tmp_path, faults):
-    """3 ranks: two silent peers stuck in the collective, named together."""
-    pool = RankPool([POOL_SERVER], 3, failpoints=faults, start_timeout_s=BOUND_S, error_grace_s=1.0, log_dir=tmp_path)
-    try:
-        x = np.ones(4, np.float32)
         with pytest.raises(RankJobError) as caught:
-            pool.request({"x": x, "raise_on": 2})
+            pool.request({"x": np.ones(4, np.float32), "raise_on": 2})
         error = caught.value
         assert error.ranks == (2,)
         assert "ranks 0, 1 gave no reply" in error.reason
