@@ -1,12 +1,16 @@
-"""A 4-rank job as 2 nodes x 2 ranks through `paddle.distributed.launch --nnodes 2 --ips A,B`.
+"""Rank jobs over 2 nodes through `paddle.distributed.launch --nnodes 2 --ips A,B`.
 
 Two network namespaces joined by a veth pair (cases/netns.py) stand in for two hosts; the same
-`python -m engine run --tp 4 --nnodes 2 --ips A,B` runs in each, as a user runs it on each host.
-Checked: the dumps of TP4 and TP4+EP4 equal the single-node 4-rank job's bitwise (every rank's);
-a rank killed on the second node is the rank that node's CLI names, and both nodes end within
-the bound; the collective watchdog names a stuck collective on both nodes; a second node that
-never starts is named by the first within the start-up bound (--start-timeout); a 2-node RankPool (one per host, as a
-user's harness would make it) answers TP4 and TP4+EP4 requests bitwise as the 1-node pool does.
+`python -m engine run --tp N --nnodes 2 --ips A,B` runs in each, as a user runs it on each host.
+Checked: the dumps of TP4 and TP4+EP4 (2 nodes x 2 ranks) equal the single-node 4-rank job's
+bitwise (every rank's); a rank killed on the second node is the rank that node's CLI names, and
+both nodes end within the bound; the collective watchdog names a stuck collective on both nodes;
+a second node that never starts is named by the first within the start-up bound (--start-timeout);
+a 2-node RankPool (one per host, as a user's harness would make it) answers TP4 and TP4+EP4
+requests bitwise as the 1-node pool does. The three failure cases run 2 nodes x 1 rank (--tp 2):
+what they check (which node names which rank, the bounds) needs one rank per host, and every rank
+is a process that imports Paddle and loads the model; the bitwise cases keep 2 ranks per host,
+so a host's ranks share its launcher and the TP4 reference is the warm pool's.
 Without the privilege to make namespaces the cases skip, saying why. Each case costs one 2-node job
 (the last one node's half): one prompt, two tokens, so that start-up is the main cost. The
 single-node reference is the warm 4-rank pool of the xdist group "four_ranks" (cases/conftest.py),
@@ -77,8 +81,9 @@ def host_env(host: netns.Host) -> dict[str, str]:
     return {**engine_env(), "GLOO_SOCKET_IFNAME": host.interface}
 
 
-def start_node(hosts: netns.Hosts, host: netns.Host, faults, args: list, logs: Path, port: int) -> subprocess.Popen:
-    command = engine_run(faults, checkpoint_dir("glm4_moe"), *args, "--tp", 4, "--nnodes", 2, "--ips", hosts.ips,
+def start_node(hosts: netns.Hosts, host: netns.Host, faults, args: list, logs: Path, port: int,
+               tp: int = 4) -> subprocess.Popen:
+    command = engine_run(faults, checkpoint_dir("glm4_moe"), *args, "--tp", tp, "--nnodes", 2, "--ips", hosts.ips,
                          "--log-dir", logs, "--start-port", port)
     return subprocess.Popen(host.command(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env=host_env(host))
@@ -104,8 +109,9 @@ def finish(procs: list[subprocess.Popen], timeout_s: float = BOUND_S) -> list[tu
     return results
 
 
-def two_node_run(hosts: netns.Hosts, tmp_path: Path, faults, args: list, port: int) -> list[tuple[int, str, str]]:
-    procs = [start_node(hosts, host, faults, args, tmp_path / f"logs{i}", port)
+def two_node_run(hosts: netns.Hosts, tmp_path: Path, faults, args: list, port: int,
+                 tp: int = 4) -> list[tuple[int, str, str]]:
+    procs = [start_node(hosts, host, faults, args, tmp_path / f"logs{i}", port, tp)
              for i, host in enumerate((hosts.first, hosts.second))]
     return finish(procs)
 
@@ -183,12 +189,13 @@ def test_a_two_node_rank_pool_answers_what_the_one_node_pool_answers_bitwise(hos
 
 
 def test_a_rank_killed_on_the_second_node_is_named_there(hosts, tmp_path, faults):
+    """2 nodes x 1 rank: rank 1, alone on the second node, is killed mid-run."""
     args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", 400, "-v"]
     logs = [tmp_path / "logs0", tmp_path / "logs1"]
-    procs = [start_node(hosts, host, faults, args, log, PORTS["kill"])
+    procs = [start_node(hosts, host, faults, args, log, PORTS["kill"], tp=2)
              for host, log in zip((hosts.first, hosts.second), logs)]
     try:
-        victim = wait_for_step(procs[1], rank=3, log=logs[1] / "workerlog.1", step=2)
+        victim = wait_for_step(procs[1], rank=1, log=logs[1] / "workerlog.0", step=2)
     except BaseException:
         finish(procs, timeout_s=0.1)  # kills both nodes' CLIs
         raise
@@ -199,20 +206,22 @@ def test_a_rank_killed_on_the_second_node_is_named_there(hosts, tmp_path, faults
     ended_s = time.monotonic() - killed
     (code_a, _, err_a), (code_b, _, err_b) = results
     # "killed by signal 9" when the launcher's report came first, else "died without a Python exit".
-    assert code_b == 1 and error_lines(err_b)[0].startswith("error: the 4-rank job failed: rank 3: "), err_b
-    # The first node sees only its own ranks fail on the broken link: one of them is named.
-    assert code_a == 1 and re.match(r"error: the 4-rank job failed: rank [01]: ", error_lines(err_a)[0]), err_a
+    assert code_b == 1 and error_lines(err_b)[0].startswith("error: the 2-rank job failed: rank 1: "), err_b
+    # The first node sees only its own rank fail on the broken link: it is named, not the far one.
+    assert code_a == 1 and error_lines(err_a)[0].startswith("error: the 2-rank job failed: rank 0: "), err_a
     assert ended_s < KILL_BOUND_S, f"the nodes ended {ended_s:.1f} s after the kill"
     assert [pid for pid in job if alive(pid)] == []
 
 
 def test_the_watchdog_names_a_stuck_collective_on_both_nodes(hosts, tmp_path, faults):
+    """2 nodes x 1 rank: rank 1 (the second node's) runs the step eagerly while rank 0 replays
+    its graph, and neither learns it from the other (the agreement check is skipped)."""
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([list(range(1, 9))]))
     planted = faults.with_(type(faults).parse("dist.rank_disagrees,dist.skip_agreement_check"))
     args = ["--prompts", prompts, "--max-new-tokens", TOKENS, "--graph", "piecewise", "--capture-sizes", 8,
             "--decode-capture-sizes", 1, "--collective-timeout", 3]
-    results = two_node_run(hosts, tmp_path, planted, args, PORTS["watchdog"])
+    results = two_node_run(hosts, tmp_path, planted, args, PORTS["watchdog"], tp=2)
     stuck = re.compile(r"rank (\d)(?:: | \()stuck in ((all_reduce|all_gather|capture|replay) #\d+ \([^)]+\)) "
                        r"at step 1 for [\d.]+ s \(collective timeout 3 s\)")
     lines = []
@@ -220,30 +229,31 @@ def test_the_watchdog_names_a_stuck_collective_on_both_nodes(hosts, tmp_path, fa
         errors = error_lines(err)
         assert code == 1 and len(errors) == 1, f"node {node}: {err[-3000:]}"
         lines.append(errors[0])
-    # The first node holds the disagreeing rank 1: one of its ranks is named by the watchdog's line.
-    found = stuck.search(lines[0])
-    assert found and int(found[1]) in (0, 1), lines
-    # The second node's ranks wait on the same step across the link: its error says where they were.
-    where = re.search(r"; collectives: (.*) \(logs: ", lines[1])
-    assert where and re.search(r"ranks? [23](, 3)? in (all_reduce|all_gather|capture|replay) #\d+ \([^)]+\) at step 1",
+    # The second node holds the disagreeing rank 1: it is named by the watchdog's line.
+    found = stuck.search(lines[1])
+    assert found and int(found[1]) == 1, lines
+    # The first node's rank waits on the same step across the link: its error says where it was.
+    where = re.search(r"; collectives: (.*) \(logs: ", lines[0])
+    assert where and re.search(r"rank 0 in (all_reduce|all_gather|capture|replay) #\d+ \([^)]+\) at step 1",
                                where[1]), lines
 
 
 def test_a_second_node_that_never_starts_is_named_within_the_start_up_bound(hosts, tmp_path, faults):
-    """Only node 0's command runs: its ranks wait in init_parallel_env for ranks 2 and 3, which
-    never come. The CLI must end with one error naming this node and the missing peer's address,
-    soon after the start-up bound, and leave no process behind (not wait until the case's deadline)."""
+    """2 nodes x 1 rank, and only node 0's command runs: its rank waits in init_parallel_env for
+    rank 1, which never comes. The CLI must end with one error naming this node and the missing
+    peer's address, soon after the start-up bound, and leave no process behind (not wait until
+    the case's deadline)."""
     args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", TOKENS, "--start-timeout", START_BOUND_S]
     started = time.monotonic()
-    proc = start_node(hosts, hosts.first, faults, args, tmp_path / "logs0", PORTS["never_starts"])
-    job = wait_for_ranks(proc, tmp_path / "logs0", count=2, until=started + START_DEADLINE_S)
+    proc = start_node(hosts, hosts.first, faults, args, tmp_path / "logs0", PORTS["never_starts"], tp=2)
+    job = wait_for_ranks(proc, tmp_path / "logs0", count=1, until=started + START_DEADLINE_S)
     [(code, _, err)] = finish([proc], timeout_s=max(0.1, started + START_DEADLINE_S - time.monotonic()))
     ended_s = time.monotonic() - started
     first, second = hosts.first.address, hosts.second.address
     errors = error_lines(err)
     assert code == 1 and len(errors) == 1, err[-3000:]
     assert errors[0].startswith(
-        f"error: the 4-rank job failed: ranks 0, 1: node 0 ({first}): ranks 0, 1 did not join the 4-rank job "
+        f"error: the 2-rank job failed: rank 0: node 0 ({first}): rank 0 did not join the 2-rank job "
         f"within the start-up bound of {START_BOUND_S:g} s; peers never arrived: node 1 ({second}); "), errors[0]
     assert START_BOUND_S < ended_s, f"the CLI ended {ended_s:.1f} s after the start, before the bound"
     assert [pid for pid in job if alive(pid)] == []
