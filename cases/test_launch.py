@@ -1,9 +1,9 @@
 """engine.launch: N-rank jobs through paddle.distributed.launch, and verifier.rank_pool's RankPool.
 
-Each launched test costs one start of 2 or 3 ranks (the fewest that ask its question: every
+Each launched test costs one start of 2 ranks (the fewest that ask its question: every
 process is a Python that imports Paddle, ~1.5 s of CPU, plus the launcher's own); the rank
 programs live in cases/rank_programs/. Every test that launches also checks that no process of
-the job is left. Six jobs, 13 ranks in all: one pool serves both pool cases' questions in turn.
+the job is left. Seven jobs, 14 ranks in all: one pool serves both pool cases' questions in turn.
 """
 
 from __future__ import annotations
@@ -118,33 +118,32 @@ def test_two_concurrent_jobs_all_reduce_on_the_start_ports_they_were_given(tmp_p
 
 
 def test_pool_answers_requests_then_names_the_rank_whose_handler_raised_and_stops(tmp_path, faults):
-    """One 3-rank pool asked both questions in turn (one start instead of two): several requests
-    answered in rank order (the sum over (rank + 1) is 6) and a failure on every rank that leaves
-    the ranks in step, then a failure on rank 2 alone with two silent peers stuck in the
-    collective, named together, which stops the pool."""
-    pool = RankPool([POOL_SERVER], 3, failpoints=faults, start_timeout_s=BOUND_S, log_dir=tmp_path)
+    """One 2-rank pool asked both questions in turn (one start instead of two): several requests
+    answered in rank order (the sum over (rank + 1) is 3) and a failure on every rank that leaves
+    the ranks in step, then a failure on rank 1 alone while its silent peer is stuck in the
+    collective, which stops the pool."""
+    pool = RankPool([POOL_SERVER], 2, failpoints=faults, start_timeout_s=BOUND_S, log_dir=tmp_path)
     try:
         for seed in range(3):
             x = np.random.default_rng(seed).standard_normal(5 + seed).astype(np.float32)
             replies = pool.request({"x": x})
-            assert [reply["rank"] for reply in replies] == [0, 1, 2]
-            for reply in replies:
-                np.testing.assert_array_equal(reply["sum"], replies[0]["sum"])
-            np.testing.assert_allclose(replies[0]["sum"], x * 6, rtol=1e-6)
+            assert [reply["rank"] for reply in replies] == [0, 1]
+            np.testing.assert_array_equal(replies[1]["sum"], replies[0]["sum"])
+            np.testing.assert_allclose(replies[0]["sum"], x * 3, rtol=1e-6)
         with pytest.raises(RankJobError) as caught:
             pool.request({"x": x, "raise_on": "all"})
-        assert caught.value.ranks == (0, 1, 2)
-        assert "planted failure on rank 2" in str(caught.value)
+        assert caught.value.ranks == (0, 1)
+        assert "planted failure on rank 1" in str(caught.value)
         # Every rank raised before the collective, so the ranks are still in step: the pool serves on.
-        np.testing.assert_allclose(pool.request({"x": x})[2]["sum"], x * 6, rtol=1e-6)
+        np.testing.assert_allclose(pool.request({"x": x})[1]["sum"], x * 3, rtol=1e-6)
 
         with pytest.raises(RankJobError) as caught:
-            pool.request({"x": np.ones(4, np.float32), "raise_on": 2})
+            pool.request({"x": np.ones(4, np.float32), "raise_on": 1})
         error = caught.value
-        assert error.ranks == (2,)
-        assert "ranks 0, 1 gave no reply" in error.reason
-        assert "ValueError: planted failure on rank 2" in str(error)
-        assert job_pids(pool.token) == []  # ranks 0 and 1 were stuck in the all_reduce: stopped
+        assert error.ranks == (1,)
+        assert "rank 0 gave no reply" in error.reason
+        assert "ValueError: planted failure on rank 1" in str(error)
+        assert job_pids(pool.token) == []  # rank 0 was stuck in the all_reduce: stopped
         with pytest.raises(RankJobError, match="pool is closed"):
             pool.request({"x": x})
     finally:
