@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextvars
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nested import nested_env
 
 from verifier.compare import compare
 from verifier.dumps import compare_dumps
@@ -58,7 +58,7 @@ def inner_session(folder: Path, test_text: str, *args: str) -> subprocess.Comple
     --failpoints, fixtures, the report plugin), in `folder`; NO_COLOR so the output is plain."""
     shutil.copy(ROOT / "conftest.py", folder / "conftest.py")
     (folder / "test_synthetic.py").write_text(test_text)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+    env = nested_env(PYTHONPATH=str(ROOT), NO_COLOR="1")
     return subprocess.run([sys.executable, "-m", "pytest", "test_synthetic.py", "-p", "no:cacheprovider", *args],
                           cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 

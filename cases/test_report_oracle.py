@@ -20,7 +20,6 @@ combination and checks the written JSON report against the same oracle.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nested import nested_env
 
 from verifier.plugin import RECORD, Controller
 
@@ -330,7 +330,7 @@ def test_a_real_two_worker_run_files_every_combination_as_the_oracle_does(tmp_pa
     # only the report plugin: the repository's conftest.py would import the engine (seconds per process)
     (tmp_path / "conftest.py").write_text('pytest_plugins = ["verifier.plugin"]\n')
     (tmp_path / "test_synthetic.py").write_text(SYNTHETIC)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+    env = nested_env(PYTHONPATH=str(ROOT), NO_COLOR="1")
     done = subprocess.run([sys.executable, "-m", "pytest", "test_synthetic.py", "-p", "no:cacheprovider", "-n", "2",
                            "--report-json", "report.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from nested import nested_env
 
 pytestmark = pytest.mark.gate_area("verifier")
 
@@ -59,7 +60,7 @@ ON_ONE_WORKER = pytest.mark.xdist_group("reproduce-gate")
 def _env(tmp: Path) -> dict[str, str]:
     """`python` on PATH is this interpreter (the line says `python`); this checkout is importable."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return dict(os.environ, PATH=path, PYTHONPATH=str(ROOT), NO_COLOR="1", HOME=os.environ.get("HOME", str(tmp)))
+    return nested_env(PATH=path, PYTHONPATH=str(ROOT), NO_COLOR="1", HOME=os.environ.get("HOME", str(tmp)))
 
 
 @pytest.fixture(scope="module")

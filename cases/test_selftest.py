@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from nested import nested_env
 
 from verifier import selftest_events
 from verifier.selftest import case_files, case_function
@@ -60,7 +61,7 @@ def stand_in_gate(root: Path, broken: bool = False) -> Path:
 def selftest(cases: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = cases.parent / "selftest.json"
     proc = subprocess.run([sys.executable, "-m", "verifier.selftest", "--cases", str(cases), "--json", str(out), *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=nested_env())
     return proc, json.loads(out.read_text()) if out.exists() else {}
 
 
@@ -249,7 +250,8 @@ def clean_report(cases: Path) -> Path:
     """The gate report of a clean pytest run of the stand-in, as CI writes it before the selftest."""
     report = cases.parent / "clean-report.json"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "verifier.plugin", "--report-json", str(report),
-                           "cases"], cwd=cases.parent, capture_output=True, text=True, timeout=300)
+                           "cases"], cwd=cases.parent, capture_output=True, text=True, timeout=300,
+                          env=nested_env())
     assert done.returncode == 0, done.stdout + done.stderr
     return report
 
@@ -271,6 +273,6 @@ def test_skip_clean_without_the_clean_report_or_with_a_failed_one_is_refused(tmp
     cases = stand_in_gate(broken, broken=True)
     report = broken / "clean-report.json"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "verifier.plugin", "--report-json", str(report), "cases"],
-                   cwd=broken, capture_output=True, timeout=300)
+                   cwd=broken, capture_output=True, timeout=300, env=nested_env())
     proc, _ = selftest(cases, "--skip-clean", "--clean-report", str(report), "--only", "router.skip_renorm")
     assert proc.returncode == 2 and "the clean run's verdict is 'divergence', not 'pass'" in proc.stderr

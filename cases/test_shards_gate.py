@@ -14,13 +14,13 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from nested import nested_env
 
 from verifier import cli_durations, cli_merge
 
@@ -63,7 +63,7 @@ def _verb(module, *words: str) -> tuple[int, str]:
 
 
 def _run(folder: Path, *command: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+    env = nested_env(PYTHONPATH=str(ROOT), NO_COLOR="1")
     return subprocess.run([sys.executable, "-m", *command], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=300)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nested import nested_env
 
 from verifier.__main__ import main
 
@@ -164,7 +165,7 @@ def case_file(folder: Path, text: str) -> Path:
 def gate(case: Path, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "verifier", "gate", "-n", "0", "--cases", str(case), *argv],
                           capture_output=True, text=True, cwd=case.parent, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1"))
+                          env=nested_env(PYTHONPATH=str(ROOT), NO_COLOR="1"))
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def tiny_run(folder: Path, *options: str) -> str:
         (folder / name).write_text(text)
     done = subprocess.run([sys.executable, "-m", "pytest", *TINY, "-p", "verifier.plugin", "-p", "no:cacheprovider",
                            "-q", "--tb=no", "-n", "1", *options], capture_output=True, text=True, cwd=folder,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1"))
+                          timeout=300, env=nested_env(PYTHONPATH=str(ROOT), NO_COLOR="1"))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
