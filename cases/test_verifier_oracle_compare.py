@@ -142,6 +142,14 @@ def _moved(dtype: str, value, rtol: float, atol: float, exact_tie: bool):
 # oracle once overflowed there and excused index 3; found by a fresh-clone CI run).
 @example((np.array([0.0, 0.0, np.inf, 0.0], dtype=np.float16), np.array([0.0, 0.0, 1.79769313e308, 1.79769313e308]),
           Tolerance(rtol=1e-05, atol=1e-05, unit=1.0), False))
+# A difference exactly on the bound is close (|a - e| <= bound: 0.75 = 0.25 + 0.5 x 1, all exact in
+# binary), and NaN against NaN is a mismatch unless equal_nan was asked: at 500 draws the generator
+# missed both a `<` planted for `<=` and an equal_nan that was ignored (probed in session 9).
+@example((np.array([1.75]), np.array([1.0]), Tolerance(rtol=0.5, atol=0.25, unit=INF), False))
+@example((np.array([math.nan, 1.0], dtype=np.float32), np.array([math.nan, 1.0]), Tolerance(rtol=1e-5, atol=1e-5, unit=INF),
+          False))
+@example((np.array([math.nan, 1.0], dtype=np.float32), np.array([math.nan, 1.0]), Tolerance(rtol=1e-5, atol=1e-5, unit=INF),
+          True))
 def test_compare_agrees_with_the_oracle(pair):
     a, e, tol, equal_nan = pair
     floating = e.dtype.kind == "f"
