@@ -25,6 +25,7 @@ def piece_program(model: PiecewiseModel, index: int) -> Callable[[list], Tensors
     names = tuple(spec[0] for spec in model.piece_inputs(index))
     outputs = model.piece_outputs(index)
 
+    @paddle.jit.not_to_static  # nothing here to convert: see `_unconverted`
     def piece(inputs: list) -> Tensors:
         return _trace_piece(model, index, dict(zip(names, inputs)), outputs)
 
@@ -36,10 +37,18 @@ def whole_step_program(model: WholeStepModel, table_width: int) -> Callable[[lis
     tensors), one per layer. Outputs: `model.whole_step_outputs(i)` of every piece i, in piece order."""
     names = tuple(spec[0] for spec in model.whole_step_inputs(table_width))
 
+    @paddle.jit.not_to_static  # nothing here to convert: see `_unconverted`
     def whole_step(inputs: list, keys: list, values: list) -> Tensors:
         return _trace_whole_step(model, dict(zip(names, inputs)), keys, values)
 
     return whole_step
+
+
+# `_unconverted`: the functions handed to the backends are marked not_to_static too, not only the
+# traced bodies they call. A new closure is made per piece per runner, and to_static's AST converter
+# keys its cache on the function object: each engine's capture re-read the source file
+# (inspect.getsource tokenises the whole module), rewrote the AST, wrote a temp module and imported
+# it, about 45 ms per piece, ops identical (the closure calls only unconverted code), so for nothing.
 
 
 def whole_step_layout(model: WholeStepModel) -> list[tuple[int, str]]:
