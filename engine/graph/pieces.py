@@ -6,6 +6,12 @@ order `model.piece_inputs(i)` names them) returning a tuple (its outputs, in the
 and reused for every capture size (the static backend keeps one `to_static` per function object and
 builds one fixed-shape program per size from it). `whole_step_program` is the same for the whole
 stack of a decode-only step, the fixed-shape attention included, reading the KV cache in place.
+
+The functions handed to the backends are marked not_to_static, as the bodies they call are. A new
+closure is made per piece per runner and to_static's AST converter caches by function object, so
+each engine's capture re-read this module's source (inspect.getsource tokenises the whole file),
+rewrote the AST, wrote and imported a temporary module, about 7 ms of CPU a piece (more for the
+first), to produce the same ops: the closures only call unconverted code.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ def piece_program(model: PiecewiseModel, index: int) -> Callable[[list], Tensors
     names = tuple(spec[0] for spec in model.piece_inputs(index))
     outputs = model.piece_outputs(index)
 
+    @paddle.jit.not_to_static  # see the module docstring
     def piece(inputs: list) -> Tensors:
         return _trace_piece(model, index, dict(zip(names, inputs)), outputs)
 
@@ -36,6 +43,7 @@ def whole_step_program(model: WholeStepModel, table_width: int) -> Callable[[lis
     tensors), one per layer. Outputs: `model.whole_step_outputs(i)` of every piece i, in piece order."""
     names = tuple(spec[0] for spec in model.whole_step_inputs(table_width))
 
+    @paddle.jit.not_to_static  # see the module docstring
     def whole_step(inputs: list, keys: list, values: list) -> Tensors:
         return _trace_whole_step(model, dict(zip(names, inputs)), keys, values)
 

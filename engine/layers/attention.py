@@ -101,15 +101,16 @@ def build_plan(spans: tuple[SequenceSpan, ...]) -> AttentionPlan:
 
 
 def _group(members: list[tuple[SequenceSpan, int, int]], rows: int, keys: int) -> BlockGroup:
-    query_rows = np.zeros((len(members), rows), dtype=np.int64)
+    """The group's index tensors and mask, built for all members at once (one broadcast compare for
+    the mask instead of a boolean assignment per member: a long prefill's groups are [G, 128, S])."""
     slots = np.zeros((len(members), keys), dtype=np.int64)
-    mask = np.full((len(members), rows, keys), -np.inf, dtype=np.float32)
-    key_pos = np.arange(keys)
-    for g, (span, first, seen) in enumerate(members):
-        query_rows[g] = span.row_start + first + np.arange(rows)
+    for g, (span, _, seen) in enumerate(members):
         slots[g, :seen] = np.asarray(span.slots)[:seen]
-        query_pos = span.context_len + first + np.arange(rows)  # [rows]
-        mask[g][key_pos[None, :] <= query_pos[:, None]] = 0.0
+    offsets = np.arange(rows, dtype=np.int64)
+    query_rows = np.asarray([span.row_start + first for span, first, _ in members], dtype=np.int64)[:, None] + offsets
+    query_pos = np.asarray([span.context_len + first for span, first, _ in members], dtype=np.int64)[:, None] + offsets
+    visible = np.arange(keys, dtype=np.int64) <= query_pos[:, :, None]  # [G, rows, keys]
+    mask = np.where(visible, np.float32(0.0), np.float32(-np.inf))
     return BlockGroup(paddle.to_tensor(query_rows.reshape(-1)), paddle.to_tensor(slots.reshape(-1)),
                       paddle.to_tensor(mask), rows, keys)
 
