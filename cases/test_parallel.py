@@ -93,15 +93,19 @@ def run_on_ranks(pool: RankPool, payload: dict) -> dict:
     return dumps[0]
 
 
+def one_rank(engine_for, name: str, prompts) -> dict:
+    llm = engine_for(name)
+    return dump_arrays(llm.generate(prompts, MAX_NEW_TOKENS), llm.model_config.moe_layers)
+
+
 @pytest.fixture(scope="module")
-def one_rank(engine_for, prompts):
-    """one_rank(name) -> the 1-rank eager dump of the default prompts, computed once per checkpoint."""
+def one_rank_default(engine_for, prompts):
+    """one_rank_default(name) -> the 1-rank eager dump of the default prompts, computed once per checkpoint."""
     cache: dict = {}
 
     def run(name: str) -> dict:
         if name not in cache:
-            llm = engine_for(name)
-            cache[name] = dump_arrays(llm.generate(prompts, MAX_NEW_TOKENS), llm.model_config.moe_layers)
+            cache[name] = one_rank(engine_for, name, prompts)
         return cache[name]
 
     return run
@@ -110,9 +114,9 @@ def one_rank(engine_for, prompts):
 @pytest.mark.parametrize("mode", ["eager", "piecewise"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", NAMES)
-def test_four_ranks_match_one_rank(default_runs, one_rank, golden, name, layout, mode):
+def test_four_ranks_match_one_rank(default_runs, one_rank_default, golden, name, layout, mode):
     four = default_runs(name, layout, mode)
-    reference = with_margins(one_rank(name), golden(name))
+    reference = with_margins(one_rank_default(name), golden(name))
     compare_dumps(four, reference, logits_tol=FLOAT32).assert_ok()
     compare_dumps(four, golden(name), logits_tol=GOLDEN_LOGITS, max_rel_l2=GOLDEN_MAX_REL_L2).assert_ok()
 
@@ -173,9 +177,9 @@ FAULTS = [("dist.skip_allreduce", "tp4"), ("dist.wrong_expert_map", "tp4_ep4"), 
 
 
 @pytest.mark.parametrize("fault,layout", FAULTS, ids=[f for f, _ in FAULTS])
-def test_planted_parallel_fault_is_caught(pool, one_rank, prompts, fault, layout):
+def test_planted_parallel_fault_is_caught(pool, one_rank_default, prompts, fault, layout):
     dumps = dumps_by_rank(pool, request("glm4_moe", layout, "eager", prompts, fault))
-    reference = one_rank("glm4_moe")
+    reference = one_rank_default("glm4_moe")
     problems = rank_disagreements(dumps) + compare_dumps(dumps[0], reference, logits_tol=FLOAT32).failures()
     assert problems, f"{fault} went unnoticed"
 
