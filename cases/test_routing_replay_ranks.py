@@ -2,43 +2,34 @@
 file holding every MoE layer's full top-k, and the ids match the goldens' expert sets. Every rank
 checks each step that all ranks recorded the same ids (a disagreement is a ParallelError).
 
-One layout runs the CLI as a real 4-rank job (the writer path a user runs: flags, launcher, rank 0's
-files); the other layout and the planted disagreement run on the warm 4-rank pool of the group
+Both layouts and the planted disagreement run on the warm 4-rank pool of the group
 (cases/conftest.py `four_rank_pool`), which builds a fresh engine writing to the case's folder, so
-they pay no launch and no Paddle import per rank. All on the worker of the other 4-rank cases
-(never two jobs at once).
+they pay no launch and no Paddle import per rank (a 4-rank CLI job here cost a launcher, four
+Paddle imports and a CLI process, about 10 s of CPU). The CLI's writer path on several ranks
+(flags, launcher, rank 0's files) is the 2-rank job of cases/conftest.py's `two_rank_routing_job`
+(test_routing_writer_rank.py). All on the worker of the other 4-rank cases (never two jobs at once).
 """
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from engine_cli import ROOT, engine_env, engine_run
 from test_routing_replay_engine import MAX_NEW, NAME, check_goldens, check_tables
 
 from engine.failpoints import Failpoints
 from engine.launch import RankJobError
 from engine.routing_replay.reader import load_routing
-from fixtures.pytest_fixtures import PROMPTS, checkpoint_dir
 
 pytestmark = pytest.mark.xdist_group("four_ranks")
 
 
-def run_job(faults: Failpoints, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """The CLI as a real job with `faults` (the run's failpoints, plus any the case plants) on every rank."""
-    command = engine_run(faults, checkpoint_dir(NAME), "--prompts", PROMPTS, "--max-new-tokens", MAX_NEW,
-                         "--log-dir", tmp_path / "logs", *args)
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=engine_env())
-
-
 # Inside the capture guard, as in the seed's 4-card run: TP4+EP4 full_and_piecewise with every size
-# captured at start-up (decode steps replay the whole-step graph) as a CLI job; TP4 piecewise with lazy
-# capture (the first step, a 119-token prefill, captures size 128 before it replays) on the pool.
-GRAPHS = ["--capture-sizes", "16,128", "--decode-capture-sizes", "4"]
-CLI_LAYOUT = ["--tp", "4", "--ep", "4", "--graph", "full_and_piecewise", "--capture", "eager", *GRAPHS]
+# captured at start-up (decode steps replay the whole-step graph); TP4 piecewise with lazy capture (the
+# first step, a 119-token prefill, captures size 128 before it replays).
+FULL_LAYOUT = {"tp": 4, "ep": 4, "mode": "full_and_piecewise", "capture": "eager", "capture_sizes": [16, 128],
+               "decode_capture_sizes": [4]}
 POOL_LAYOUT = {"tp": 4, "ep": 1, "mode": "piecewise", "capture_sizes": [16, 128], "decode_capture_sizes": [4]}
 
 
@@ -60,13 +51,11 @@ def check_folder(folder: Path, prompts, greedy: dict, golden: dict) -> None:
     assert check_goldens(tables, prompts, outputs, golden, cfg.moe_layers) == []
 
 
-def test_four_ranks_write_one_complete_file_per_request(faults, prompts, golden, tmp_path):
-    """The CLI job (TP4+EP4, whole-step graphs captured at start-up)."""
+def test_four_ranks_write_one_complete_file_per_request(four_rank_pool, faults, prompts, golden, tmp_path):
+    """TP4+EP4, whole-step graphs captured at start-up, on the warm ranks."""
     folder = tmp_path / "r3"
-    job = run_job(faults, [*CLI_LAYOUT, "--routing-replay-dir", str(folder)], tmp_path)
-    assert job.returncode == 0, job.stderr
-    greedy = dict(line.split(": ") for line in job.stdout.splitlines() if ": " in line)
-    check_folder(folder, prompts, {name: tokens.split() for name, tokens in greedy.items()}, golden(NAME))
+    replies = pool_run(four_rank_pool, faults, prompts, folder, **FULL_LAYOUT)
+    check_folder(folder, prompts, {p.name: replies[0][f"greedy_p{i}"] for i, p in enumerate(prompts)}, golden(NAME))
 
 
 def test_pool_ranks_write_one_complete_file_per_request(four_rank_pool, faults, prompts, golden, tmp_path):

@@ -1,8 +1,8 @@
 """A RankPool server that runs the engine on every rank of a TP/EP job (for cases/test_parallel.py).
 
 Request: {"checkpoint": name, "tp": N, "ep": N, "mode": graph mode, "capture_sizes": [...],
-"decode_capture_sizes": [...], "max_num_batched_tokens": T, "prompts": [[ids], ...],
-"max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T, "moe_form": "dense" | "sparse",
+"decode_capture_sizes": [...], "capture": "lazy" | "eager", "max_num_batched_tokens": T,
+"prompts": [[ids], ...], "max_new_tokens": N, "failpoints": "a,b", "fused_max_tokens": T, "moe_form": "dense" | "sparse",
 "dtype": "float32" | "float64", "names": [prompt names], "routing_replay_dir": DIR}; or
 {"hang": rank} / {"exit": rank} to plant a hung or dead rank. Reply: the run's dump arrays
 (engine/dump.py keys) plus "rank", "stats" and "failpoints" (the names planted in the engine that
@@ -34,7 +34,8 @@ def engine_for(request: dict) -> LLM:
     """The cached engine of the request's configuration; a fresh one for a routing-replay run."""
     graph = GraphConfig(mode=request.get("mode", "eager"), backend="static",
                         prefill_capture_sizes=tuple(request.get("capture_sizes") or ()) or None,
-                        decode_capture_sizes=tuple(request.get("decode_capture_sizes") or ()) or None)
+                        decode_capture_sizes=tuple(request.get("decode_capture_sizes") or ()) or None,
+                        capture=request.get("capture", "lazy"))
     config = EngineConfig(max_num_batched_tokens=request.get("max_num_batched_tokens", 8192), graph=graph,
                           parallel=ParallelConfig(tp=request["tp"], ep=request.get("ep", 1),
                                                   fused_allreduce_max_tokens=request.get("fused_max_tokens", 2048)),
