@@ -35,3 +35,16 @@ def pytest_addoption(parser, pluginmanager):
 def pytest_configure(config):
     if config.pluginmanager.get_plugin("xdist") is None:  # xdist registers its own marker
         config.addinivalue_line("markers", "xdist_group(name): run on one xdist worker (no effect without xdist)")
+
+
+def pytest_collection_finish(session):
+    """Move everything alive after collection (Paddle, the engine, the collected cases: most of a
+    worker's heap, none of it garbage) out of the cyclic collector's reach with `gc.freeze()`.
+    Every full collection of the run, and the five pytest makes at the end of a session, otherwise
+    walk that heap again: about 1.3 s per worker at the end alone, and 2-4% of a worker's CPU
+    during the run (measured on test_graph.py + test_router.py: 1.6-2.3 s of gc against
+    1.1-1.6 s frozen). Objects created later are collected as before."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
