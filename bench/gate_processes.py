@@ -201,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / "results" / f"gate-processes-{slug(cpu_model())}-{time.strftime('%Y%m%d-%H%M')}.json"
     out.write_text(json.dumps({"command": command, "exit": code, "wall_s": wall, "cpu_s": total,
                                "machine": cpu_model(), "git": git_state(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                               "kinds": [{"kind": name, **group} for name, group in rows]}, indent=1))
+                               "kinds": [{"kind": name, **group} for name, group in rows],
+                               # every process that used 0.1 s or more, heaviest first
+                               "processes": sorted(({"pid": pid, "ppid": r["ppid"], "cpu": r["cpu"],
+                                                     "elapsed": round(r["elapsed"], 2), "exit": r["exit"],
+                                                     "kind": kind_of(pid), "command": " ".join(execs.get(pid, []))[:400]}
+                                                    for pid, r in records.items() if r["cpu"] >= 0.1),
+                                                   key=lambda row: -row["cpu"])}, indent=1))
     print(f"wrote {out}")
     return 0
 
