@@ -29,6 +29,12 @@ def scaled_examples(fraction: float, minimum: int = 2) -> int:
     return max(minimum, round(settings.default.max_examples * fraction))
 
 
+def ci_examples(ci: int, fraction: float) -> int:
+    """`ci` drawn examples under the `ci` profile (max_examples 25), else `fraction` of the profile's
+    count (scaled_examples): the gate keeps few model runs per case, every other profile its reach."""
+    return ci if settings.default.max_examples <= 25 else scaled_examples(fraction)
+
+
 def padded_to(sizes: Sequence[int], num_tokens: int) -> int | None:
     """Reference rounding, independent of the engine: the smallest size >= num_tokens, else None."""
     return next((s for s in sorted(sizes) if s >= num_tokens), None)

@@ -28,6 +28,7 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from strategies import (
     capture_size_lists,
+    ci_examples,
     compositions,
     padded_to,
     prompt_sets,
@@ -70,12 +71,6 @@ NAMES = [pytest.param(name, id=name, marks=pytest.mark.xdist_group(f"graph-{name
 
 FEW = scaled_examples(0.2)  # ci 5, nightly 400 (test_user_model.py's battery)
 SOME = scaled_examples(0.32)  # ci 8, nightly 640
-
-
-def ci_examples(ci: int, fraction: float) -> int:
-    """`ci` drawn examples under the `ci` profile (max_examples 25), else `fraction` of the profile's
-    count (scaled_examples): the gate keeps fewer model runs per case, every other profile its reach."""
-    return ci if settings.default.max_examples <= 25 else scaled_examples(fraction)
 
 
 # Each example is one or two model steps (~0.2 s of CPU, issue 22): the gate runs the explicit

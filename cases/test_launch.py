@@ -226,7 +226,7 @@ def test_a_rank_the_launcher_terminated_is_not_blamed_before_the_failure_that_ma
     """Rank 0's watchdog ended it (exit 124); the launcher then SIGTERMed rank 1, whose death was seen
     0.1 s later, within HARD_DEATH_LEAD_S (seen in a loaded gate run: rank 1 was blamed)."""
     ranks, reason = first_failure(evidence(records={0: (124, 100.0)}, deaths={1: 100.1}, terminated={1}))
-    assert ranks == [0] and reason.startswith("stuck") is False and "exit code 124" in reason
+    assert ranks == [0] and "exit code 124" in reason
     # Killed by anyone else (a case's own kill), the death is still blamed first.
     assert first_failure(evidence(records={0: (124, 100.0)}, deaths={1: 100.1}))[0] == [1]
     # With no other failure, a terminated rank is still the one named.

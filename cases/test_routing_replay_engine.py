@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from engine_cli import engine_main
-from strategies import prompt_sets, scaled_examples
+from strategies import ci_examples, prompt_sets
 
 from engine.config import EngineConfig, GraphConfig
 from engine.failpoints import NO_FAULTS, Failpoints
@@ -206,7 +206,7 @@ drawn = st.tuples(prompt_sets(512, max_prompts=5, max_len=48), st.integers(1, 5)
 
 # Each example runs its workload three times (eager and both graph modes, ~0.5 s of CPU): the gate
 # draws 2, every other profile a share of its count (nightly 400), as before (issue 22).
-@settings(max_examples=2 if settings.default.max_examples <= 25 else scaled_examples(0.2), deadline=None)
+@settings(max_examples=ci_examples(2, 0.2), deadline=None)
 @given(drawn)
 def test_drawn_workloads_record_the_same_tables_in_every_mode(engines, tmp_path_factory, workload):
     """Prompt lengths across the chunk and capture-size boundaries, requests finishing in one step
