@@ -3,7 +3,8 @@
 Each launched test costs one start of 1 or 2 ranks (the fewest that ask its question: every
 process is a Python that imports Paddle, ~1.5 s of CPU, plus the launcher's own); the rank
 programs live in cases/rank_programs/. Every test that launches also checks that no process of
-the job is left. Seven jobs, 13 ranks in all: one pool serves both pool cases' questions in turn.
+the job is left. Six jobs, 11 ranks in all: one pool serves both pool questions in turn, and starts
+beside an all_reduce job to show that two jobs started at once on their own start ports do not collide.
 """
 
 from __future__ import annotations
@@ -92,38 +93,43 @@ def test_the_collective_watchdog_ends_a_job_whose_rank_never_joins_and_says_who_
     assert job_pids(error.token) == []
 
 
-def test_two_concurrent_jobs_all_reduce_on_the_start_ports_they_were_given(tmp_path):
+def masters(log_dir: Path) -> set[str]:
+    """PADDLE_MASTER (rank 0's store address) as the launcher gave it to the job's ranks."""
+    return {line for path in log_dir.glob("envlog.*") for line in path.read_text().splitlines()
+            if line.startswith("PADDLE_MASTER=")}
+
+
+def test_a_job_and_a_pool_started_at_once_on_their_own_start_ports_do_not_collide_then_the_pool_answers_and_stops(
+        tmp_path, faults):
     """Two 2-rank jobs at once, each told its own start port (the next one goes to its other rank),
-    do not collide, and every rank of each was pointed at its own job's store on that port."""
+    an all_reduce job and a pool: they do not collide, and every rank of each was pointed at its own
+    job's store on that port. The pool is then asked both pool questions in turn (one start instead
+    of two): several requests answered in rank order (the sum over (rank + 1) is 3) and a failure on
+    every rank that leaves the ranks in step, then a failure on rank 1 alone while its silent peer
+    is stuck in the collective, which stops the pool."""
     first = free_port(4)
     ports = [first, first + 2]
-
-    def job(index: int):
-        out = tmp_path / f"out{index}"
-        out.mkdir()
-        return run_ranks([ALLREDUCE, str(out), "--scale", str(index + 1)], 2, timeout_s=BOUND_S,
-                         log_dir=tmp_path / f"logs{index}", start_port=ports[index]), out
-
-    with ThreadPoolExecutor(2) as executor:
-        finished = list(executor.map(job, range(2)))
-    for index, (result, out) in enumerate(finished):
-        assert result.returncode == 0 and result.port == ports[index]
-        masters = {line for path in result.log_dir.glob("envlog.*") for line in path.read_text().splitlines()
-                   if line.startswith("PADDLE_MASTER=")}
-        assert masters == {f"PADDLE_MASTER=127.0.0.1:{ports[index]}"}, masters
-        for value in rank_values(out, 2):  # every rank holds the sum over ranks of scale * (rank + 1)
-            np.testing.assert_array_equal(value, np.full(3, (index + 1) * (1 + 2), np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    with ThreadPoolExecutor(1) as executor:
+        beside = executor.submit(run_ranks, [ALLREDUCE, str(out), "--scale", "2"], 2, timeout_s=BOUND_S,
+                                 log_dir=tmp_path / "job-logs", start_port=ports[1])
+        pool = RankPool([POOL_SERVER], 2, failpoints=faults, start_timeout_s=BOUND_S, log_dir=tmp_path / "pool-logs",
+                        start_port=ports[0])
+        try:
+            result = beside.result()
+        except BaseException:
+            pool.close()
+            raise
+    try:
+        assert result.returncode == 0 and result.port == ports[1]
+        assert masters(result.log_dir) == {f"PADDLE_MASTER=127.0.0.1:{ports[1]}"}
+        for value in rank_values(out, 2):  # every rank holds the sum over ranks of 2 * (rank + 1)
+            np.testing.assert_array_equal(value, np.full(3, 2 * (1 + 2), np.float32))
         assert sorted(result.rank_logs) == [0, 1] and all(p.exists() for p in result.rank_logs.values())
         assert job_pids(result.token) == []
+        assert masters(pool.log_dir) == {f"PADDLE_MASTER=127.0.0.1:{ports[0]}"}
 
-
-def test_pool_answers_requests_then_names_the_rank_whose_handler_raised_and_stops(tmp_path, faults):
-    """One 2-rank pool asked both questions in turn (one start instead of two): several requests
-    answered in rank order (the sum over (rank + 1) is 3) and a failure on every rank that leaves
-    the ranks in step, then a failure on rank 1 alone while its silent peer is stuck in the
-    collective, which stops the pool."""
-    pool = RankPool([POOL_SERVER], 2, failpoints=faults, start_timeout_s=BOUND_S, log_dir=tmp_path)
-    try:
         for seed in range(3):
             x = np.random.default_rng(seed).standard_normal(5 + seed).astype(np.float32)
             replies = pool.request({"x": x})
