@@ -6,7 +6,8 @@ The yardstick's checkpoint and set-up (bench/defaults_yardstick.py: `LLM(ckpt)` 
 transformers on the engine's thread count). Each side's functions for a layer part are wrapped by a
 timer that keeps *exclusive* wall time (a part's time minus the parts called inside it), so the
 rows add up to the step. Both libraries' CPU ops are synchronous, so wall time around a call is
-that call's cost. Per part the median over `--reps` prefills (after one warm-up each) is printed
+that call's cost. On a loaded machine use `--clock cpu` with OMP_NUM_THREADS=1 (each side's
+own CPU seconds on one thread, as bench/step_cpu_time.py). Per part the median over `--reps` prefills (after one warm-up each) is printed
 as a table part -> engine ms / transformers ms, and written as JSON with `--out`.
 """
 
@@ -29,18 +30,19 @@ from bench.hf_yardstick import ARCH, build_checkpoint, engine_steps, hf_prefill,
 class Timers:
     """Exclusive wall time per part name: nested parts subtract from their caller."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.totals: dict[str, float] = defaultdict(float)
         self.stack: list[list] = []  # [name, start, child time]
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
-            self.stack.append([name, time.perf_counter(), 0.0])
+            self.stack.append([name, self.clock(), 0.0])
             try:
                 return fn(*args, **kwargs)
             finally:
                 part, start, children = self.stack.pop()
-                spent = time.perf_counter() - start
+                spent = self.clock() - start
                 self.totals[part] += spent - children
                 if self.stack:
                     self.stack[-1][2] += spent
@@ -113,6 +115,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--side", choices=("both", "engine", "transformers"), default="both")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: process CPU time, the loaded machine's proxy (run with OMP_NUM_THREADS=1)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import torch
@@ -121,14 +125,15 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="prefill-profile-"))
-    results = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "reps": args.reps,
+    results = {"clock": args.clock, "omp_num_threads": __import__("os").environ.get("OMP_NUM_THREADS"), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "reps": args.reps,
                "load_average_start": [round(x, 2) for x in __import__("os").getloadavg()], "sizes": []}
     try:
         build_checkpoint(tmp, args.experts, max_positions=2048 + 64)
         llm = LLM(tmp)
         torch.set_num_threads(llm.setup.threads or torch.get_num_threads())
         hf = load_hf(tmp, None)
-        timers = Timers()
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        timers = Timers(clock)
         patch_engine(timers)
         patch_hf(timers, hf)
         sides = {"engine": lambda ids: engine_steps(llm, ids, 1),
@@ -145,9 +150,9 @@ def main() -> None:
             for rep in range(args.reps):
                 for side in (list(sides) if rep % 2 == 0 else list(reversed(sides))):
                     time.sleep(0.3)
-                    start = time.perf_counter()
+                    start = clock()
                     sides[side](ids)
-                    totals[side].append(time.perf_counter() - start)
+                    totals[side].append(clock() - start)
                     for part, spent in timers.take().items():
                         parts[side][part].append(spent)
             row = {"tokens": n, "total_ms": {s: statistics.median(v) * 1e3 for s, v in totals.items()},
