@@ -90,14 +90,13 @@ def build_plan(spans: tuple[SequenceSpan, ...]) -> AttentionPlan:
             seen = span.context_len + first + rows  # keys visible to the block's last row
             keys = -(-seen // KEY_ROUND) * KEY_ROUND
             blocks.setdefault((rows, keys), []).append((span, first, seen))
-    groups, where, base = [], {}, 0
+    groups, sources = [], []
     for (rows, keys), members in blocks.items():
         groups.append(_group(members, rows, keys))
-        for g, (span, first, _) in enumerate(members):
-            for r in range(rows):
-                where[span.row_start + first + r] = base + g * rows + r
-        base += len(members) * rows
-    order = np.asarray([where[t] for t in sorted(where)], dtype=np.int64)
+        starts = np.asarray([span.row_start + first for span, first, _ in members], dtype=np.int64)
+        sources.append((starts[:, None] + np.arange(rows, dtype=np.int64)).reshape(-1))  # token of each output row
+    # output row i holds token sources[i]; token t's row is where the sorted sources put it
+    order = np.argsort(np.concatenate(sources), kind="stable").astype(np.int64)
     in_order = bool((order == np.arange(order.size)).all())
     return AttentionPlan(tuple(groups), paddle.to_tensor(order), in_order)
 
