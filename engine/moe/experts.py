@@ -166,7 +166,7 @@ def _segment_loop(x, plan, bounds: np.ndarray, gate, up, down) -> paddle.Tensor:
     if len(used) == 1:
         runs = [xs]
     elif routed >= SLICE_ROWS:  # row slices are views; a split copies every row (2048 tokens: 4.5 ms)
-        runs = [xs[int(a):int(b)] for a, b in zip(bounds[used], bounds[used + 1])]
+        runs = [xs[int(lo):int(hi)] for lo, hi in zip(bounds[used], bounds[used + 1])]
     else:  # few rows: one split for all experts' runs (one call, not one slice per expert)
         runs = paddle.split(xs, [int(n) for n in bounds[used + 1] - bounds[used]])
     outs = []
