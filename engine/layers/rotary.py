@@ -29,8 +29,15 @@ def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> pa
 
     (x1*cos - x2*sin, x2*cos + x1*sin) is elementwise the reference's x*cos + rotate_half(x)*sin:
     negating a product is exact, so the results are the same bits. Written per half, it is 13 graph
-    ops instead of 24 (fewer ops to build per captured piece, fewer kernels per step)."""
+    ops instead of 24 (fewer ops to build per captured piece, fewer kernels per step).
+
+    A [T, 1, rd/2] table is first expanded to x's heads: Paddle's CPU kernels broadcast a size-1
+    middle axis at about a tenth of a plain elementwise op's speed (a 2048-token prefill: 1.14 ms
+    for one such product against 0.21 ms same-shaped), and the four products then run same-shaped.
+    The same numbers are multiplied, so the result is the same bits."""
     half = cos.shape[-1]
+    if len(x.shape) == 3 and x.shape[1] > 1 and cos.shape[1] == 1:
+        cos, sin = (paddle.expand(t, [-1, x.shape[1], -1]) for t in (cos, sin))  # [T, heads, rd/2]
     pass_dims = x.shape[-1] - 2 * half
     if pass_dims:
         x1, x2, x_pass = paddle.split(x, [half, half, pass_dims], axis=-1)
