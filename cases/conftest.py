@@ -95,6 +95,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
+    for item in items:  # xdist joins several group marks into a group of its own, which another
+        # worker may run (beside a second warm pool): a case names one group only
+        names = {mark.args[0] if mark.args else mark.kwargs.get("name") for mark in item.iter_markers("xdist_group")}
+        if len(names) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: xdist_group marks {sorted(names)}; give it one group only")
     if config.getoption("--gate-order") != "fail-fast":
         return
     from gate_order import sort_items  # cases/ is on sys.path, as for the other helper modules

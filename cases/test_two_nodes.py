@@ -51,10 +51,14 @@ START_BOUND_S = 6.0  # the start-up bound of the case whose second node never st
 START_DEADLINE_S = 45.0  # that case's own deadline: the bound, the stack dumps, the stop, on loaded cores
 TOKENS = 2  # a prefill and one decode step: enough for bitwise equality, cheap on two cores
 
-# One xdist group: these 2-node jobs run one after another on one worker, never two at once on two
-# cores (each is 2 CLIs, 2 launchers and 4 ranks); the dump cases override it with "four_ranks".
-pytestmark = [pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable())),
-              pytest.mark.xdist_group("two_nodes")]
+pytestmark = pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable()))
+
+# The 2-node failure jobs run one after another on one worker, never two at once on two cores (each
+# is 2 CLIs, 2 launchers and 2 ranks). The two bitwise cases are in "four_ranks" instead, the group
+# whose warm pool gives their reference. A case must carry one group mark only: xdist joins several
+# into a group of their own ("four_ranks_two_nodes"), which a second worker then ran, starting a
+# second 4-rank pool for its two requests.
+TWO_NODES = pytest.mark.xdist_group("two_nodes")
 
 
 # Each case's own --start-port (rank 0's store; the launcher assigns the next port to the other rank).
@@ -200,6 +204,7 @@ def test_a_two_node_rank_pool_answers_what_the_one_node_pool_answers_bitwise(hos
             assert_bitwise(outputs(one[rank]), outputs(double), name)
 
 
+@TWO_NODES
 def test_a_rank_killed_on_the_second_node_is_named_there(hosts, tmp_path, faults):
     """2 nodes x 1 rank: rank 1, alone on the second node, is killed mid-run."""
     args = ["--prompts", prompts_file(tmp_path), "--max-new-tokens", 400, "-v"]
@@ -225,6 +230,7 @@ def test_a_rank_killed_on_the_second_node_is_named_there(hosts, tmp_path, faults
     assert [pid for pid in job if alive(pid)] == []
 
 
+@TWO_NODES
 def test_the_watchdog_names_a_stuck_collective_on_both_nodes(hosts, tmp_path, faults):
     """2 nodes x 1 rank: rank 1 (the second node's) runs the step eagerly while rank 0 replays
     its graph, and neither learns it from the other (the agreement check is skipped)."""
@@ -250,6 +256,7 @@ def test_the_watchdog_names_a_stuck_collective_on_both_nodes(hosts, tmp_path, fa
                                where[1]), lines
 
 
+@TWO_NODES
 def test_a_second_node_that_never_starts_is_named_within_the_start_up_bound(hosts, tmp_path, faults):
     """2 nodes x 1 rank, and only node 0's command runs: its rank waits in init_parallel_env for
     rank 1, which never comes. The CLI must end with one error naming this node and the missing
