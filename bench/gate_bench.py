@@ -19,7 +19,8 @@ One pytest run (`-v`, JUnit XML in the xunit1 family, `--hypothesis-show-statist
 
 With `--runs N` the gate runs N times; the run of median wall time is broken down, every run's
 totals are kept, and `quote` is the README's line (median, each run, outcomes, CPU, cores, load
-average at each start, date, commit). Only runs on an idle machine are the README's figure.
+average and machine speed probe at each start, date, commit). Only runs on an idle machine are
+the README's figure, and only runs at the same machine speed (`bench/machine_speed.py`) compare.
 
 Writes bench/results/gate-<machine>-<date>.json and prints a summary. Never imported by tests.
 """
@@ -40,6 +41,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
+from bench import machine_speed
 from bench.machine import ROOT, cpu_model, git_state, slug
 
 WORKER_LINE = re.compile(r"\[(gw\d+)\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (.+?)\s*$")
@@ -188,10 +190,12 @@ def quote(result: dict) -> str:
     machine, gate = result["machine"], result["gate"]
     commit = (machine.get("git") or {}).get("commit", "?")[:7]
     loads = ", ".join(f"{r['load_average_at_start'][0]:g}" for r in result["gate_runs"])
+    speeds = ", ".join(f"{r['machine_speed_s']:g}" for r in result["gate_runs"] if "machine_speed_s" in r)
     return (f"`{result['invocation']}`: {statistics.median(walls):.0f} s "
             f"(median of {len(walls)}: {', '.join(f'{w:.0f}' for w in walls)} s), {gate['outcomes']['passed']} passed, "
             f"{gate['outcomes']['failed']} failed; {machine['cpu']}, {machine['usable_cpus']} cores, load average "
-            f"at start {loads}; {result['started']}, commit {commit}")
+            f"at start {loads}" + (f"; machine speed probe {speeds} s (bench.machine_speed)" if speeds else "")
+            + f"; {result['started']}, commit {commit}")
 
 
 def summary(result: dict) -> str:
@@ -233,17 +237,20 @@ def main() -> None:
     runs = []
     for _ in range(args.runs):
         load = [round(x, 2) for x in os.getloadavg()]
+        speed = machine_speed.probe()  # this machine's speed drifts within the hour: runs compare only at equal speed
         with tempfile.TemporaryDirectory(prefix="gate-bench-") as tmp:
             run = run_gate(args.cases, args.workers, Path(tmp))
             text = run["log"].read_text()
             cases = read_cases(run["junit"]) if run["junit"].exists() else []
             gate = {k: v for k, v in run.items() if k not in ("junit", "log")}
-            gate.update(breakdown(cases, read_workers(text), run["wall_s"]), load_average_at_start=load)
+            gate.update(breakdown(cases, read_workers(text), run["wall_s"]), load_average_at_start=load,
+                        machine_speed_s=speed)
             runs.append((gate, text))
     # The run of median wall time is the one broken down; every run's totals are kept.
     gate, text = sorted(runs, key=lambda r: r[0]["wall_s"])[len(runs) // 2]
     result["gate"] = gate
-    result["gate_runs"] = [{k: g[k] for k in ("wall_s", "cpu_s", "exit_code", "outcomes", "load_average_at_start")}
+    result["gate_runs"] = [{k: g[k] for k in ("wall_s", "cpu_s", "exit_code", "outcomes", "load_average_at_start",
+                                                 "machine_speed_s")}
                            for g, _ in runs]
     result["graph_vs_eager"] = graph_vs_eager(read_hypothesis(text))
     if args.pool_requests > 0:
