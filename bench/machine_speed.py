@@ -5,7 +5,9 @@ commit's gate took 136 s and then 207 s in one evening, its CPU work 328 s and t
 steal time reported. A gate time is only comparable with another taken at the same machine speed, so
 `bench.gate_bench` records this probe before each run. The work: a pure-Python loop and NumPy
 element-wise operations on arrays small enough to stay single-threaded (no BLAS), the mix of the
-gate's own per-op costs. Lower is faster; on the Intel Xeon VM, 2026-12-07: about 0.4 s when fast.
+gate's own per-op costs. Lower is faster. First readings, Intel Xeon VM, 2026-12-07 23:30-23:36:
+0.33-0.34 s, taken beside a whole gate run (which then took 208-213 s). Whether the probe tracks the
+drift is not shown yet: it has no reading from a fast phase; gate_bench's JSONs will tell.
 
     python -m bench.machine_speed        # prints the probe's seconds (best of 3)
 """
