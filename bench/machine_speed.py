@@ -1,8 +1,8 @@
 """How fast this machine is right now: the CPU seconds of one fixed, single-threaded piece of work.
 
-The 2-core VMs these measurements run on change speed by a third or more within an hour (the same
-commit's gate took 136 s and then 207 s in one evening, its CPU work 328 s and then 506 s), with no
-steal time reported. A gate time is only comparable with another taken at the same machine speed, so
+The 2-core VMs these measurements run on change speed by a third or more within an hour (on
+2026-12-07 one commit's gate took 136 s and, 30 minutes later, 208-213 s; session 9's code did 328 s
+and then 506 s of CPU work an hour apart), with no steal time reported. A gate time is only comparable with another taken at the same machine speed, so
 `bench.gate_bench` records this probe before each run. The work: a pure-Python loop and NumPy
 element-wise operations on arrays small enough to stay single-threaded (no BLAS), the mix of the
 gate's own per-op costs. Lower is faster. First readings, Intel Xeon VM, 2026-12-07 23:30-23:36:
