@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from verifier.shard_plugin import group_names
+
 
 @pytest.fixture(scope="session")
 def four_rank_pool(faults):
@@ -97,7 +99,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(session, config, items):
     for item in items:  # xdist joins several group marks into a group of its own, which another
         # worker may run (beside a second warm pool): a case names one group only
-        names = {mark.args[0] if mark.args else mark.kwargs.get("name") for mark in item.iter_markers("xdist_group")}
+        names = group_names(item)
         if len(names) > 1:
             raise pytest.UsageError(f"{item.nodeid}: xdist_group marks {sorted(names)}; give it one group only")
     if config.getoption("--gate-order") != "fail-fast":

@@ -42,6 +42,7 @@ from engine.launch import blame, wire
 from engine.launch.nodes import Nodes, from_flags
 from fixtures.pytest_fixtures import checkpoint_dir
 from test_cli_ranks import alive, processes_below, wait_for_step
+from test_launch import masters
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND_S = 240.0  # a hang detector for every subprocess, not a speed check
@@ -153,12 +154,6 @@ def assert_bitwise(single: dict, double: dict, name: str) -> None:
     assert sorted(single) == sorted(double), name
     differ = [k for k in single if not np.array_equal(single[k], double[k])]
     assert differ == [], f"{name}: {differ} differ between one node and two"
-
-
-def masters(log_dir: Path) -> set[str]:
-    """PADDLE_MASTER (rank 0's store address) as the launcher gave it to this host's ranks."""
-    return {line.split("=", 1)[1] for path in log_dir.glob("envlog.*")
-            for line in path.read_text().splitlines() if line.startswith("PADDLE_MASTER=")}
 
 
 @pytest.mark.xdist_group("four_ranks")  # the reference comes from that group's warm 4-rank pool

@@ -38,10 +38,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="durations file the split balances by (default: the checkout's cases/durations.json)")
 
 
+def group_names(item: pytest.Item) -> set[str]:
+    """The names of the item's xdist_group marks (the gate allows one: cases/conftest.py)."""
+    return {str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")}
+
+
 def group_of(item: pytest.Item) -> str | None:
     """The item's xdist group as xdist's loadgroup names it (several marks: their names, sorted, joined)."""
-    names = {str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-             for mark in item.iter_markers("xdist_group")}
+    names = group_names(item)
     return "_".join(sorted(names)) if names else None
 
 
