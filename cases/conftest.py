@@ -14,10 +14,10 @@ def four_rank_pool(faults):
     (test_parallel.py, test_parallel_sparse.py). `--dist loadgroup` runs the group on one worker,
     so the modules share the ranks, their loaded engines and captured graphs, and pay the start
     (10-20 s) once. Session scope: the ranks stay up, idle, until the worker ends."""
-    from four_ranks import start_pool  # deferred: the launcher's imports cost every process 0.3 s
+    from four_ranks import RememberingPool, start_pool  # deferred: the launcher's imports cost every process 0.3 s
 
     with start_pool(faults, start_timeout_s=180, request_timeout_s=180) as ranks:
-        yield ranks
+        yield RememberingPool(ranks)  # a request asked twice reaches the ranks once
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from four_ranks import ROOT, SERVER
+from four_ranks import ROOT, SERVER, RememberingPool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,9 +98,10 @@ def one_rank(engine_for, name: str, prompts) -> dict:
     return dump_arrays(llm.generate(prompts, MAX_NEW_TOKENS), llm.model_config.moe_layers)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_rank_default(engine_for, prompts):
-    """one_rank_default(name) -> the 1-rank eager dump of the default prompts, computed once per checkpoint."""
+    """one_rank_default(name) -> the 1-rank eager dump of the default prompts, computed once per checkpoint
+    (session scope: xdist interleaves the group's modules, and a module fixture was rebuilt each time)."""
     cache: dict = {}
 
     def run(name: str) -> dict:
@@ -190,7 +191,8 @@ def test_rank_that_disagrees_is_an_error_not_a_hang(pool, prompts, planted):
     with pytest.raises(RankJobError, match="ranks disagree on the step"):
         pool.request(request("glm4_moe", "tp4", "piecewise", prompts, faults))
     assert time.monotonic() - started < 60
-    run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts[:1], ""))  # the pool is still usable
+    # the pool is still usable (fresh: the ranks answer, not four_ranks.RememberingPool's memo)
+    assert not rank_disagreements(pool.request(request("glm4_moe", "tp4", "eager", prompts[:1], ""), fresh=True))
 
 
 def test_dead_rank_is_named_within_the_time_bound(prompts, faults):
@@ -204,3 +206,32 @@ def test_dead_rank_is_named_within_the_time_bound(prompts, faults):
     assert failure.value.ranks == (1,)
     assert time.monotonic() - started < 60
     assert job_pids(pool.token) == []
+
+
+def test_the_shared_pool_asks_the_ranks_once_per_request():
+    """four_ranks.RememberingPool (the warm pool's wrapper): a repeated request is answered from the
+    first replies, as copies; a fresh, failed or side-effecting request reaches the ranks every time."""
+    class Ranks:
+        asked: list = []
+
+        def request(self, payload, **_):
+            self.asked.append(payload)
+            if payload.get("fail"):
+                raise RankJobError((), "planted", None, "", "")
+            return [{"greedy_p0": np.arange(3), "rank": r} for r in range(4)]
+
+    pool = RememberingPool(Ranks())
+    first = pool.request({"tp": 4, "prompts": [[1, 2]], "ids": np.arange(2)})
+    first[0]["greedy_p0"][0] = 99  # a case changing its copy
+    again = pool.request({"ids": np.arange(2), "prompts": [[1, 2]], "tp": 4})  # same request, other key order
+    assert len(Ranks.asked) == 1 and again[0]["greedy_p0"].tolist() == [0, 1, 2]
+    pool.request({"tp": 4, "prompts": [[1, 2]], "ids": np.arange(3)})  # another array: another request
+    pool.request({"tp": 4, "prompts": [[1, 2]], "ids": np.arange(2)}, fresh=True)
+    for side_effect in ({"routing_replay_dir": "/x"}, {"exit": 1}, {"hang": 2}):
+        pool.request({"tp": 4, **side_effect})
+        pool.request({"tp": 4, **side_effect})
+    assert len(Ranks.asked) == 9
+    for _ in range(2):
+        with pytest.raises(RankJobError):
+            pool.request({"fail": True})
+    assert len(Ranks.asked) == 11 and pool.asked == 11

@@ -45,9 +45,10 @@ def planted(faults) -> str:
     return ",".join(sorted(faults.active))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_rank(engine_for):
-    """one_rank(name, form, prompts) -> the 1-rank eager dump (the default prompts' runs cached)."""
+    """one_rank(name, form, prompts) -> the 1-rank eager dump (the default prompts' runs cached, for the
+    session: xdist interleaves the group's modules, and a module fixture was rebuilt each time)."""
     cache: dict = {}
 
     def run(name: str, form: str, prompts) -> dict:

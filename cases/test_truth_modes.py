@@ -84,10 +84,10 @@ def judged(actual: dict, reference: dict, truth: dict, prompts) -> None:
     assert not far, f"B is farther from the truth than an honest float32 run ({TRUTH_FLOOR:.2g}): {far[:4]}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def default_run(engine_for, prompts):
-    """default_run(name, config) -> the float32 dump of the default prompts, computed once per module
-    (the eager run is B for several areas)."""
+    """default_run(name, config) -> the float32 dump of the default prompts, computed once per worker
+    (the eager run is B for several areas; xdist interleaves modules, so a module cache was rebuilt)."""
     cache: dict = {}
 
     def run(name: str, config: dict) -> dict:
