@@ -74,8 +74,9 @@ def request(name: str, layout: str, mode: str, prompts, failpoints: str, **extra
             "max_new_tokens": MAX_NEW_TOKENS, "failpoints": failpoints, **graph, **extra}
 
 
-def dumps_by_rank(pool: RankPool, payload: dict) -> list[dict]:
-    return [{k: v for k, v in reply.items() if k not in ("rank", "stats", "failpoints")} for reply in pool.request(payload)]
+def dumps_by_rank(pool: RankPool, payload: dict, **asking) -> list[dict]:
+    return [{k: v for k, v in reply.items() if k not in ("rank", "stats", "failpoints")}
+            for reply in pool.request(payload, **asking)]
 
 
 def rank_disagreements(dumps: list[dict]) -> list[str]:
@@ -85,9 +86,10 @@ def rank_disagreements(dumps: list[dict]) -> list[str]:
             for key in dumps[0] if not np.array_equal(dump[key], dumps[0][key])]
 
 
-def run_on_ranks(pool: RankPool, payload: dict) -> dict:
-    """Send one run to all ranks; check every rank produced the same dump; return rank 0's."""
-    dumps = dumps_by_rank(pool, payload)
+def run_on_ranks(pool: RankPool, payload: dict, **asking) -> dict:
+    """Send one run to all ranks (`asking`: pool.request's options); check every rank produced the
+    same dump; return rank 0's."""
+    dumps = dumps_by_rank(pool, payload, **asking)
     disagreements = rank_disagreements(dumps)
     assert not disagreements, "\n".join(disagreements[:5])
     return dumps[0]
@@ -192,7 +194,7 @@ def test_rank_that_disagrees_is_an_error_not_a_hang(pool, prompts, planted):
         pool.request(request("glm4_moe", "tp4", "piecewise", prompts, faults))
     assert time.monotonic() - started < 60
     # the pool is still usable (fresh: the ranks answer, not four_ranks.RememberingPool's memo)
-    assert not rank_disagreements(pool.request(request("glm4_moe", "tp4", "eager", prompts[:1], ""), fresh=True))
+    run_on_ranks(pool, request("glm4_moe", "tp4", "eager", prompts[:1], ""), fresh=True)
 
 
 def test_dead_rank_is_named_within_the_time_bound(prompts, faults):
