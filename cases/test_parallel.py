@@ -31,7 +31,10 @@ LAYOUTS = {"tp4": (4, 1), "tp4_ep4": (4, 4)}
 # Few sizes: every size is compiled per piece on each of the 4 ranks sharing 2 cores. The default
 # prompts (119 tokens, 4 sequences) replay 128 and 4; drawn workloads (<= 5 sequences) the rest.
 GRAPH = {"capture_sizes": [16, 48, 128, 256], "decode_capture_sizes": [2, 4, 5]}
-MAX_NEW_TOKENS = 8
+# 4 new tokens (a prefill and 3 decode steps) where the goldens hold 8: a 4-rank request costs each rank
+# per engine step (Paddle's per-op dispatch), and no failpoint the 4-rank modules catch needs the later
+# decode steps (every dist.* one re-run red at 4). The goldens are cut to the same steps (`first_tokens`).
+MAX_NEW_TOKENS = 4
 NIGHTLY = settings.default.max_examples >= 100  # the `nightly` hypothesis profile (conftest.py)
 # ci: glm4_moe alone in the dense matrix. The census (bench/results/detector-census-*.json) has no
 # failpoint that a glm4_moe_nobias or qwen3_moe 4-rank dense run catches and the glm4_moe ones miss
@@ -43,6 +46,20 @@ NAMES = CHECKPOINT_NAMES if NIGHTLY else ("glm4_moe",)
 @pytest.fixture(scope="module")
 def pool(four_rank_pool):
     return four_rank_pool  # cases/conftest.py: shared with test_parallel_sparse.py
+
+
+def first_tokens(dump: dict, n: int = MAX_NEW_TOKENS) -> dict:
+    """A dump (a golden) of more new tokens cut to its first `n`: the first n steps are the same run
+    (greedy, one batch). Per-token keys keep n rows, decode routing keys n - 1; prompt keys whole."""
+    cut = {}
+    for key, values in dump.items():
+        if key.startswith(("greedy_p", "greedy_logits_p", "greedy_gap_p")):
+            cut[key] = values[:n]
+        elif key.startswith(("decode_topk_ids_p", "decode_topk_margin_p")):
+            cut[key] = values[: n - 1]
+        else:
+            cut[key] = values
+    return cut
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +138,7 @@ def test_four_ranks_match_one_rank(default_runs, one_rank_default, golden, name,
     four = default_runs(name, layout, mode)
     reference = with_margins(one_rank_default(name), golden(name))
     compare_dumps(four, reference, logits_tol=FLOAT32).assert_ok()
-    compare_dumps(four, golden(name), logits_tol=GOLDEN_LOGITS, max_rel_l2=GOLDEN_MAX_REL_L2).assert_ok()
+    compare_dumps(four, first_tokens(golden(name)), logits_tol=GOLDEN_LOGITS, max_rel_l2=GOLDEN_MAX_REL_L2).assert_ok()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
