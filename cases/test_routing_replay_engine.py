@@ -13,6 +13,7 @@ the goldens built by fixtures/build_fixtures.py.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from collections import Counter
 from dataclasses import replace
@@ -89,15 +90,39 @@ def record(llm: LLM, prompts: list[Prompt], directory: Path, max_new: int = MAX_
 
 
 @pytest.fixture(scope="module")
-def eager_tables(engines, tmp_path_factory):
+def recorded(engines, prompts, tmp_path_factory):
+    """recorded(mode) -> (the record() result, its folder) of the fixture prompts on engines(mode=mode),
+    made once per module: the eager reference, the graph recordings' checks and the runs the replay
+    cases replay all read this one recording instead of running the same workload again."""
+    cache: dict = {}
+
+    def get(mode: str = "eager"):
+        if mode not in cache:
+            folder = tmp_path_factory.mktemp(f"recorded-{mode}")
+            cache[mode] = (record(engines(mode=mode), prompts, folder), folder)
+        return cache[mode]
+
+    return get
+
+
+def copy_recording(source: Path, folder: Path) -> None:
+    """The recording's files into a replaying engine's folder (read at its next workload's start)."""
+    for path in source.glob("*.safetensors"):
+        shutil.copyfile(path, folder / path.name)
+
+
+@pytest.fixture(scope="module")
+def eager_tables(engines, recorded, prompts, tmp_path_factory):
     """eager_tables(prompts) -> the tables the eager engine records for `prompts` (MAX_NEW tokens),
     recorded once per module: the reference that several cases compare their graph runs with."""
     cache: dict = {}
 
-    def get(prompts: list[Prompt]) -> dict:
-        key = tuple((p.name, tuple(p.input_ids)) for p in prompts)
+    def get(workload: list[Prompt]) -> dict:
+        if workload == prompts:
+            return recorded()[0][1]
+        key = tuple((p.name, tuple(p.input_ids)) for p in workload)
         if key not in cache:
-            _, cache[key], _, _ = record(engines(), prompts, tmp_path_factory.mktemp("eager"))
+            _, cache[key], _, _ = record(engines(), workload, tmp_path_factory.mktemp("eager"))
         return cache[key]
 
     return get
@@ -165,10 +190,10 @@ def check_goldens(tables: dict, prompts: list[Prompt], outputs, golden: dict, la
 
 
 @pytest.mark.parametrize("name", CHECKPOINT_NAMES)
-def test_eager_recording_matches_outputs_and_goldens(engines, prompts, golden, tmp_path, name):
+def test_eager_recording_matches_outputs_and_goldens(engines, recorded, prompts, golden, tmp_path, name):
     llm = engines(name)
     cfg = llm.model_config
-    outputs, tables, kinds, _ = record(llm, prompts, tmp_path)
+    outputs, tables, kinds, _ = recorded()[0] if name == NAME else record(llm, prompts, tmp_path)
     assert check_tables(tables, prompts, MAX_NEW, cfg.moe_layers, cfg.top_k) == []
     assert check_matches_outputs(tables, outputs, cfg.moe_layers) == []
     assert check_goldens(tables, prompts, outputs, golden(name), cfg.moe_layers) == []
@@ -176,10 +201,10 @@ def test_eager_recording_matches_outputs_and_goldens(engines, prompts, golden, t
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_graph_recording_equals_eager_recording(engines, eager_tables, prompts, golden, tmp_path, mode):
+def test_graph_recording_equals_eager_recording(engines, eager_tables, recorded, prompts, golden, mode):
     """Every size captured at start-up: graph steps replay (or fall back above the largest size)."""
     reference = eager_tables(prompts)
-    outputs, tables, kinds, counters = record(engines(mode=mode), prompts, tmp_path / mode)
+    outputs, tables, kinds, counters = recorded(mode)[0]
     cfg = engines().model_config
     assert check_same_tables(tables, reference, mode) == []
     assert check_goldens(tables, prompts, outputs, golden(NAME), cfg.moe_layers) == []
@@ -332,11 +357,12 @@ def check_same_outputs(got, want) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ("eager",) + MODES)
-def test_replaying_a_run_reproduces_its_logits_bitwise(engines, replayers, prompts, mode):
+def test_replaying_a_run_reproduces_its_logits_bitwise(recorded, replayers, prompts, mode):
     llm, folder = replayers(mode)
-    recorded, _, _, _ = record(engines(mode=mode), prompts, folder)
+    (outputs, _, _, _), source = recorded(mode)
+    copy_recording(source, folder)
     replayed = llm.generate(prompts, MAX_NEW)
-    assert check_same_outputs(replayed, recorded) == []
+    assert check_same_outputs(replayed, outputs) == []
 
 
 @pytest.fixture(scope="module")
@@ -380,13 +406,14 @@ def test_recording_that_does_not_fit_is_refused(replayers, prompts, tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_replaying_an_eager_recording_in_a_graph_mode_matches_within_tolerance(engines, replayers, prompts, mode):
+def test_replaying_an_eager_recording_in_a_graph_mode_matches_within_tolerance(recorded, replayers, prompts, mode):
     """Another mode pads GEMMs differently: logits within the float32 row of the tolerance table,
     and the routing is the recording's exactly (it is forced)."""
     llm, folder = replayers(mode)
-    recorded, tables, _, _ = record(engines(), prompts, folder)
+    (outputs, tables, _, _), source = recorded()
+    copy_recording(source, folder)
     replayed = llm.generate(prompts, MAX_NEW)
     assert check_matches_outputs(tables, replayed, llm.model_config.moe_layers) == []
-    for got, want in zip(replayed, recorded):
+    for got, want in zip(replayed, outputs):
         result = compare(got.logits(), want.logits(), FLOAT32, name=got.name)
         assert result.passed, result.message()
