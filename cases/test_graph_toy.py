@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import boundaries, capture_size_lists, padded_to, token_counts
+from strategies import boundaries, capture_size_lists, ci_examples, padded_to, token_counts
 
 from engine.config import ConfigError, EngineConfig, GraphConfig
 from engine.failpoints import NO_FAULTS, Failpoints
@@ -244,7 +244,10 @@ def fill(inputs: list[paddle.Tensor], x: np.ndarray, n: int) -> None:
     paddle.assign(paddle.to_tensor([n], dtype="int64"), output=inputs[1])
 
 
+# Each example captures a program (the static backend compiles it: ~35 ms); the gate draws 8, every
+# other profile its full count (issue 22).
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@settings(max_examples=ci_examples(8, 1.0))
 @given(st.data())
 def test_replay_computes_on_the_current_buffer_contents(backend, data):
     size = data.draw(st.sampled_from([1, 3, 8, 16]))

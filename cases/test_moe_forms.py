@@ -15,7 +15,7 @@ import paddle
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import scaled_examples
+from strategies import ci_examples
 
 from engine.config import GraphConfig, MoEForm
 from engine.dump import dump_arrays
@@ -82,7 +82,9 @@ def assert_close(name: str, actual: np.ndarray, expected: np.ndarray) -> None:
     compare_close(actual, expected.astype(np.float32), F32, name=name)
 
 
-@settings(max_examples=scaled_examples(2.0), deadline=None)
+# The gate draws 20 batches per property (was 50; no census failpoint is caught here), every other
+# profile twice its count (nightly 4000) as before (issue 22).
+@settings(max_examples=ci_examples(20, 2.0), deadline=None)
 @given(batch=routed_batches())
 def test_sparse_and_dense_match_the_reference_and_each_other(batch):
     expected = reference(*batch)
@@ -107,7 +109,7 @@ def check_exact_paths(batch) -> None:
         assert not out[unrouted].any(), f"{name}: rows routed to no expert here must contribute exactly zero"
 
 
-@settings(max_examples=scaled_examples(2.0), deadline=None)
+@settings(max_examples=ci_examples(20, 2.0), deadline=None)
 @given(batch=routed_batches())
 def test_exact_sparse_paths_match_the_reference_and_dense(batch):
     check_exact_paths(batch)

@@ -58,12 +58,26 @@ def probed_run(llm: LLM, prompts) -> Run:
     return Run(outputs, steps)
 
 
-def record_and_replay(name: str, mode: str, folder: Path, prompts, faults: Failpoints,
-                      replay_faults: Failpoints) -> tuple[Run, Run]:
-    """(the recorded run, the run replaying its recording), both probed at every step."""
-    recorder = build(name, mode, faults)
-    attach_routing(recorder, folder)
-    recorded = probed_run(recorder, prompts)
+@pytest.fixture(scope="module")
+def recordings(prompts, faults, tmp_path_factory):
+    """recordings(name, mode) -> (the probed run that recorded the fixture prompts, its folder),
+    made once per module: the clean replay and the planted off-by-one replay read the same one."""
+    cache: dict = {}
+
+    def get(name: str, mode: str) -> tuple[Run, Path]:
+        if (name, mode) not in cache:
+            folder = tmp_path_factory.mktemp(f"recorded-{name}-{mode}")
+            recorder = build(name, mode, faults)
+            attach_routing(recorder, folder)
+            cache[(name, mode)] = (probed_run(recorder, prompts), folder)
+        return cache[(name, mode)]
+
+    return get
+
+
+def record_and_replay(recordings, name: str, mode: str, prompts, replay_faults: Failpoints) -> tuple[Run, Run]:
+    """(the recorded run, a fresh engine's run replaying its recording), both probed at every step."""
+    recorded, folder = recordings(name, mode)
     return recorded, probed_run(build(name, mode, replay_faults, replay_dir=folder), prompts)
 
 
@@ -91,8 +105,8 @@ def check_replay(recorded: Run, replayed: Run) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_replay_equals_its_recording_at_every_probe(prompts, faults, tmp_path, mode):
-    recorded, replayed = record_and_replay(NAME, mode, tmp_path, prompts, faults, faults)
+def test_a_replay_equals_its_recording_at_every_probe(recordings, prompts, faults, mode):
+    recorded, replayed = record_and_replay(recordings, NAME, mode, prompts, faults)
     check_replay(recorded, replayed)
     assert len(replayed.steps) == len(recorded.steps) > MAX_NEW - 1  # every step was probed
     pieces = {site for site in recorded.steps[0].seen if site[0] == "piece"}
@@ -100,9 +114,9 @@ def test_a_replay_equals_its_recording_at_every_probe(prompts, faults, tmp_path,
 
 
 @pytest.mark.parametrize("name, mode", [(NAME, mode) for mode in MODES] + [("qwen3_moe", "piecewise")])
-def test_a_replay_off_by_one_layer_is_located_at_the_last_moe_layer(prompts, faults, tmp_path, name, mode):
+def test_a_replay_off_by_one_layer_is_located_at_the_last_moe_layer(recordings, prompts, faults, name, mode):
     planted = Failpoints(faults.active | {FAULT})
-    recorded, replayed = record_and_replay(name, mode, tmp_path, prompts, faults, planted)
+    recorded, replayed = record_and_replay(recordings, name, mode, prompts, planted)
     assert replay_problems(recorded, replayed) != []  # the check above fires on it
     divergence = first_divergent_step(replayed.steps, recorded.steps, EXACT)
     last_moe = read_model_config(checkpoint_dir(name)).moe_layers[-1]
