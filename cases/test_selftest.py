@@ -27,6 +27,7 @@ from nested import nested_env
 
 from verifier import selftest_events
 from verifier.selftest import case_files, case_function
+from verifier.selftest import main as selftest_main
 from verifier.selftest_events import EXAMPLE
 
 CONFTEST = """
@@ -56,6 +57,13 @@ def stand_in_gate(root: Path, broken: bool = False) -> Path:
     (cases / "test_router.py").write_text(textwrap.dedent(ROUTER_CASES))
     (cases / "test_graph.py").write_text("def test_graph():\n    assert " + ("False" if broken else "True") + "\n")
     return cases
+
+
+def refusal(capsys, cases: Path, *args: str) -> tuple[int, str]:
+    """(exit code, stderr) of a selftest that stops at its arguments, run in this process: no
+    interpreter start for a run that plants nothing (the entry point's exits are the other cases')."""
+    code = selftest_main(["--cases", str(cases), *args])
+    return code, capsys.readouterr().err
 
 
 def selftest(cases: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -107,9 +115,9 @@ def test_selftest_stops_on_a_false_alarm(tmp_path):
     assert "FALSE ALARM" in proc.stdout and "planting" not in proc.stdout
 
 
-def test_selftest_refuses_an_unknown_failpoint(tmp_path):
-    proc, _ = selftest(stand_in_gate(tmp_path), "--only", "router.no_such_fault")
-    assert proc.returncode == 2 and "error: selftest: unknown failpoint(s) router.no_such_fault" in proc.stderr
+def test_selftest_refuses_an_unknown_failpoint(tmp_path, capsys):
+    code, err = refusal(capsys, stand_in_gate(tmp_path), "--only", "router.no_such_fault")
+    assert code == 2 and "error: selftest: unknown failpoint(s) router.no_such_fault" in err
 
 
 def test_a_faults_own_area_runs_first(tmp_path):
@@ -269,14 +277,14 @@ def test_skip_clean_counts_no_case_that_had_not_passed_clean(four_faults):
     assert not entry["caught"] and "test_graph.py::test_graph failed, but had not passed on clean code" in entry["note"]
 
 
-def test_skip_clean_without_the_clean_report_or_with_a_failed_one_is_refused(tmp_path):
-    proc, _ = selftest(stand_in_gate(tmp_path), "--skip-clean", "--only", "router.skip_renorm")
-    assert proc.returncode == 2 and "error: selftest: --skip-clean needs --clean-report PATH" in proc.stderr
+def test_skip_clean_without_the_clean_report_or_with_a_failed_one_is_refused(tmp_path, capsys):
+    code, err = refusal(capsys, stand_in_gate(tmp_path), "--skip-clean", "--only", "router.skip_renorm")
+    assert code == 2 and "error: selftest: --skip-clean needs --clean-report PATH" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     cases = stand_in_gate(broken, broken=True)
     report = broken / "clean-report.json"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "verifier.plugin", "--report-json", str(report), "cases"],
                    cwd=broken, capture_output=True, timeout=300, env=nested_env())
-    proc, _ = selftest(cases, "--skip-clean", "--clean-report", str(report), "--only", "router.skip_renorm")
-    assert proc.returncode == 2 and "the clean run's verdict is 'divergence', not 'pass'" in proc.stderr
+    code, err = refusal(capsys, cases, "--skip-clean", "--clean-report", str(report), "--only", "router.skip_renorm")
+    assert code == 2 and "the clean run's verdict is 'divergence', not 'pass'" in err
