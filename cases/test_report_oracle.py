@@ -327,7 +327,7 @@ def test_case(call):
 
 
 def test_a_real_two_worker_run_files_every_combination_as_the_oracle_does(tmp_path):
-    # only the report plugin: the repository's conftest.py would import the engine (seconds per process)
+    # only the report plugin: the repository's conftest.py would load hypothesis (its profiles) in every process
     (tmp_path / "conftest.py").write_text('pytest_plugins = ["verifier.plugin"]\n')
     (tmp_path / "test_synthetic.py").write_text(SYNTHETIC)
     env = nested_env(PYTHONPATH=str(ROOT), NO_COLOR="1")
