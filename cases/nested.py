@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 
 UNUSED_PLUGINS = "-p no:anyio -p no:benchmark"
+# For a nested run whose cases and conftest never use hypothesis: its pytest plugin imports the
+# whole library (~0.2 s of CPU in each process of the run: the controller and every xdist worker).
+NO_HYPOTHESIS = ("-p", "no:hypothesispytest")
 
 
 def nested_env(**values: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The gate's report: recording, the merge across xdist workers, the JSON schema, plain text.
 
-The merge and schema cases run one small inner pytest session with 4 xdist workers on a synthetic
+The merge and schema cases run one small inner pytest session with 2 xdist workers (a merge
+across workers; more workers would ask nothing new and each costs a process start) on a synthetic
 case file whose comparison counts are known by construction (case k makes k comparisons), so the
 expected numbers never come from the code under test.
 """
@@ -65,19 +66,20 @@ def inner_session(folder: Path, test_text: str, *args: str) -> subprocess.Comple
 
 # The cases reading the merged run share one xdist worker (`--dist loadgroup`), so it runs once.
 ON_ONE_WORKER = pytest.mark.xdist_group("report-merge")
+WORKERS = "2"
 
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
-    """(completed process, folder) of the 4-worker run, with JSON and JUnit artifacts."""
+    """(completed process, folder) of the 2-worker run, with JSON and JUnit artifacts."""
     folder = tmp_path_factory.mktemp("merge")
-    done = inner_session(folder, SYNTHETIC, "-n", "4", "--dist", "loadgroup", "--report-json", "report.json",
+    done = inner_session(folder, SYNTHETIC, "-n", WORKERS, "--dist", "loadgroup", "--report-json", "report.json",
                          "--junitxml", "junit.xml")
     return done, folder
 
 
 @ON_ONE_WORKER
-def test_four_workers_merge_into_one_report_losing_and_duplicating_nothing(merged):
+def test_the_workers_merge_into_one_report_losing_and_duplicating_nothing(merged):
     done, folder = merged
     assert done.returncode == 1, done.stdout[-3000:]  # exactly the planted failure
     data = json.loads((folder / "report.json").read_text())
@@ -90,6 +92,7 @@ def test_four_workers_merge_into_one_report_losing_and_duplicating_nothing(merge
         assert ran == want_ran, case["nodeid"]
         assert case["outcome"] == ("failed" if k == FAILING else "passed")
         assert case["worker"] and case["worker"].startswith("gw"), "the case did not come through xdist"
+    assert {case["worker"] for case in data["cases"]} == {f"gw{i}" for i in range(int(WORKERS))}, "no merge to check"
     assert data["totals"] == {"passed": CASES - 1, "failed": 1, "error": 0, "skipped": 0, "xfailed": 0, "xpassed": 0}
     assert data["areas"][0]["comparisons"] == sum(range(CASES)) + len(EXPECTED_FAILURES) + 1
     assert data["areas"][0]["failed_comparisons"] == 1  # expected failures in passing cases do not count

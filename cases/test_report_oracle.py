@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nested import nested_env
+from nested import NO_HYPOTHESIS, nested_env
 
 from verifier.plugin import RECORD, Controller
 
@@ -327,12 +327,12 @@ def test_case(call):
 
 
 def test_a_real_two_worker_run_files_every_combination_as_the_oracle_does(tmp_path):
-    # only the report plugin: the repository's conftest.py would import the engine (seconds per process)
+    # only the report plugin: the repository's conftest.py would load hypothesis (its profiles) in every process
     (tmp_path / "conftest.py").write_text('pytest_plugins = ["verifier.plugin"]\n')
     (tmp_path / "test_synthetic.py").write_text(SYNTHETIC)
     env = nested_env(PYTHONPATH=str(ROOT), NO_COLOR="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "test_synthetic.py", "-p", "no:cacheprovider", "-n", "2",
-                           "--report-json", "report.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "pytest", "test_synthetic.py", "-p", "no:cacheprovider", *NO_HYPOTHESIS,
+                           "-n", "2", "--report-json", "report.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     data = json.loads((tmp_path / "report.json").read_text())
     cases = {c["nodeid"].split("[", 1)[1].rstrip("]"): c for c in data["cases"]}

@@ -27,6 +27,7 @@ from nested import nested_env
 
 from verifier import selftest_events
 from verifier.selftest import case_files, case_function
+from verifier.selftest import main as selftest_main
 from verifier.selftest_events import EXAMPLE
 
 CONFTEST = """
@@ -58,6 +59,13 @@ def stand_in_gate(root: Path, broken: bool = False) -> Path:
     return cases
 
 
+def refusal(capsys, cases: Path, *args: str) -> tuple[int, str]:
+    """(exit code, stderr) of a selftest that stops at its arguments, run in this process: no
+    interpreter start for a run that plants nothing (the entry point's exits are the other cases')."""
+    code = selftest_main(["--cases", str(cases), *args])
+    return code, capsys.readouterr().err
+
+
 def selftest(cases: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = cases.parent / "selftest.json"
     proc = subprocess.run([sys.executable, "-m", "verifier.selftest", "--cases", str(cases), "--json", str(out), *args],
@@ -65,20 +73,24 @@ def selftest(cases: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict
     return proc, json.loads(out.read_text()) if out.exists() else {}
 
 
-# The two cases below read one selftest of the stand-in with test_phases.py beside it (one clean
-# run, four planted runs), on one xdist worker so that it runs once.
+# The three cases below read one selftest of the stand-in with test_phases.py beside it and
+# SKIPPED_CLEAN as its test_graph.py, run as CI runs it: `--skip-clean` with the gate report of a
+# clean pytest run (one clean run, four planted runs), on one xdist worker so that it runs once.
+# The selftest's own clean run is the census case's and the false-alarm case's.
 ON_ONE_WORKER = pytest.mark.xdist_group("selftest-stand-in")
 
 
 @pytest.fixture(scope="module")
 def four_faults(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
-    """router.skip_renorm (a failed check: caught), kv.stale_block_table (nothing reacts: survives),
-    graph.round_down (a set-up error: no catch), kv.slot_off_by_one (a failed check, then a teardown
-    error: caught) on the stand-in gate plus PHASE_CASES."""
+    """router.skip_renorm (a failed check: caught), kv.stale_block_table (only a case that had not
+    passed clean fails: survives), graph.round_down (a set-up error: no catch), kv.slot_off_by_one
+    (a failed check, then a teardown error: caught) on the stand-in gate plus PHASE_CASES, with
+    test_graph.py skipped clean and failing whatever is planted."""
     cases = stand_in_gate(tmp_path_factory.mktemp("selftest"))
     (cases / "test_phases.py").write_text(textwrap.dedent(PHASE_CASES))
-    return selftest(cases, "--only", "router.skip_renorm", "kv.stale_block_table", "graph.round_down",
-                    "kv.slot_off_by_one")
+    (cases / "test_graph.py").write_text(textwrap.dedent(SKIPPED_CLEAN))
+    return selftest(cases, "--skip-clean", "--clean-report", str(clean_report(cases)), "--only", "router.skip_renorm",
+                    "kv.stale_block_table", "graph.round_down", "kv.slot_off_by_one")
 
 
 @ON_ONE_WORKER
@@ -90,9 +102,9 @@ def test_selftest_names_the_case_that_catches_and_flags_a_survivor(four_faults):
     assert renorm["caught"] and renorm["caught_by"].endswith("test_router.py::test_weights_sum_to_one")
     assert renorm["example"].startswith("test_weights_sum_to_one(") and "x=10" in renorm["example"]  # shrunk
     assert renorm["reproduce"] == f"python -m pytest '{renorm['caught_by']}' --failpoints router.skip_renorm"
-    assert not found["kv.stale_block_table"]["caught"]
-    assert found["kv.stale_block_table"]["note"].startswith("no check failed with the fault planted; log ")
-    assert doc["clean_run"]["note"] == "clean gate passed"
+    stale = found["kv.stale_block_table"]
+    assert not stale["caught"] and stale["note"].startswith("no check failed with the fault planted; not catches: ")
+    assert "test_graph.py::test_graph failed, but had not passed on clean code; log " in stale["note"]
     assert doc["summary"]["caught"] == 2 and doc["summary"]["planted"] == 4
     assert proc.stdout.splitlines()[-1] == "selftest: 2 passed, 2 failed"
 
@@ -103,9 +115,9 @@ def test_selftest_stops_on_a_false_alarm(tmp_path):
     assert "FALSE ALARM" in proc.stdout and "planting" not in proc.stdout
 
 
-def test_selftest_refuses_an_unknown_failpoint(tmp_path):
-    proc, _ = selftest(stand_in_gate(tmp_path), "--only", "router.no_such_fault")
-    assert proc.returncode == 2 and "error: selftest: unknown failpoint(s) router.no_such_fault" in proc.stderr
+def test_selftest_refuses_an_unknown_failpoint(tmp_path, capsys):
+    code, err = refusal(capsys, stand_in_gate(tmp_path), "--only", "router.no_such_fault")
+    assert code == 2 and "error: selftest: unknown failpoint(s) router.no_such_fault" in err
 
 
 def test_a_faults_own_area_runs_first(tmp_path):
@@ -191,6 +203,7 @@ def test_census_runs_to_the_end_and_records_every_failing_case(tmp_path):
     proc, doc = selftest(cases, "--census", "--only", "router.skip_renorm", "--files", "test_router.py",
                          "test_second.py", "--markdown", str(table))
     assert proc.returncode == 0, proc.stdout + proc.stderr  # the clean run of those two files passed
+    assert doc["clean_run"]["note"] == "clean gate passed"
     [renorm] = doc["failpoints"]
     assert [n.split("/")[-1] for n in renorm["detectors"]] == [
         "test_router.py::test_weights_sum_to_one", "test_second.py::test_weights_again[1]",
@@ -230,7 +243,8 @@ def test_a_set_up_error_is_named_and_no_catch_while_a_failed_check_is_one_whatev
     _, doc = four_faults
     found = {entry["failpoint"]: entry for entry in doc["failpoints"]}
     setup = found["graph.round_down"]
-    assert not setup["caught"] and "not catches: set-up error in cases/test_phases.py::test_uses_engine" in setup["note"]
+    assert not setup["caught"] and setup["note"].startswith("no check failed with the fault planted; not catches: ")
+    assert "; set-up error in cases/test_phases.py::test_uses_engine; " in setup["note"]  # after test_graph's (area first)
     checked = found["kv.slot_off_by_one"]
     assert checked["caught"] and checked["caught_by"].endswith("test_phases.py::test_uses_engine"), checked
     assert "teardown error in " in checked["note"]  # shown beside the catch, not lost
@@ -256,23 +270,21 @@ def clean_report(cases: Path) -> Path:
     return report
 
 
-def test_skip_clean_counts_no_case_that_had_not_passed_clean(tmp_path):
-    cases = stand_in_gate(tmp_path)
-    (cases / "test_graph.py").write_text(textwrap.dedent(SKIPPED_CLEAN))  # skipped clean, fails planted
-    proc, doc = selftest(cases, "--skip-clean", "--clean-report", str(clean_report(cases)), "--only", "graph.round_down")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    [entry] = doc["failpoints"]
+@ON_ONE_WORKER
+def test_skip_clean_counts_no_case_that_had_not_passed_clean(four_faults):
+    _, doc = four_faults
+    entry = {entry["failpoint"]: entry for entry in doc["failpoints"]}["graph.round_down"]
     assert not entry["caught"] and "test_graph.py::test_graph failed, but had not passed on clean code" in entry["note"]
 
 
-def test_skip_clean_without_the_clean_report_or_with_a_failed_one_is_refused(tmp_path):
-    proc, _ = selftest(stand_in_gate(tmp_path), "--skip-clean", "--only", "router.skip_renorm")
-    assert proc.returncode == 2 and "error: selftest: --skip-clean needs --clean-report PATH" in proc.stderr
+def test_skip_clean_without_the_clean_report_or_with_a_failed_one_is_refused(tmp_path, capsys):
+    code, err = refusal(capsys, stand_in_gate(tmp_path), "--skip-clean", "--only", "router.skip_renorm")
+    assert code == 2 and "error: selftest: --skip-clean needs --clean-report PATH" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     cases = stand_in_gate(broken, broken=True)
     report = broken / "clean-report.json"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "verifier.plugin", "--report-json", str(report), "cases"],
                    cwd=broken, capture_output=True, timeout=300, env=nested_env())
-    proc, _ = selftest(cases, "--skip-clean", "--clean-report", str(report), "--only", "router.skip_renorm")
-    assert proc.returncode == 2 and "the clean run's verdict is 'divergence', not 'pass'" in proc.stderr
+    code, err = refusal(capsys, cases, "--skip-clean", "--clean-report", str(report), "--only", "router.skip_renorm")
+    assert code == 2 and "the clean run's verdict is 'divergence', not 'pass'" in err

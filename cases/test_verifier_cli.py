@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nested import nested_env
+from nested import NO_HYPOTHESIS, nested_env
 
 from verifier.__main__ import main
 
@@ -220,7 +220,7 @@ def tiny_run(folder: Path, *options: str) -> str:
     for name, text in TINY.items():
         (folder / name).write_text(text)
     done = subprocess.run([sys.executable, "-m", "pytest", *TINY, "-p", "verifier.plugin", "-p", "no:cacheprovider",
-                           "-q", "--tb=no", "-n", "1", *options], capture_output=True, text=True, cwd=folder,
+                           *NO_HYPOTHESIS, "-q", "--tb=no", "-n", "1", *options], capture_output=True, text=True, cwd=folder,
                           timeout=300, env=nested_env(PYTHONPATH=str(ROOT), NO_COLOR="1"))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
