@@ -6,11 +6,20 @@ by a case and cost a nested run's controller and each of its xdist workers ~0.3 
 run's start. PYTEST_ADDOPTS reaches every pytest the run starts (`python -m verifier gate` and
 `verifier.selftest` pass their environment on, xdist workers inherit it), so the nested runs block
 them; the plugins under test (verifier.plugin, shard_plugin, xdist, hypothesis) still load.
+
+A nested run starts in a folder of synthetic cases, where `-p verifier.plugin` and
+`python -m verifier.selftest` import whatever `verifier` the interpreter finds there: the installed
+one, which may be another checkout's (a second worktree, or a CI job's deleted folder that an
+editable install still points at). So this checkout's root goes first on PYTHONPATH: the nested
+runs test the code of the gate that starts them.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 UNUSED_PLUGINS = "-p no:anyio -p no:benchmark"
 # For a nested run whose cases and conftest never use hypothesis: its pytest plugin imports the
@@ -19,7 +28,10 @@ NO_HYPOTHESIS = ("-p", "no:hypothesispytest")
 
 
 def nested_env(**values: str) -> dict[str, str]:
-    """os.environ plus `values`, with the unused plugins blocked after any PYTEST_ADDOPTS set."""
+    """os.environ plus `values`, with this checkout first on PYTHONPATH (unless `values` sets it)
+    and the unused plugins blocked after any PYTEST_ADDOPTS set."""
     env = dict(os.environ, **values)
+    if "PYTHONPATH" not in values:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env["PYTEST_ADDOPTS"] = " ".join(filter(None, [env.get("PYTEST_ADDOPTS", ""), UNUSED_PLUGINS]))
     return env
