@@ -5,9 +5,11 @@ The 2-core VMs these measurements run on change speed by a third or more within 
 and then 506 s of CPU work an hour apart), with no steal time reported. A gate time is only comparable with another taken at the same machine speed, so
 `bench.gate_bench` records this probe before each run. The work: a pure-Python loop and NumPy
 element-wise operations on arrays small enough to stay single-threaded (no BLAS), the mix of the
-gate's own per-op costs. Lower is faster. First readings, Intel Xeon VM, 2026-12-07 23:30-23:36:
-0.33-0.34 s, taken beside a whole gate run (which then took 208-213 s). Whether the probe tracks the
-drift is not shown yet: it has no reading from a fast phase; gate_bench's JSONs will tell.
+gate's own per-op costs. Lower is faster. Readings, Intel Xeon VM: 0.33-0.34 s beside slow whole-gate
+runs (2026-12-07, 208-213 s); on 2026-12-08 0.277-0.296 s before three runs of one commit that took
+185, 155 and 161 s, and 0.318-0.324 s around a 155 s run. So it does NOT predict the gate's time:
+the gate's spread (a fifth between consecutive runs) is not in this single-threaded probe. Kept as
+a record beside each gate time; compare gate times by their CPU seconds and back-to-back pairs.
 
     python -m bench.machine_speed        # prints the probe's seconds (best of 3)
 """
