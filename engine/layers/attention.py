@@ -66,13 +66,20 @@ class AttentionMetadata:
 class BlockGroup:
     """G query blocks of `rows` rows each that all see `keys` (padded) key positions."""
 
-    query_rows: paddle.Tensor  # [G * rows] int64 rows of q
+    query_rows: np.ndarray  # [G * rows] int64 rows of q
     slots: np.ndarray  # [G, keys] int64 cache slots (padding reads slot 0, masked)
     mask: paddle.Tensor  # [G, rows, keys] float32: 0 visible, -inf not
     rows: int
     keys: int
     rows_in_order: bool = False  # query_rows is 0..G*rows-1: with exactly that many rows, q is the queries
     _read_index: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def query_index(self) -> paddle.Tensor:
+        """query_rows as a tensor, made on first use (a decode step's groups never need it)."""
+        index = self._read_index.get("queries")
+        if index is None:
+            index = self._read_index["queries"] = paddle.to_tensor(self.query_rows)
+        return index
 
     def read_index(self, kv_heads: int) -> paddle.Tensor:
         """[Hkv * G * keys] int64 rows of a layer's cache viewed as [slots * Hkv, D], in the order
@@ -91,8 +98,9 @@ class BlockGroup:
 @dataclass(frozen=True)
 class AttentionPlan:
     groups: tuple[BlockGroup, ...]
-    gather: paddle.Tensor  # [n] int64: the row of the groups' concatenated output that is token t
-    in_order: bool = False  # gather is 0..n-1 (one prefill, say): the output needs no reordering
+    gather: paddle.Tensor | None  # [n] int64: the row of the groups' concatenated output that is token t
+    in_order: bool = False  # gather is 0..n-1 (one prefill, a decode step): the output needs no
+    # reordering, and gather is None (its tensor was never used)
 
 
 def build_plan(spans: tuple[SequenceSpan, ...]) -> AttentionPlan:
@@ -113,7 +121,7 @@ def build_plan(spans: tuple[SequenceSpan, ...]) -> AttentionPlan:
     # output row i holds token sources[i]; token t's row is where the sorted sources put it
     order = np.argsort(np.concatenate(sources), kind="stable").astype(np.int64)
     in_order = bool((order == np.arange(order.size)).all())
-    return AttentionPlan(tuple(groups), paddle.to_tensor(order), in_order)
+    return AttentionPlan(tuple(groups), None if in_order else paddle.to_tensor(order), in_order)
 
 
 def _group(members: list[tuple[SequenceSpan, int, int]], rows: int, keys: int) -> BlockGroup:
@@ -129,7 +137,7 @@ def _group(members: list[tuple[SequenceSpan, int, int]], rows: int, keys: int) -
     mask = np.where(visible, np.float32(0.0), np.float32(-np.inf))
     query_rows = query_rows.reshape(-1)
     in_order = bool((query_rows == np.arange(query_rows.size)).all())
-    return BlockGroup(paddle.to_tensor(query_rows), slots, paddle.to_tensor(mask), rows, keys, in_order)
+    return BlockGroup(query_rows, slots, paddle.to_tensor(mask), rows, keys, in_order)
 
 
 def paged_attention(layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, cache: KVCache,
@@ -142,7 +150,9 @@ def paged_attention(layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Te
     matmul operands that were strided views, cost Paddle a slow copy each (a 2048-token prefill: 16
     groups a layer). Pure data movement: the arithmetic, and so every bit, is the same."""
     n = meta.num_tokens
-    cache.write(layer, meta.slot_mapping, k[:n], v[:n])
+    if k.shape[0] != n:  # padded rows (a replayed piece's): an eager step's k/v are all real, no slice
+        k, v = k[:n], v[:n]
+    cache.write(layer, meta.slot_mapping, k, v)
     heads, dim = q.shape[1], q.shape[2]
     q = (q * operand(scale, q)).transpose([1, 0, 2]).contiguous()  # [Hq, P, D]: scaling q costs D/S of the scores'
     plan = meta.plan
@@ -165,7 +175,7 @@ def _group_attention(layer: int, q: paddle.Tensor, cache: KVCache, group: BlockG
     if group.rows_in_order and q.shape[1] == g * group.rows:  # every row of q, in order (a decode step)
         queries = q
     else:
-        queries = paddle.index_select(q, group.query_rows, axis=1)  # [Hq, G*rows, D]
+        queries = paddle.index_select(q, group.query_index(), axis=1)  # [Hq, G*rows, D]
     queries = queries.reshape([kv_heads, heads // kv_heads, g, group.rows, dim])  # [Hkv, rep, G, rows, D]
     # keys stay [.., S, D] and the product reads them transposed: copying them to [.., D, S] first
     # cost more than a decode step's score product (one query row against S keys) itself
