@@ -155,7 +155,7 @@ class ModelRunner:
         if self.recorder is not None:  # R3: host side, after the step (graph buffers are still this step's)
             self.recorder.record_step(batch, out.routing, step_kind(self.stats.since(before)), self.guard)
         rows = _logit_rows(batch, all_prompt_logits)
-        logits = self.model.logits(paddle.gather(out.hidden, paddle.to_tensor(np.concatenate(rows)))).numpy()
+        logits = self.model.logits(_rows(out.hidden, np.concatenate(rows))).numpy()
         per_segment = np.split(logits, np.cumsum([len(r) for r in rows])[:-1])
         routed = self._routed(batch, out.routing)
         return StepResult(_greedy(batch, per_segment), per_segment, _sorted_by_layer(routed, self.model.cfg.moe_layers),
@@ -217,13 +217,26 @@ class ModelRunner:
         cfg = self.model.cfg
         if not cfg.moe_layers:
             return [np.zeros((seg.num_tokens, 0, cfg.top_k), np.int64) for seg in batch.segments]
-        ids = np.stack([routing[layer][0][:batch.num_tokens].numpy() for layer in cfg.moe_layers], axis=1)  # [T, L, k]
+        ids = np.stack([_real(routing[layer][0], batch.num_tokens).numpy() for layer in cfg.moe_layers], axis=1)  # [T, L, k]
         bounds = np.cumsum([seg.num_tokens for seg in batch.segments])[:-1]
         return np.split(ids.astype(np.int64), bounds)
 
     def _check_routing(self, routing: dict, num_tokens: int) -> None:
         for layer, (_, nonfinite) in routing.items():
-            check_finite(nonfinite[:num_tokens].numpy(), layer)
+            check_finite(_real(nonfinite, num_tokens).numpy(), layer)
+
+
+def _real(rows: paddle.Tensor, num_tokens: int) -> paddle.Tensor:
+    """The first `num_tokens` rows (a replay's buffers are padded); an eager step's rows as they are."""
+    return rows if rows.shape[0] == num_tokens else rows[:num_tokens]
+
+
+def _rows(hidden: paddle.Tensor, rows: np.ndarray) -> paddle.Tensor:
+    """hidden[rows]: the rows logits are wanted for. When they are all of `hidden`, in order (a decode
+    step samples every row), `hidden` itself: the gather would copy the same values."""
+    if rows.size == hidden.shape[0] and (rows == np.arange(rows.size)).all():
+        return hidden
+    return paddle.gather(hidden, paddle.to_tensor(rows))
 
 
 def _logit_rows(batch: Batch, all_prompt_logits: bool) -> list[np.ndarray]:

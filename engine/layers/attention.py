@@ -15,7 +15,7 @@ metadata, so it is built once per step and reused by every layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -66,18 +66,41 @@ class AttentionMetadata:
 class BlockGroup:
     """G query blocks of `rows` rows each that all see `keys` (padded) key positions."""
 
-    query_rows: paddle.Tensor  # [G * rows] int64 rows of q
-    slots: paddle.Tensor  # [G * keys] int64 cache slots (padding reads slot 0, masked)
+    query_rows: np.ndarray  # [G * rows] int64 rows of q
+    slots: np.ndarray  # [G, keys] int64 cache slots (padding reads slot 0, masked)
     mask: paddle.Tensor  # [G, rows, keys] float32: 0 visible, -inf not
     rows: int
     keys: int
+    rows_in_order: bool = False  # query_rows is 0..G*rows-1: with exactly that many rows, q is the queries
+    _read_index: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def query_index(self) -> paddle.Tensor:
+        """query_rows as a tensor, made on first use (a decode step's groups never need it)."""
+        index = self._read_index.get("queries")
+        if index is None:
+            index = self._read_index["queries"] = paddle.to_tensor(self.query_rows)
+        return index
+
+    def read_index(self, kv_heads: int) -> paddle.Tensor:
+        """[Hkv * G * keys] int64 rows of a layer's cache viewed as [slots * Hkv, D], in the order
+        [Hkv, G, keys]: one gather reads the group's keys (or values) heads-first and contiguous,
+        where a gather of [G*S, Hkv, D] rows then cost a reshape, a transpose, a copy and an unsqueeze
+        (the same elements copied to the same places: bitwise the same operand). Built once per step
+        and shared by the layers."""
+        index = self._read_index.get(kv_heads)
+        if index is None:
+            heads = np.arange(kv_heads, dtype=np.int64)[:, None, None]
+            index = paddle.to_tensor((self.slots[None] * kv_heads + heads).reshape(-1))
+            self._read_index[kv_heads] = index
+        return index
 
 
 @dataclass(frozen=True)
 class AttentionPlan:
     groups: tuple[BlockGroup, ...]
-    gather: paddle.Tensor  # [n] int64: the row of the groups' concatenated output that is token t
-    in_order: bool = False  # gather is 0..n-1 (one prefill, say): the output needs no reordering
+    gather: paddle.Tensor | None  # [n] int64: the row of the groups' concatenated output that is token t
+    in_order: bool = False  # gather is 0..n-1 (one prefill, a decode step): the output needs no
+    # reordering, and gather is None (its tensor was never used)
 
 
 def build_plan(spans: tuple[SequenceSpan, ...]) -> AttentionPlan:
@@ -98,7 +121,7 @@ def build_plan(spans: tuple[SequenceSpan, ...]) -> AttentionPlan:
     # output row i holds token sources[i]; token t's row is where the sorted sources put it
     order = np.argsort(np.concatenate(sources), kind="stable").astype(np.int64)
     in_order = bool((order == np.arange(order.size)).all())
-    return AttentionPlan(tuple(groups), paddle.to_tensor(order), in_order)
+    return AttentionPlan(tuple(groups), None if in_order else paddle.to_tensor(order), in_order)
 
 
 def _group(members: list[tuple[SequenceSpan, int, int]], rows: int, keys: int) -> BlockGroup:
@@ -112,8 +135,9 @@ def _group(members: list[tuple[SequenceSpan, int, int]], rows: int, keys: int) -
     query_pos = np.asarray([span.context_len + first for span, first, _ in members], dtype=np.int64)[:, None] + offsets
     visible = np.arange(keys, dtype=np.int64) <= query_pos[:, :, None]  # [G, rows, keys]
     mask = np.where(visible, np.float32(0.0), np.float32(-np.inf))
-    return BlockGroup(paddle.to_tensor(query_rows.reshape(-1)), paddle.to_tensor(slots.reshape(-1)),
-                      paddle.to_tensor(mask), rows, keys)
+    query_rows = query_rows.reshape(-1)
+    in_order = bool((query_rows == np.arange(query_rows.size)).all())
+    return BlockGroup(query_rows, slots, paddle.to_tensor(mask), rows, keys, in_order)
 
 
 def paged_attention(layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, cache: KVCache,
@@ -126,7 +150,9 @@ def paged_attention(layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Te
     matmul operands that were strided views, cost Paddle a slow copy each (a 2048-token prefill: 16
     groups a layer). Pure data movement: the arithmetic, and so every bit, is the same."""
     n = meta.num_tokens
-    cache.write(layer, meta.slot_mapping, k[:n], v[:n])
+    if k.shape[0] != n:  # padded rows (a replayed piece's): an eager step's k/v are all real, no slice
+        k, v = k[:n], v[:n]
+    cache.write(layer, meta.slot_mapping, k, v)
     heads, dim = q.shape[1], q.shape[2]
     q = (q * operand(scale, q)).transpose([1, 0, 2]).contiguous()  # [Hq, P, D]: scaling q costs D/S of the scores'
     plan = meta.plan
@@ -145,13 +171,17 @@ def _group_attention(layer: int, q: paddle.Tensor, cache: KVCache, group: BlockG
     middle was 3.6x slower). Every matmul operand is contiguous (a strided view made the score
     product 2x slower)."""
     heads, dim = q.shape[0], q.shape[2]
-    keys, values = cache.read(layer, group.slots)  # [G*S, Hkv, D]
-    kv_heads, g = keys.shape[1], group.mask.shape[0]
-    queries = paddle.index_select(q, group.query_rows, axis=1)  # [Hq, G*rows, D]
+    kv_heads, g = cache.keys[layer].shape[1], group.mask.shape[0]
+    if group.rows_in_order and q.shape[1] == g * group.rows:  # every row of q, in order (a decode step)
+        queries = q
+    else:
+        queries = paddle.index_select(q, group.query_index(), axis=1)  # [Hq, G*rows, D]
     queries = queries.reshape([kv_heads, heads // kv_heads, g, group.rows, dim])  # [Hkv, rep, G, rows, D]
     # keys stay [.., S, D] and the product reads them transposed: copying them to [.., D, S] first
     # cost more than a decode step's score product (one query row against S keys) itself
-    keys, values = (_heads_first(t, g, group.keys, kv_heads, dim) for t in (keys, values))  # [Hkv, 1, G, S, D]
+    index = group.read_index(kv_heads)
+    keys, values = (_heads_first(t, index, g, group.keys, kv_heads, dim)
+                    for t in (cache.keys[layer], cache.values[layer]))  # [Hkv, 1, G, S, D]
     scores = paddle.matmul(queries, keys, transpose_y=True)  # [Hkv, rep, G, rows, S]
     mask = group.mask if group.mask.dtype == scores.dtype else group.mask.astype(scores.dtype)  # 0 / -inf: exact
     # in place: the same kernels on the same values (bitwise), without two fresh [.., rows, S] buffers
@@ -161,11 +191,10 @@ def _group_attention(layer: int, q: paddle.Tensor, cache: KVCache, group: BlockG
     return out.reshape([heads, g * group.rows, dim])
 
 
-def _heads_first(t: paddle.Tensor, g: int, keys: int, kv_heads: int, dim: int) -> paddle.Tensor:
-    """[G*S, Hkv, D] cache rows -> contiguous [Hkv, 1, G, S, D] (with one kv head, a free reshape)."""
-    if kv_heads == 1:
-        return t.reshape([1, 1, g, keys, dim])
-    return t.reshape([g, keys, kv_heads, dim]).transpose([2, 0, 1, 3]).contiguous().unsqueeze(1)
+def _heads_first(buffer: paddle.Tensor, index: paddle.Tensor, g: int, keys: int, kv_heads: int,
+                 dim: int) -> paddle.Tensor:
+    """A layer's cache buffer [slots, Hkv, D] -> the group's contiguous [Hkv, 1, G, S, D] (one gather)."""
+    return paddle.gather(buffer.reshape([-1, dim]), index).reshape([kv_heads, 1, g, keys, dim])
 
 
 def static_decode_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, k_cache: paddle.Tensor,

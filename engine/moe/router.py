@@ -119,7 +119,9 @@ def softmax_topk(logits, *, top_k, norm_topk_prob, num_real=None, faults: Failpo
     logits = logits.astype(_compute_dtype(logits))  # [T, E]
     ids = paddle.topk(logits, k=top_k, axis=-1)[1]  # [T, k]
     probs = paddle.nn.functional.softmax(logits, axis=-1)  # [T, E]
-    weights = paddle.take_along_axis(probs, ids, axis=-1)  # [T, k]
+    # broadcast=False: ids and probs have the same T rows already; broadcasting would add two
+    # identity expands a router call (the same gather either way)
+    weights = paddle.take_along_axis(probs, ids, axis=-1, broadcast=False)  # [T, k]
     if norm_topk_prob and not faults.on("router.skip_renorm"):
         # No epsilon: the top-1 probability is at least 1/E, so the sum is never 0.
         weights = weights / weights.sum(axis=-1, keepdim=True)
@@ -149,7 +151,7 @@ def noaux_tc(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, routed
     masked = paddle.where(kept, selection, paddle.full_like(selection, fill))  # [T, E]
     ids = paddle.topk(masked, k=top_k, axis=-1)[1]  # [T, k]
     source = selection if faults.on("router.bias_in_weights") else scores
-    weights = paddle.take_along_axis(source, ids, axis=-1)  # [T, k]
+    weights = paddle.take_along_axis(source, ids, axis=-1, broadcast=False)  # [T, k]
     if norm_topk_prob and not faults.on("router.skip_renorm"):
         weights = weights / (weights.sum(axis=-1, keepdim=True) + operand(RENORM_EPS, weights))
     return _mask_padding(ids, weights * operand(routed_scaling_factor, weights), num_real)
