@@ -7,8 +7,9 @@ and then 506 s of CPU work an hour apart), with no steal time reported. A gate t
 element-wise operations on arrays small enough to stay single-threaded (no BLAS), the mix of the
 gate's own per-op costs. Lower is faster. Readings, Intel Xeon VM: 0.33-0.34 s beside slow whole-gate
 runs (2026-12-07, 208-213 s); on 2026-12-08 0.277-0.296 s before three runs of one commit that took
-185, 155 and 161 s, and 0.318-0.324 s around a 155 s run. So it does NOT predict the gate's time:
-the gate's spread (a fifth between consecutive runs) is not in this single-threaded probe. Kept as
+185, 155 and 161 s, 0.318-0.324 s around a 155 s run, and 0.24-0.26 s before runs of 104-108 s. A
+loose relation at best: the lowest readings came with the fastest runs, but readings of 0.27-0.30 s
+have come with runs from 138 to 185 s, so it does NOT predict a gate's time. Kept as
 a record beside each gate time; compare gate times by their CPU seconds and back-to-back pairs.
 
     python -m bench.machine_speed        # prints the probe's seconds (best of 3)
