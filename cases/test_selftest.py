@@ -73,9 +73,10 @@ def selftest(cases: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict
     return proc, json.loads(out.read_text()) if out.exists() else {}
 
 
-# The three cases below read one selftest of the stand-in with test_phases.py beside it and
-# SKIPPED_CLEAN as its test_graph.py, run as CI runs it: `--skip-clean` with the gate report of a
-# clean pytest run (one clean run, four planted runs), on one xdist worker so that it runs once.
+# The three ON_ONE_WORKER cases (further down) read one selftest of the stand-in with
+# test_phases.py beside it and SKIPPED_CLEAN as its test_graph.py, run as CI runs it:
+# `--skip-clean` with the gate report of a clean pytest run (one clean run, four planted runs), on
+# one xdist worker so that it runs once.
 # The selftest's own clean run is the census case's and the false-alarm case's.
 ON_ONE_WORKER = pytest.mark.xdist_group("selftest-stand-in")
 

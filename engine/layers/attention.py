@@ -72,13 +72,15 @@ class BlockGroup:
     rows: int
     keys: int
     rows_in_order: bool = False  # query_rows is 0..G*rows-1: with exactly that many rows, q is the queries
-    _read_index: dict = field(default_factory=dict, compare=False, repr=False)
+    # tensors made on first use and kept for the step: "queries" (query_rows), and per kv-head count
+    # the cache read index
+    _indices: dict = field(default_factory=dict, compare=False, repr=False)
 
     def query_index(self) -> paddle.Tensor:
         """query_rows as a tensor, made on first use (a decode step's groups never need it)."""
-        index = self._read_index.get("queries")
+        index = self._indices.get("queries")
         if index is None:
-            index = self._read_index["queries"] = paddle.to_tensor(self.query_rows)
+            index = self._indices["queries"] = paddle.to_tensor(self.query_rows)
         return index
 
     def read_index(self, kv_heads: int) -> paddle.Tensor:
@@ -87,11 +89,11 @@ class BlockGroup:
         where a gather of [G*S, Hkv, D] rows then cost a reshape, a transpose, a copy and an unsqueeze
         (the same elements copied to the same places: bitwise the same operand). Built once per step
         and shared by the layers."""
-        index = self._read_index.get(kv_heads)
+        index = self._indices.get(kv_heads)
         if index is None:
             heads = np.arange(kv_heads, dtype=np.int64)[:, None, None]
             index = paddle.to_tensor((self.slots[None] * kv_heads + heads).reshape(-1))
-            self._read_index[kv_heads] = index
+            self._indices[kv_heads] = index
         return index
 
 
@@ -172,7 +174,7 @@ def _group_attention(layer: int, q: paddle.Tensor, cache: KVCache, group: BlockG
     product 2x slower)."""
     heads, dim = q.shape[0], q.shape[2]
     kv_heads, g = cache.keys[layer].shape[1], group.mask.shape[0]
-    if group.rows_in_order and q.shape[1] == g * group.rows:  # every row of q, in order (a decode step)
+    if group.rows_in_order and q.shape[1] == g * group.rows:  # every row of q, in order (an eager decode step)
         queries = q
     else:
         queries = paddle.index_select(q, group.query_index(), axis=1)  # [Hq, G*rows, D]
