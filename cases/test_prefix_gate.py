@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_routing_replay_engine import record
+from r3_checks import record
 
 from engine.__main__ import main as engine_main
 from engine.config import EngineConfig, GraphConfig

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_routing_replay_engine import MAX_NEW, NAME, check_goldens, check_tables
+from r3_checks import MAX_NEW, NAME, check_goldens, check_tables
 
 from engine.failpoints import Failpoints
 from engine.launch import RankJobError

@@ -71,16 +71,10 @@ from test_prefix_gate import (
     engine_cache,
     shared_prefix_workloads,
 )
-from test_routing_replay_engine import ENGINE as R3_ENGINE
-from test_routing_replay_engine import MAX_NEW as R3_MAX_NEW
-from test_routing_replay_engine import (
-    build,
-    check_matches_outputs,
-    check_same_outputs,
-    check_same_tables,
-    check_tables,
-)
-from test_routing_replay_engine import record as record_routing
+from r3_checks import ENGINE as R3_ENGINE
+from r3_checks import MAX_NEW as R3_MAX_NEW
+from r3_checks import build, check_matches_outputs, check_same_outputs, check_same_tables, check_tables
+from r3_checks import record as record_routing
 
 from engine.config import EngineConfig
 from engine.dump import dump_arrays
@@ -296,7 +290,7 @@ def request_for(model_dir: str, layout: str, mode: str, prompts, planted: str, s
 
 @pytest.fixture(scope="module")
 def r3_engines(faults):
-    """r3_engines(dir, mode) -> test_routing_replay_engine.build's engine (every size captured at
+    """r3_engines(dir, mode) -> r3_checks.build's engine (every size captured at
     start-up), cached per model and mode."""
     memo: dict = {}
 
